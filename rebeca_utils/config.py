@@ -1,0 +1,202 @@
+"""Typed, frozen run profiles: `smoke` (tiny, CPU, tests), `demo` (dSprites study on a laptop), `paper` (GPU)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+PROFILES = ("smoke", "demo", "paper")
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """Which builder constructs each model and, for the paper profile, the Hub ids."""
+
+    builder: str = "hub"  # "tiny" (offline, seeded, from configs) or "hub" (the paper's weights)
+    sd_id: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    ip_adapter_id: str = "h94/IP-Adapter"
+    ip_adapter_subfolder: str = "models"
+    ip_adapter_weight: str = "ip-adapter_sd15.bin"
+    image_encoder_subfolder: str = "models/image_encoder"
+    decoder_emb_dim: int = 1024  # IP-Adapter SD1.5 consumes 1024-d image_embeds (ViT-H-14 projection)
+    verifier_clip: tuple[str, str] = ("ViT-bigG-14", "laion2b_s39b_b160k")
+    verifier_emb_dim: int = 1280
+    aesthetic_clip: tuple[str, str] = ("ViT-L-14", "openai")
+    decoder_clip: tuple[str, str] = ("ViT-H-14", "laion2b_s32b_b79k")
+    seed: int = 0  # seeds the tiny builders
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """REBECA prior architecture (App D); defaults are the paper's final configuration (App E.2)."""
+
+    emb_dim: int = 1024
+    n_tokens: int = 32
+    hidden_dim: int = 128
+    n_heads: int = 8
+    n_layers: int = 6
+    n_users: int = 210
+    n_ratings: int = 2
+    mlp_ratio: int = 4
+    zero_init_attn: bool = True  # paper: all residual paths start at zero; False = reference code
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Noise schedule, objective and samplers (App E.2)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"  # or "laplace"
+    prediction_type: str = "sample"  # eq. 3; or "epsilon", "v_prediction"
+    sampler: str = "ddim"  # fast sampler: "ddim" or "dpmsolver"; "ddpm" = the paper's 1000-step sampler
+    sampler_steps: int = 50
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation (App E.1): AdamW, ReduceLROnPlateau, early stopping."""
+
+    lr: float = 1e-4
+    batch_size: int = 64
+    samples_per_user: int = 100
+    max_epochs: int = 300
+    patience: int = 20  # early stopping, epochs without validation improvement
+    plateau_patience: int = 5
+    plateau_factor: float = 0.5
+    p_uncond: float = 0.1  # joint drop of user and rating (classifier-free guidance)
+    p_drop_user: float = 0.0  # independent drops; the reference code uses 0.15 each
+    p_drop_rating: float = 0.0
+    weight_decay: float = 0.01
+    val_every: int = 1
+
+
+@dataclass(frozen=True)
+class DSpritesConfig:
+    """Controlled study (§3): four users on red/blue hearts and squares."""
+
+    n_images: int = 40_000
+    test_frac: float = 0.1
+    p_like: tuple[float, float, float] = (0.95, 0.10, 0.05)  # both / one / neither match (paper)
+    latent_dim: int = 32
+    vae_epochs: int = 8
+    vae_batch_size: int = 128
+    vae_lr: float = 2e-3
+    n_tokens: int = 8
+    hidden_dim: int = 64
+    n_heads: int = 4
+    n_layers: int = 4
+    samples_per_user: int = 4000
+    max_epochs: int = 40
+    patience: int = 6
+    reps: int = 25
+    ks: tuple[int, ...] = (1, 5, 10, 20)
+    cfg_scales: tuple[float, ...] = (1.0, 3.0, 5.0)
+    ddpm_reps: int = 5  # repetitions for the slow 1000-step sampler comparison
+    umap_points: int = 4000
+
+
+@dataclass(frozen=True)
+class FlickrConfig:
+    """FLICKR-AES (§4.1) or its synthetic stand-in."""
+
+    synthetic: bool = True  # True: write and use the synthetic fixture; False: the real dataset under <data_dir>/FLICKR-AES
+    n_workers: int = 24
+    n_images: int = 400
+    image_size: int = 64
+    ratings_per_image: int = 5
+    like_threshold: int = 4
+    n_test: int = 10
+    n_val: int = 10
+    n_holdout_workers: int = 37
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A complete run configuration."""
+
+    name: str
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dsprites: DSpritesConfig = field(default_factory=DSpritesConfig)
+    flickr: FlickrConfig = field(default_factory=FlickrConfig)
+
+
+def _smoke() -> Profile:
+    return Profile(
+        name="smoke",
+        models=ModelsConfig(builder="tiny", decoder_emb_dim=32, verifier_emb_dim=48),
+        prior=PriorConfig(emb_dim=32, n_tokens=8, hidden_dim=32, n_heads=4, n_layers=2, n_users=24),
+        diffusion=DiffusionConfig(sampler_steps=20),
+        train=TrainConfig(lr=1e-3, max_epochs=30, patience=5),
+        dsprites=DSpritesConfig(
+            n_images=4_000, vae_epochs=4, hidden_dim=32, n_layers=2, samples_per_user=1500,
+            max_epochs=12, patience=4, reps=5, ddpm_reps=1, umap_points=1000,
+        ),
+        flickr=FlickrConfig(n_holdout_workers=4),
+    )
+
+
+def _demo() -> Profile:
+    return Profile(name="demo", models=ModelsConfig(builder="tiny", decoder_emb_dim=32, verifier_emb_dim=48),
+                   prior=PriorConfig(emb_dim=32, n_tokens=8, hidden_dim=32, n_heads=4, n_layers=2, n_users=24),
+                   flickr=FlickrConfig(n_holdout_workers=4))
+
+
+def _paper() -> Profile:
+    return Profile(name="paper", flickr=FlickrConfig(synthetic=False, n_workers=210, n_images=40_988))
+
+
+_BUILDERS = {"smoke": _smoke, "demo": _demo, "paper": _paper}
+
+
+def _keys(obj: Any, prefix: str = "") -> list[str]:
+    out = []
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out += _keys(v, f"{prefix}{f.name}.")
+        elif f.name != "name":
+            out.append(prefix + f.name)
+    return out
+
+
+def valid_keys(profile: str = "smoke") -> list[str]:
+    """All dotted parameter names a profile accepts as overrides."""
+    return _keys(get_profile(profile))
+
+
+def _coerce(old: Any, new: Any, key: str) -> Any:
+    if isinstance(old, tuple) and isinstance(new, list):
+        new = tuple(new)
+    if isinstance(old, bool) or old is None or new is None:
+        return new
+    if isinstance(old, float) and isinstance(new, int):
+        return float(new)
+    if type(old) is not type(new):
+        raise TypeError(f"parameter {key!r} expects {type(old).__name__}, got {new!r}")
+    return new
+
+
+def get_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
+    """Profile `name` with dotted overrides, e.g. {"train.max_epochs": 5}; unknown names raise."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown profile {name!r}; valid profiles: {', '.join(PROFILES)}")
+    prof = _BUILDERS[name]()
+    for key, value in (overrides or {}).items():
+        prof = _set(prof, key, value)
+    return prof
+
+
+def _set(prof: Profile, key: str, value: Any) -> Profile:
+    section, _, attr = key.partition(".")
+    sub = getattr(prof, section, None) if attr else None
+    if sub is None or not dataclasses.is_dataclass(sub) or attr not in {f.name for f in fields(sub)}:
+        raise KeyError(f"unknown parameter {key!r}; valid parameters: {', '.join(_keys(prof))}")
+    return replace(prof, **{section: replace(sub, **{attr: _coerce(getattr(sub, attr), value, key)})})
+
+
+def as_dict(prof: Profile) -> dict[str, Any]:
+    """Plain nested dict, for manifests."""
+    return dataclasses.asdict(prof)

@@ -1,0 +1,302 @@
+"""Tiny offline components are seeded, paper-shaped and loaded through the paper's calls; hub builders fail fast."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import: these tests never reach the network
+
+import json
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rebeca_utils import components as C
+from rebeca_utils.config import ModelsConfig, get_profile
+
+TINY = get_profile("smoke").models
+HUB = ModelsConfig()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kit_cache(tmp_path_factory):
+    # one private kit cache for the module; one torch thread, since 2 threads on a busy 2-core box crawl
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("rebeca_cache")
+        mp.setenv(C.CACHE_ENV, str(path))
+        yield path
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, offline."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "hub"
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(kit_cache):
+    pipe = C.build_sd_pipeline(TINY, cache_dir=kit_cache)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _image(size=48) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------- tiny builders
+
+
+def test_tiny_builders_are_seeded_and_deterministic(kit_cache):
+    rng_before = torch.random.get_rng_state()
+    for role in C.CLIP_ROLES:
+        assert _same(C.build_clip(TINY, role)[0], C.build_clip(TINY, role)[0])
+    assert _same(C.build_image_encoder(TINY)[0], C.build_image_encoder(TINY)[0])
+    a = C.build_sd_pipeline(TINY, cache_dir=kit_cache)
+    b = C.build_sd_pipeline(TINY, cache_dir=kit_cache)
+    for name in ("unet", "vae", "text_encoder"):
+        assert _same(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # the caller's RNG stream is untouched
+    other = replace(TINY, seed=1)
+    assert not _same(C.build_clip(TINY, "verifier")[0], C.build_clip(other, "verifier")[0])
+    assert not _same(C.build_image_encoder(TINY)[0], C.build_image_encoder(other)[0])
+
+
+@pytest.mark.parametrize("role,dim", [("verifier", TINY.verifier_emb_dim), ("aesthetic", C.AESTHETIC_EMB_DIM),
+                                      ("decoder", TINY.decoder_emb_dim)])
+def test_tiny_open_clip_encodes_to_configured_dim(role, dim):
+    model, preprocess, tokenizer = C.build_clip(TINY, role)
+    with torch.no_grad():
+        img = model.encode_image(preprocess(_image()).unsqueeze(0))
+        txt = model.encode_text(tokenizer(["a red heart", "a blue square"]))
+    assert img.shape == (1, dim) and txt.shape == (2, dim)
+    assert torch.isfinite(img).all() and torch.isfinite(txt).all()
+    assert not model.training
+
+
+def test_tiny_image_encoder_gives_decoder_space_embeds():
+    encoder, processor = C.build_image_encoder(TINY)
+    pixels = processor(images=[_image(), _image(80)], return_tensors="pt").pixel_values
+    assert pixels.shape == (2, 3, 32, 32)
+    with torch.no_grad():
+        out = encoder(pixel_values=pixels)
+    assert out.image_embeds.shape == (2, TINY.decoder_emb_dim)
+    assert encoder.config.projection_dim == TINY.decoder_emb_dim
+
+
+def test_tokenizer_matches_open_clip_ids(kit_cache):
+    import open_clip
+
+    tok = C.build_tokenizer(kit_cache)
+    assert len(tok) == 49408 and tok.model_max_length == 77
+    for prompt in ["a photo of a cat", "A RED heart, on a white background!", "user 17 likes don't-care 3.5x"]:
+        ids = tok(prompt).input_ids
+        ref = open_clip.tokenize([prompt])[0].tolist()
+        assert ids == ref[: len(ids)] and ids[0] == 49406 and ids[-1] == 49407
+    # padded to 77 as StableDiffusionPipeline asks for
+    assert tok("a cat", padding="max_length", max_length=77).input_ids[-1] == tok.pad_token_id == 49407
+
+
+# ----------------------------------------------------------------------------------------------- SD 1.5 + IP-Adapter
+
+
+def test_tiny_pipeline_is_sd15_shaped(tiny_pipe):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+    assert type(tiny_pipe) is StableDiffusionPipeline
+    assert isinstance(tiny_pipe.scheduler, DDIMScheduler) and tiny_pipe.safety_checker is None
+    assert tiny_pipe.vae_scale_factor == 8 and tiny_pipe.vae.config.scaling_factor == 0.18215
+    assert tiny_pipe.text_encoder.config.hidden_size == tiny_pipe.unet.config.cross_attention_dim
+    assert isinstance(tiny_pipe.unet.encoder_hid_proj, MultiIPAdapterImageProjection)
+    n_cross = sum(name.endswith("attn2.processor") for name in tiny_pipe.unet.attn_processors)
+    assert n_cross == 16  # as SD-1.5
+
+
+def test_tiny_pipeline_generates_with_ip_adapter_embeds(tiny_pipe):
+    def run(emb):
+        return tiny_pipe("a heart", num_inference_steps=2, guidance_scale=5.0, height=64, width=64,
+                         ip_adapter_image_embeds=[torch.cat([torch.zeros_like(emb), emb])], output_type="pt",
+                         generator=torch.Generator().manual_seed(0)).images
+
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(1, 1, TINY.decoder_emb_dim, generator=g)
+    a, b = run(emb), run(torch.randn(1, 1, TINY.decoder_emb_dim, generator=g))
+    assert a.shape == (1, 3, 64, 64) and torch.isfinite(a).all()
+    assert torch.equal(a, run(emb))  # seeded
+    assert not torch.allclose(a, b)  # the image embedding conditions the decoder
+
+
+def test_tiny_ip_adapter_checkpoint_has_original_layout(tiny_pipe, kit_cache):
+    path = kit_cache / "tiny-ip-adapter" / TINY.ip_adapter_subfolder / TINY.ip_adapter_weight
+    state = torch.load(path, weights_only=True)
+    cross = tiny_pipe.unet.config.cross_attention_dim
+    assert set(state) == {"image_proj", "ip_adapter"}
+    assert set(state["image_proj"]) == {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}
+    assert state["image_proj"]["proj.weight"].shape == (4 * cross, TINY.decoder_emb_dim)
+    # the exact key set of h94/IP-Adapter models/ip-adapter_sd15.bin: attn2 processors 1, 3, ..., 31
+    assert set(state["ip_adapter"]) == {f"{i}.to_{kv}_ip.weight" for i in range(1, 32, 2) for kv in "kv"}
+    # present and valid: not rewritten; corrupted: rewritten
+    mtime = path.stat().st_mtime_ns
+    folder = C.write_tiny_ip_adapter(TINY, C._tiny_sd_components(TINY, kit_cache)["unet"], kit_cache)
+    assert folder == kit_cache / "tiny-ip-adapter" and path.stat().st_mtime_ns == mtime
+    path.write_bytes(b"truncated")
+    C.write_tiny_ip_adapter(TINY, C._tiny_sd_components(TINY, kit_cache)["unet"], kit_cache)
+    assert set(torch.load(path, weights_only=True)) == {"image_proj", "ip_adapter"}
+
+
+def _fake_repo(cache: Path, repo_id: str) -> Path:
+    # the Hugging Face cache layout: models--org--name/refs/main -> snapshots/<commit>/
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    return repo / "snapshots" / commit
+
+
+def test_hub_builders_load_paper_ids_from_cache_offline(hf_cache, kit_cache):
+    """Tiny weights stored under the paper's repo ids: the hub code path (from_pretrained, load_ip_adapter) runs."""
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPImageProcessor
+
+    models = replace(HUB, decoder_emb_dim=TINY.decoder_emb_dim)
+    assert not any(C.weights_in_cache(e) for e in C.paper_weights(models))
+    tiny = C.build_sd_pipeline(TINY, ip_adapter=False, cache_dir=kit_cache)
+    tiny.scheduler = PNDMScheduler.from_config(tiny.scheduler.config)  # SD-1.5 ships PNDM
+    sd = _fake_repo(hf_cache, models.sd_id)
+    tiny.save_pretrained(sd)
+    for f in C.tiny_tokenizer_dir(kit_cache).iterdir():
+        shutil.copy(f, sd / "tokenizer" / f.name)
+    CLIPImageProcessor().save_pretrained(sd / "feature_extractor")
+    index = json.loads((sd / "model_index.json").read_text())  # as the real one: a safety checker we skip
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"])
+    (sd / "model_index.json").write_text(json.dumps(index))
+    ip = _fake_repo(hf_cache, models.ip_adapter_id)
+    src = C.write_tiny_ip_adapter(models, tiny.unet, kit_cache) / models.ip_adapter_subfolder
+    shutil.copytree(src, ip / models.ip_adapter_subfolder)
+    C.build_image_encoder(TINY)[0].save_pretrained(ip / models.image_encoder_subfolder)
+    assert all(C.weights_in_cache(e) for e in C.paper_weights(models)[:3])
+
+    pipe = C.build_sd_pipeline(models)
+    assert type(pipe) is StableDiffusionPipeline and isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.safety_checker is None and _same(pipe.vae, tiny.vae)
+    emb = torch.randn(1, 1, models.decoder_emb_dim)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a heart", num_inference_steps=2, guidance_scale=5.0, height=64, width=64, output_type="pt",
+               ip_adapter_image_embeds=[torch.cat([torch.zeros_like(emb), emb])]).images
+    assert torch.isfinite(out).all()
+    encoder, _ = C.build_image_encoder(models)
+    assert encoder.config.projection_dim == models.decoder_emb_dim
+
+
+def test_hub_clip_loads_cached_open_clip_weights_offline(hf_cache, monkeypatch):
+    """The hub open_clip path (registry -> cache -> create_model_and_transforms) with a tiny arch as the paper one."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    tiny, _, _ = C.build_clip(TINY, "aesthetic")
+    arch = C._tiny_clip_name(TINY, "aesthetic")
+    pcfg = dict(open_clip.get_pretrained_cfg("ViT-L-14", "openai"), hf_hub="someone/tiny-clip/", url="")
+    real = open_clip.get_pretrained_cfg
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda a, t: pcfg if a == arch else real(a, t))
+    models = replace(HUB, aesthetic_clip=(arch, "openai"))
+    with pytest.raises(C.MissingWeightsError, match="someone/tiny-clip"):
+        C.build_clip(models, "aesthetic")
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()},
+              str(_fake_repo(hf_cache, "someone/tiny-clip") / "open_clip_model.safetensors"))
+    model, preprocess, tokenizer = C.build_clip(models, "aesthetic")
+    assert _same(model, tiny) and not model.training
+    assert model.encode_text(tokenizer(["a cat"])).shape == (1, C.AESTHETIC_EMB_DIM)
+
+
+# ----------------------------------------------------------------------------------------------- paper profile
+
+
+@pytest.mark.parametrize("build,repo", [
+    (lambda: C.build_sd_pipeline(HUB), HUB.sd_id),
+    (lambda: C.build_sd_pipeline(replace(HUB, sd_id="nobody/absent")), "nobody/absent"),
+    (lambda: C.build_image_encoder(HUB), HUB.ip_adapter_id),
+    (lambda: C.build_clip(HUB, "verifier"), "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"),
+    (lambda: C.build_clip(HUB, "aesthetic"), "timm/vit_large_patch14_clip_224.openai"),
+    (lambda: C.build_clip(HUB, "decoder"), "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+])
+def test_paper_builders_fail_fast_offline(hf_cache, build, repo):
+    start = time.perf_counter()
+    with pytest.raises(C.MissingWeightsError) as err:
+        build()
+    assert time.perf_counter() - start < 2.0
+    msg = str(err.value)
+    assert repo in msg and "00_setup" in msg and "hf download" in msg and str(hf_cache) in msg
+    assert "\n" not in msg
+
+
+def test_paper_builders_fail_fast_when_hub_unreachable(hf_cache, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
+    with pytest.raises(C.MissingWeightsError, match="unreachable.*h94/IP-Adapter"):
+        C.build_image_encoder(HUB)
+
+
+def test_paper_weights_registry():
+    entries = C.paper_weights()
+    repos = [e.repo_id for e in entries]
+    assert repos[:3] == [HUB.sd_id, HUB.ip_adapter_id, HUB.ip_adapter_id]
+    assert "models/ip-adapter_sd15.bin" in entries[1].files
+    assert any(f.startswith("models/image_encoder/model.safetensors") for f in entries[2].files)
+    assert len(entries) == 6 and all(e.files for e in entries)
+    assert not any("safety_checker" in f for f in entries[0].files)  # safety_checker=None: never downloaded
+
+
+def test_real_architectures_are_wired():
+    """Embedding dims between the paper's models, from their real configs (built on the meta device)."""
+    import open_clip
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    assert open_clip.get_model_config(HUB.decoder_clip[0])["embed_dim"] == HUB.decoder_emb_dim == 1024
+    assert open_clip.get_model_config(HUB.verifier_clip[0])["embed_dim"] == HUB.verifier_emb_dim == 1280
+    assert open_clip.get_model_config(HUB.aesthetic_clip[0])["embed_dim"] == C.AESTHETIC_EMB_DIM == 768
+    vit_h = open_clip.get_model_config("ViT-H-14")["vision_cfg"]
+    with init_empty_weights():
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**C.VIT_H14_VISION_CONFIG))
+        unet = UNet2DConditionModel(**C.SD15_UNET_CONFIG)
+    cfg = encoder.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.patch_size) == (vit_h["width"], vit_h["layers"], 14)
+    assert encoder.visual_projection.out_features == HUB.decoder_emb_dim
+    assert unet.config.cross_attention_dim == CLIPTextConfig(**C.SD15_TEXT_CONFIG).hidden_size == 768
+    # the real ip-adapter_sd15.bin layout, derived from the real UNet: proj 1024 -> 4 x 768, 16 attn2 layers
+    state = C.tiny_ip_adapter_state_dict(unet, HUB.decoder_emb_dim)
+    assert state["image_proj"]["proj.weight"].shape == (4 * 768, 1024)
+    assert state["ip_adapter"]["1.to_k_ip.weight"].shape == (320, 768)
+    assert state["ip_adapter"]["29.to_v_ip.weight"].shape == (320, 768)  # last up block
+    assert state["ip_adapter"]["31.to_v_ip.weight"].shape == (1280, 768)  # mid block comes last
+    assert len(state["ip_adapter"]) == 32
+
+
+def test_builder_name_is_checked():
+    with pytest.raises(ValueError, match="tiny"):
+        C.build_image_encoder(replace(TINY, builder="local"))
+    with pytest.raises(ValueError, match="verifier"):
+        C.build_clip(TINY, "judge")
