@@ -63,8 +63,8 @@ IMG_SIZE = 64
 
 # Renderer geometry (canvas units, canvas = [0, 1]^2): half-size of a scale-1 sprite and the margin
 # that maps position 0..1 to sprite centres MARGIN..1-MARGIN; chosen so that no rotated sprite is clipped.
-SPRITE_HALF = 0.14
-MARGIN = 0.2
+SPRITE_HALF = 0.16
+MARGIN = 0.23
 
 # ----------------------------------------------------------------------------------------------------
 # Study constants

@@ -61,11 +61,11 @@ class PriorBlock(nn.Module):
         self.cross_gate = nn.Parameter(torch.zeros(dim))  # tanh(0) = 0: cross-attention starts closed
         self.norm_mlp = nn.LayerNorm(dim, elementwise_affine=False)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
-        # shift/scale for the attention norm; shift/scale/gate for the MLP (AdaLN-Zero)
+        # shift/scale for the attention norm; shift/scale/gate for the MLP. AdaLN-Zero: the gate starts at 0,
+        # so the MLP residual starts at zero; the MLP itself keeps its default init (zeroing both kills the path)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 5 * dim))
-        for lin in (self.ada[1], self.mlp[2]):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
         if zero_init_attn:  # the paper: every residual path starts at zero (the reference code skips this one)
             nn.init.zeros_(self.attn.out.weight)
             nn.init.zeros_(self.attn.out.bias)

@@ -73,12 +73,13 @@ def vae_loss(model: ConvVAE, x: torch.Tensor, beta: float = 1.0):
 
 
 def train_vae(model: ConvVAE, images, epochs: int = 8, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-              device: str = "cpu", beta: float = 1.0, progress: bool = True) -> dict:
+              device: str = "cpu", beta: float = 1.0, progress: bool = True, callback=None) -> dict:
     """Train in place with Adam on in-memory images (uint8 {0..255} or float [0, 1], (n, 3, 64, 64)).
 
     Batches come from a seeded ``torch.Generator`` permutation each epoch. The learning rate follows a
     cosine decay to 5% over all steps. Returns ``history`` with per-epoch mean ``loss`` / ``recon`` / ``kl``
-    (per image) and total ``seconds``. The model is left in eval mode.
+    (per image) and total ``seconds``. ``callback(epoch, model, history)``, if given, runs after each epoch
+    (e.g. to monitor latent quality). The model is left in eval mode.
     """
     from tqdm.auto import tqdm
 
@@ -93,7 +94,7 @@ def train_vae(model: ConvVAE, images, epochs: int = 8, batch_size: int = 128, lr
     hist = {"loss": [], "recon": [], "kl": [], "seconds": 0.0}
     t0 = time.perf_counter()
     bar = tqdm(range(epochs), desc="VAE", disable=not progress)
-    for _ in bar:
+    for epoch in bar:
         perm = torch.randperm(n, generator=gen)
         tot = torch.zeros(3)
         for s in range(0, n, batch_size):
@@ -109,6 +110,9 @@ def train_vae(model: ConvVAE, images, epochs: int = 8, batch_size: int = 128, lr
         for k, v in zip(("loss", "recon", "kl"), tot.tolist()):
             hist[k].append(v)
         bar.set_postfix(loss=f"{hist['loss'][-1]:.1f}", kl=f"{hist['kl'][-1]:.1f}")
+        if callback is not None:
+            callback(epoch, model, hist)
+            model.train()
     hist["seconds"] = time.perf_counter() - t0
     model.eval()
     return hist

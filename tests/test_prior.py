@@ -26,7 +26,7 @@ def test_paper_configuration_has_4_4m_parameters():
 def test_residual_paths_start_at_zero_and_switch_restores_reference_init():
     paper = tiny()
     for blk in paper.blocks:
-        assert torch.all(blk.attn.out.weight == 0) and torch.all(blk.mlp[2].weight == 0)
+        assert torch.all(blk.attn.out.weight == 0)
         assert torch.all(blk.cross_gate == 0) and torch.all(blk.ada[1].weight == 0)
     # every block is the identity at init: the output depends on the input only through tokenizer/merge
     x = torch.randn(2, 16)
@@ -37,6 +37,19 @@ def test_residual_paths_start_at_zero_and_switch_restores_reference_init():
     assert ref.blocks[0].attn.out.weight.abs().sum() > 0
     assert not torch.equal(ref.blocks[0](h, c, ctx), h)
     assert paper(x, torch.tensor([3, 3]), torch.tensor([0, 1]), torch.tensor([1, 1])).shape == (2, 16)
+
+
+def test_every_parameter_gets_a_gradient_from_zero_init():
+    """No residual path may be dead: zero-initialised gates must still receive gradient (after one step, all do)."""
+    m = tiny()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    x, t, u, r = torch.randn(8, 16), torch.randint(0, 1000, (8,)), torch.randint(0, 5, (8,)), torch.randint(0, 3, (8,))
+    for _ in range(2):  # step 1 opens the gates, step 2 reaches what sits behind them
+        opt.zero_grad()
+        m(x, t, u, r).pow(2).mean().backward()
+        opt.step()
+    dead = [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead, dead
 
 
 def test_bad_shapes_are_refused():

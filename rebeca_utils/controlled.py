@@ -1,0 +1,121 @@
+"""The controlled dSprites study (§3): glue between the data, the frozen VAE, the prior and Table 1."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .artifacts import atomic_path, write_json
+from .config import DSpritesConfig
+from .diffusion import Triplets, sample_users
+from .dsprites import DSpritesStudy
+from .vae import ConvVAE, train_vae
+
+
+def fit_or_load_vae(study: DSpritesStudy, cfg: DSpritesConfig, folder: Path, seed: int, device: str = "cpu"):
+    """Train the study's VAE on training images, or load it when `folder` holds one for the same setup."""
+    from safetensors.torch import load_file, save_file
+
+    key = {"latent_dim": cfg.latent_dim, "epochs": cfg.vae_epochs, "batch_size": cfg.vae_batch_size,
+           "lr": cfg.vae_lr, "seed": seed, "n_images": study.n_images, "source": study.source,
+           "data_seed": study.seed}
+    weights, meta = Path(folder) / "vae.safetensors", Path(folder) / "vae.json"
+    model = ConvVAE(latent_dim=cfg.latent_dim)
+    if weights.exists() and meta.exists():
+        import json
+
+        saved = json.loads(meta.read_text())
+        if saved.get("key") == key:
+            model.load_state_dict(load_file(weights))
+            return model.eval(), saved["history"]
+    torch.manual_seed(seed)
+    model = ConvVAE(latent_dim=cfg.latent_dim)
+    history = train_vae(model, study.images[study.train_idx], epochs=cfg.vae_epochs, batch_size=cfg.vae_batch_size,
+                        lr=cfg.vae_lr, seed=seed, device=device)
+    model = model.cpu().eval()
+    with atomic_path(weights) as tmp:
+        save_file(model.state_dict(), str(tmp))
+    write_json(meta, {"key": key, "history": history})  # written last: marks the VAE complete
+    return model, history
+
+
+def study_triplets(study: DSpritesStudy, latents: torch.Tensor, val_frac: float = 0.1, seed: int = 0):
+    """(user, rating, latent) triplets for train and a validation slice carved from training images.
+
+    The test images are never seen in training or early stopping: they are every user's evaluation pool.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 101]))
+    train_img = rng.permutation(study.train_idx)
+    n_val = int(round(len(train_img) * val_frac))
+    parts = {"val": np.sort(train_img[:n_val]), "train": np.sort(train_img[n_val:])}
+    out = {}
+    for name, idx in parts.items():
+        users = np.repeat(np.arange(study.n_users), len(idx))
+        images = np.tile(idx, study.n_users)
+        ratings = study.likes[:, idx].reshape(-1)
+        out[name] = Triplets(latents[images].float(), torch.as_tensor(users), torch.as_tensor(ratings.astype(np.int64)))
+    return out["train"], out["val"]
+
+
+def baseline_samples(study: DSpritesStudy, latents: torch.Tensor, reps: int, k: int, seed: int):
+    """Random (uniform draws from training latents, (reps, U, k, d)) and Mean (mean liked latent, (U, d))."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 202]))
+    train_lat = latents[study.train_idx].numpy()
+    random = train_lat[rng.integers(0, len(train_lat), size=(reps, study.n_users, k))]
+    liked = study.likes[:, study.train_idx]
+    mean = np.stack([train_lat[liked[u]].mean(0) for u in range(study.n_users)])
+    return random.astype(np.float32), mean.astype(np.float32)
+
+
+def rebeca_samples(prior, sched, n_users: int, reps: int, k: int, normalizer=None, **kw) -> np.ndarray:
+    """(reps, U, k, d) latents with R = 1; repetition r uses sample indices r*k .. r*k + k - 1."""
+    x = sample_users(prior, sched, list(range(n_users)), reps * k, rating=1, **kw)  # (U, reps*k, d)
+    if normalizer is not None:
+        x = normalizer.inverse(x)  # back from the prior's space to VAE latents
+    return x.view(n_users, reps, k, -1).permute(1, 0, 2, 3).contiguous().numpy()
+
+
+@dataclass(frozen=True)
+class Table1Inputs:
+    """Everything Table 1 is computed from (saved as table1_inputs.npz)."""
+
+    test_latents: np.ndarray  # float32 (N_test, d)
+    test_likes: np.ndarray  # bool (U, N_test)
+    rebeca: np.ndarray  # float32 (reps, U, K, d)
+    random: np.ndarray  # float32 (reps, U, K, d)
+    mean: np.ndarray  # float32 (U, d)
+
+    def save(self, path: Path) -> Path:
+        arrays = {k: np.ascontiguousarray(v) for k, v in asdict(self).items()}
+        arrays["test_latents"] = arrays["test_latents"].astype(np.float32)
+        arrays["test_likes"] = arrays["test_likes"].astype(bool)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        return Path(path)
+
+
+def find_dsprites_npz(data_dir: str | Path) -> Path | None:
+    """The official npz under `<data_dir>/dsprites/` when 00_setup put it there, else None (renderer)."""
+    from .dsprites import DSPRITES_FILENAME
+
+    path = Path(data_dir) / "dsprites" / DSPRITES_FILENAME
+    return path if path.exists() else None
+
+
+def precision_table(samples: dict[str, np.ndarray], test_latents, test_likes, ks) -> "pd.DataFrame":
+    """P@k (mean, std over repetitions) for several sample sets of shape (reps, U, K, d)."""
+    import pandas as pd
+
+    from .metrics import cosine_nn, pr_from_neighbours
+
+    rows = []
+    for name, x in samples.items():
+        nn_idx = cosine_nn(x, test_latents)
+        for k in ks:
+            p, r = pr_from_neighbours(nn_idx, test_likes, k)
+            rows.append(dict(setting=name, k=k, precision=p.mean(-1).mean(), precision_std=p.mean(-1).std(),
+                             recall=r.mean(-1).mean()))
+    return pd.DataFrame(rows)
