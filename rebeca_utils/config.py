@@ -133,7 +133,7 @@ def _smoke() -> Profile:
         models=ModelsConfig(builder="tiny", decoder_emb_dim=32, verifier_emb_dim=48),
         prior=PriorConfig(emb_dim=32, n_tokens=8, hidden_dim=32, n_heads=4, n_layers=2, n_users=24),
         diffusion=DiffusionConfig(sampler_steps=20),
-        train=TrainConfig(lr=1e-3, max_epochs=30, patience=5),
+        train=TrainConfig(lr=1e-3, samples_per_user=300, max_epochs=40, patience=8),
         dsprites=DSpritesConfig(
             n_images=4_000, vae_epochs=4, samples_per_user=1500, max_epochs=25, patience=25,
             reps=5, ddpm_reps=1, umap_points=1000,

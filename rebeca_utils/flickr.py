@@ -548,7 +548,8 @@ def split_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def prepare_flickr(cfg, out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None, seed: int = 0,
-                   overwrite: bool = False) -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
+                   overwrite: bool = False, missing_images: str = "error",
+                   duplicates: str = "first") -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
     """Notebook entry point: data (``cfg.synthetic``: the fixture under `out_dir`/flickr_synthetic; else the real
     dataset under `data_dir`/FLICKR-AES) -> validated ratings -> splits saved at `out_dir`/flickr_splits.parquet,
     reused when present with the same parameters (else an error unless `overwrite`). `cfg` is a FlickrConfig.
@@ -562,7 +563,8 @@ def prepare_flickr(cfg, out_dir: str | os.PathLike, data_dir: str | os.PathLike 
     else:
         root = Path(data_dir) / "FLICKR-AES"
     meta = {"data": str(root), "like_threshold": cfg.like_threshold, "n_test": cfg.n_test, "n_val": cfg.n_val,
-            "n_holdout_workers": cfg.n_holdout_workers, "seed": seed}
+            "n_holdout_workers": cfg.n_holdout_workers, "seed": seed, "missing_images": missing_images,
+            "duplicates": duplicates}
     path = out_dir / "flickr_splits.parquet"
     if path.exists() and not overwrite:
         old = split_meta(path)
@@ -570,7 +572,8 @@ def prepare_flickr(cfg, out_dir: str | os.PathLike, data_dir: str | os.PathLike 
             raise ValueError(f"{path} was made with {old}, not {meta}; delete it or pass overwrite=True")
         df, holdout = load_splits(path)
     else:
-        ratings, _ = load_ratings(root, like_threshold=cfg.like_threshold)
+        ratings, _ = load_ratings(root, like_threshold=cfg.like_threshold, missing_images=missing_images,
+                                  duplicates=duplicates)
         df, holdout = make_splits(ratings, cfg.n_test, cfg.n_val, cfg.n_holdout_workers, seed)
         save_splits(df, holdout, path, meta)
     return df, holdout, ratings_report(df)

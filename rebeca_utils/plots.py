@@ -79,3 +79,34 @@ def precision_bars(df, title: str = ""):
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def ratings_overview(splits):
+    """Ratings per user and like rate per user (FLICKR-AES report figure)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    per_user = splits.groupby("user_id").agg(ratings=("like", "size"), like_rate=("like", "mean"))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    sns.histplot(per_user["ratings"], ax=axes[0], bins=30)
+    axes[0].set_title("ratings per user")
+    sns.histplot(per_user["like_rate"], ax=axes[1], bins=20)
+    axes[1].set_title("like rate per user (score >= threshold)")
+    sns.countplot(x=splits["score"], ax=axes[2], color="C0")
+    axes[2].set_title("score distribution")
+    fig.tight_layout()
+    return fig
+
+
+def grid_results(df, score: str = "best_val_loss"):
+    """App E grid: one point per configuration, by objective and schedule."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    ok = df[df["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if len(ok):
+        sns.stripplot(data=ok, x="prediction_type", y=score, hue="beta_schedule", dodge=True, ax=ax)
+    ax.set_title(f"App E grid: {score} ({(df['status'] != 'ok').sum()} failed)")
+    fig.tight_layout()
+    return fig

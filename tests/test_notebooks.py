@@ -81,3 +81,55 @@ def test_01_dsprites_table1(smoke_run):
     assert 0.1 < m["random_precision"]["20"] < 0.5
     for fig in ("fig2_umap_vae", "fig3_users", "prior_loss"):
         assert (d / f"{fig}.png").exists() and (d / f"{fig}.pdf").exists()
+
+
+def test_02_flickr_ratings_and_embeddings(smoke_run):
+    from rebeca_utils import embeddings, flickr
+    from rebeca_utils.config import get_profile
+
+    d = smoke_run / "02_embed_flickr"
+    m = manifest(smoke_run, "02_embed_flickr")["metrics"]
+    smoke = get_profile("smoke")
+    assert m["users"] == smoke.flickr.n_workers and m["images"] == smoke.flickr.n_images
+    assert 0.28 < m["like_rate"] < 0.40 and m["unreadable_images"] == 0
+    assert m["split_sizes"]["test"] == m["split_sizes"]["val"] == 10 * m["users"]
+    assert m["holdout_workers"] == smoke.flickr.n_holdout_workers
+    assert m["embedding_dims"] == {"decoder": smoke.models.decoder_emb_dim, "verifier": smoke.models.verifier_emb_dim}
+    splits, holdout = flickr.load_splits(d / "flickr_splits.parquet")
+    names, emb = embeddings.load_embeddings(d / "embeddings", "decoder", smoke.models)
+    assert names == sorted(splits["image"].unique()) and emb.shape == (len(names), smoke.models.decoder_emb_dim)
+    # a rerun with everything present does no model work
+    store = embeddings.embed_images(d / "flickr_synthetic/40K", names, "decoder", smoke.models, d / "embeddings",
+                                    device="cpu", progress=False)
+    assert store.computed == [] and store.reused
+
+
+def test_03_prior_trained_with_signal(smoke_run):
+    from rebeca_utils.prior import RebecaPrior
+
+    d = smoke_run / "03_train_prior"
+    m = manifest(smoke_run, "03_train_prior")["metrics"]
+    log = json.loads((d / "training_log.json").read_text())
+    assert log["epochs"] == len(log["history"]) and log["best_val_loss"] == min(h["val_loss"] for h in log["history"])
+    assert RebecaPrior.from_pretrained(d / "prior").n_users == 24
+    # planted tastes: samples' nearest held-out item is liked more often than for random training embeddings
+    assert m["signal_precision"] > m["signal_random_precision"] + 0.05, m
+    assert (d / "loss_curves.png").exists() and (d / "loss_curves.pdf").exists()
+
+
+def test_03_grid_records_failures(smoke_run, tmp_path):
+    """A tiny grid (with one impossible configuration) runs, and the failure is recorded with its error."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(smoke_run / "02_embed_flickr", out / "smoke" / "02_embed_flickr")
+    runner.run_notebooks("smoke", [runner.REPO / "notebooks/03_train_prior.ipynb"],
+                         {"run_grid": True, "grid_axes": {"n_layers": [1], "n_heads": [2, 3], "hidden_dim": [16],
+                                                          "n_tokens": [8], "prediction_type": ["sample", "epsilon"],
+                                                          "beta_schedule": ["squaredcos_cap_v2"]}},
+                         out, log=lambda *a, **k: None)
+    grid = pd.read_csv(out / "smoke/03_train_prior/grid_results.csv")
+    assert len(grid) == 4
+    bad = grid[grid["n_heads"] == 3]  # hidden 16 is not divisible by 3 heads
+    assert (bad["status"] == "failed").all() and bad["error"].str.contains("divisible by n_heads=3").all()
+    assert (grid[grid["n_heads"] == 2]["status"] == "ok").all() and grid["best_val_loss"].notna().sum() == 2
