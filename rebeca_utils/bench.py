@@ -76,6 +76,25 @@ def bench_sampling(model, sched, n_users: int, per_user: int, fast_steps: int, c
     return {"fast_s": fast, "ddpm_subset_s": ddpm_subset, "ddpm_extrapolated_s": ddpm, "ratio": ddpm / fast}
 
 
+def bench_embedding(n_images: int = 200) -> dict:
+    """Images/s of the tiny decoder- and verifier-space encoders on the synthetic FLICKR-AES fixture."""
+    import tempfile
+    from pathlib import Path
+
+    from .embeddings import SPACES, embed_images
+    from .flickr import write_synthetic_flickr
+
+    models = get_profile("smoke").models
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_synthetic_flickr(Path(tmp) / "flickr", n_workers=8, n_images=n_images, image_size=64)
+        for space in SPACES:
+            t0 = time.perf_counter()
+            embed_images(root / "40K", None, space, models, Path(tmp) / "emb", device="cpu", progress=False)
+            out[space] = n_images / (time.perf_counter() - t0)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rebeca_utils.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps (a sanity run, not for the README)")
@@ -92,6 +111,10 @@ def main(argv=None) -> int:
     print(f"training (batch {paper.train.batch_size}): ours {tr['ours_samples_per_s']:.0f} samples/s | "
           f"per-item DataLoader {tr['dataloader_samples_per_s']:.0f} samples/s | ratio {tr['ratio']:.2f}x | "
           f"one epoch (21,000 samples) ~ {epoch_s:.0f} s")
+
+    emb = bench_embedding(100 if a.quick else 400)
+    print("embedding throughput (tiny encoders, CPU, incl. model build and JPEG decode): "
+          + " | ".join(f"{k} {v:.0f} images/s" for k, v in emb.items()))
 
     model.eval()
     per_user, users = 25, paper.prior.n_users

@@ -90,7 +90,7 @@ class DSpritesConfig:
     batch_size: int = 256  # the paper gives no dSprites recipe; larger batches buy CPU throughput
     lr: float = 1e-3
     samples_per_user: int = 3000
-    max_epochs: int = 100
+    max_epochs: int = 80
     patience: int = 15
     reps: int = 25
     ks: tuple[int, ...] = (1, 5, 10, 20)
@@ -135,7 +135,7 @@ def _smoke() -> Profile:
         diffusion=DiffusionConfig(sampler_steps=20),
         train=TrainConfig(lr=1e-3, samples_per_user=300, max_epochs=40, patience=8),
         dsprites=DSpritesConfig(
-            n_images=4_000, vae_epochs=4, samples_per_user=1500, max_epochs=25, patience=25,
+            n_images=4_000, vae_epochs=4, samples_per_user=3000, max_epochs=40, patience=40,
             reps=5, ddpm_reps=1, umap_points=1000,
         ),
         flickr=FlickrConfig(n_holdout_workers=4),

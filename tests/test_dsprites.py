@@ -180,6 +180,23 @@ def test_tiny_vae_trains_encodes_decodes(study, tmp_path):
     assert 0.0 <= V.nn_label_agreement(z, study.pair[:10]) <= 1.0
 
 
+def test_vae_where_dims_are_position(study):
+    torch.manual_seed(0)
+    model = V.ConvVAE(latent_dim=32, channels=(8, 16, 16), hidden=64).eval()
+    x = torch.from_numpy(study.images[:8]).float() / 255
+    cx, cy = model.centroid(x)
+    assert torch.allclose(model.crop(x, cx, cy).sum((1, 2, 3)), x.sum((1, 2, 3)))  # crop keeps the sprite
+    mu, _ = model.encode(x)
+    assert torch.allclose(mu[:, 0], (cx - 31.5) / V.POS_SCALE) and torch.allclose(mu[:, 1], (cy - 31.5) / V.POS_SCALE)
+    # moving z[:, 0] by one unit translates the decoded image by POS_SCALE pixels along columns
+    z = torch.randn(4, 32) * 0.3
+    with torch.no_grad():
+        a = model.decode_logits(z)
+        b = model.decode_logits(z + torch.tensor([1.0] + [0.0] * 31))
+    s = int(V.POS_SCALE)
+    assert torch.allclose(b[..., s:], a[..., :-s], atol=1e-4)
+
+
 def test_nn_label_agreement():
     z = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     assert V.nn_label_agreement(z, [0, 0, 1, 1]) == 1.0
