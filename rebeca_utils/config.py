@@ -135,7 +135,7 @@ def _smoke() -> Profile:
         diffusion=DiffusionConfig(sampler_steps=20),
         train=TrainConfig(lr=1e-3, samples_per_user=300, max_epochs=40, patience=8),
         dsprites=DSpritesConfig(
-            n_images=4_000, vae_epochs=4, samples_per_user=3000, max_epochs=40, patience=40,
+            n_images=4_000, vae_epochs=4, vae_batch_size=64, samples_per_user=3000, max_epochs=40, patience=40,
             reps=5, ddpm_reps=1, umap_points=1000,
         ),
         flickr=FlickrConfig(n_holdout_workers=4),
