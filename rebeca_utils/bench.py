@@ -57,14 +57,14 @@ def bench_training(model, sched, data: Triplets, batch_size: int, steps: int) ->
     return {"ours_samples_per_s": ours, "dataloader_samples_per_s": baseline, "ratio": ours / baseline}
 
 
-def bench_sampling(model, sched, n_users: int, per_user: int, fast_steps: int, cfg_scale: float,
+def bench_sampling(model, sched, n_users: int, per_user: int, sampler: str, fast_steps: int, cfg_scale: float,
                    ddpm_users: int) -> dict:
     """Time for n_users x per_user embeddings: fast sampler (all users) vs 1000-step DDPM (subset, extrapolated)."""
     users = torch.arange(n_users).repeat_interleave(per_user)
     j = torch.arange(per_user).repeat(n_users)
     ones = torch.ones_like(users)
     t0 = time.perf_counter()
-    sample_prior(model, sched, users, ones, j, cfg_scale=cfg_scale, sampler="ddim", steps=fast_steps,
+    sample_prior(model, sched, users, ones, j, cfg_scale=cfg_scale, sampler=sampler, steps=fast_steps,
                  batch_size=1024, progress=True)
     fast = time.perf_counter() - t0
     m = ddpm_users * per_user
@@ -120,7 +120,8 @@ def main(argv=None) -> int:
     per_user, users = 25, paper.prior.n_users
     if a.quick:
         users = 8
-    sm = bench_sampling(model, sched, users, per_user, paper.diffusion.sampler_steps, cfg_scale=5.0, ddpm_users=1)
+    sm = bench_sampling(model, sched, users, per_user, paper.diffusion.sampler, paper.diffusion.sampler_steps,
+                        cfg_scale=5.0, ddpm_users=1)
     n = users * per_user
     print(f"sampling {n:,} embeddings (CFG 5): {paper.diffusion.sampler}-{paper.diffusion.sampler_steps} "
           f"{sm['fast_s']:.1f} s | ddpm-1000 {sm['ddpm_extrapolated_s']:.0f} s (extrapolated from 1 user, "
