@@ -116,5 +116,5 @@ def run_grid(configs: list[dict], profile: Profile, train: Triplets, val: Triple
 
 def training_log(result, model, extra: dict | None = None) -> dict:
     """What notebook 03 records about a run: epochs, wall time, best val loss, params, learning-rate drops."""
-    return {**result.summary(), "params": count_parameters(model), "config": getattr(model, "config", None),
+    return {**result.summary(), "params": count_parameters(model), "config": getattr(model, "_hub_mixin_config", None),
             **(extra or {})}
