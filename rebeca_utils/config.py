@@ -67,7 +67,6 @@ class TrainConfig:
     p_drop_user: float = 0.0  # independent drops; the reference code uses 0.15 each
     p_drop_rating: float = 0.0
     weight_decay: float = 0.01
-    ema_decay: float = 0.0  # 0 = off (the paper mentions no EMA); e.g. 0.999 for the CPU dSprites study
     val_every: int = 1
 
 

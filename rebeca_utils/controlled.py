@@ -11,32 +11,27 @@ from .artifacts import atomic_path, write_json
 from .config import DSpritesConfig
 from .diffusion import Triplets, sample_users
 from .dsprites import DSpritesStudy
-from .vae import ConvVAE, train_vae
+from .vae import ConvVAE, freeze, load_vae, save_vae, train_vae
 
 
 def fit_or_load_vae(study: DSpritesStudy, cfg: DSpritesConfig, folder: Path, seed: int, device: str = "cpu"):
     """Train the study's VAE on training images, or load it when `folder` holds one for the same setup."""
-    from safetensors.torch import load_file, save_file
-
     key = {"latent_dim": cfg.latent_dim, "epochs": cfg.vae_epochs, "batch_size": cfg.vae_batch_size,
            "lr": cfg.vae_lr, "seed": seed, "n_images": study.n_images, "source": study.source,
            "data_seed": study.seed}
     weights, meta = Path(folder) / "vae.safetensors", Path(folder) / "vae.json"
-    model = ConvVAE(latent_dim=cfg.latent_dim)
     if weights.exists() and meta.exists():
         import json
 
         saved = json.loads(meta.read_text())
         if saved.get("key") == key:
-            model.load_state_dict(load_file(weights))
-            return model.eval(), saved["history"]
+            return load_vae(weights), saved["history"]
     torch.manual_seed(seed)
     model = ConvVAE(latent_dim=cfg.latent_dim)
     history = train_vae(model, study.images[study.train_idx], epochs=cfg.vae_epochs, batch_size=cfg.vae_batch_size,
                         lr=cfg.vae_lr, seed=seed, device=device)
-    model = model.cpu().eval()
-    with atomic_path(weights) as tmp:
-        save_file(model.state_dict(), str(tmp))
+    model = freeze(model.cpu())  # frozen from here on: its decoder is the study's image generator
+    save_vae(model, weights)
     write_json(meta, {"key": key, "history": history})  # written last: marks the VAE complete
     return model, history
 

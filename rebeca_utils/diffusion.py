@@ -144,14 +144,12 @@ class TrainResult:
 
 def train_prior(model, sched, train: Triplets, val: Triplets, cfg: TrainConfig, seed: int = 0,
                 device: str = "cpu", progress: bool = True) -> TrainResult:
-    """AdamW + ReduceLROnPlateau + early stopping on validation loss; the best state (EMA if on) is restored."""
+    """AdamW + ReduceLROnPlateau + early stopping on validation loss; the best state is restored."""
     model.to(device).train()
     train, val = train.to(device), val.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience)
     gen = torch.Generator(device).manual_seed(seed)
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg.ema_decay > 0 else None
-    params, ema_params = list(model.parameters()), list(ema.parameters()) if ema is not None else []
     res, best_state, bad, t0 = TrainResult(), None, 0, time.perf_counter()
     bar = tqdm(range(cfg.max_epochs), desc="train prior", disable=not progress)
     for epoch in bar:
@@ -164,11 +162,9 @@ def train_prior(model, sched, train: Triplets, val: Triplets, cfg: TrainConfig, 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if ema is not None:  # weight averaging: calibrates mixture weights far sooner than the raw iterate
-                torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - cfg.ema_decay)
             loss_sum += loss.detach() * len(b)  # stays on device: one host sync per epoch
         row = {"epoch": epoch, "train_loss": float(loss_sum) / len(idx), "lr": opt.param_groups[0]["lr"]}
-        row["val_loss"] = validation_loss(ema if ema is not None else model, sched, val)
+        row["val_loss"] = validation_loss(model, sched, val)
         row["time_s"] = time.perf_counter() - t0
         res.history.append(row)
         plateau.step(row["val_loss"])
@@ -176,7 +172,7 @@ def train_prior(model, sched, train: Triplets, val: Triplets, cfg: TrainConfig, 
             res.lr_drops.append(epoch)
         if row["val_loss"] < res.best_val_loss:
             res.best_val_loss, res.best_epoch, bad = row["val_loss"], epoch, 0
-            best_state = copy.deepcopy((ema if ema is not None else model).state_dict())
+            best_state = copy.deepcopy(model.state_dict())
         else:
             bad += 1
         bar.set_postfix(train=f"{row['train_loss']:.4f}", val=f"{row['val_loss']:.4f}")
@@ -204,7 +200,7 @@ def _generators(seed, user_ids, indices, device):
 
 
 @torch.no_grad()
-def _sample_batch(model, sched, user_id, rating, gens, cfg_scale, eta: float = 0.0):
+def _sample_batch(model, sched, user_id, rating, gens, cfg_scale):
     device = user_id.device
     x = torch.stack([torch.randn(model.emb_dim, generator=g, device=device) for g in gens])
     x = x * sched.init_noise_sigma
@@ -220,15 +216,14 @@ def _sample_batch(model, sched, user_id, rating, gens, cfg_scale, eta: float = 0
             out = uncond + cfg_scale * (cond - uncond)  # eq. 4, both branches in one forward
         else:
             out = model(x_in, tt, user_id, rating)
-        extra = {"eta": eta} if isinstance(sched, DDIMScheduler) else {}
-        x = sched.step(out, t, x, generator=gens, **extra).prev_sample
+        x = sched.step(out, t, x, generator=gens).prev_sample
     return x
 
 
 @torch.no_grad()
 def sample_prior(model, train_sched: DDPMScheduler, user_ids, ratings, indices, *, cfg_scale: float = 1.0,
                  sampler: str = "ddim", steps: int = 50, seed: int = 0, batch_size: int = 512,
-                 device: str = "cpu", progress: bool = True, eta: float = 0.0) -> torch.Tensor:
+                 device: str = "cpu", progress: bool = True) -> torch.Tensor:
     """Sample embeddings for items (user_ids[i], ratings[i], indices[i]); each item has its own generator."""
     user_ids, ratings, indices = (torch.as_tensor(a).long().reshape(-1) for a in (user_ids, ratings, indices))
     if not (len(user_ids) == len(ratings) == len(indices)):
@@ -242,7 +237,7 @@ def sample_prior(model, train_sched: DDPMScheduler, user_ids, ratings, indices, 
         sched = make_sampler(train_sched, sampler, steps)  # fresh state per batch (multistep solvers keep history)
         u, r = user_ids[s : s + batch_size].to(device), ratings[s : s + batch_size].to(device)
         gens = _generators(seed, u.tolist(), indices[s : s + batch_size].tolist(), device)
-        out.append(_sample_batch(model, sched, u, r, gens, cfg_scale, eta).float().cpu())
+        out.append(_sample_batch(model, sched, u, r, gens, cfg_scale).float().cpu())
     return torch.cat(out) if out else torch.empty(0, model.emb_dim)
 
 

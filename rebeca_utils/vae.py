@@ -228,10 +228,12 @@ def save_vae(model: ConvVAE, path: str | Path) -> Path:
     """Save weights (safetensors) with the constructor config in the file's metadata."""
     from safetensors.torch import save_file
 
+    from .artifacts import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"config": json.dumps(model.config)})
+    with atomic_path(path) as tmp:  # a killed run never leaves a half-written VAE
+        save_file(state, str(tmp), metadata={"config": json.dumps(model.config)})
     return path
 
 
