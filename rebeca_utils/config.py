@@ -114,6 +114,59 @@ class FlickrConfig:
 
 
 @dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding prior samples into images with SD-1.5 + IP-Adapter (§4.2-4.3, App G.3, App M)."""
+
+    n_per_user: int = 25
+    n_users: int = 0  # 0 = every trained (non-hold-out) user
+    steps: int = 50  # decoder denoising steps
+    decoder_cfg: float = 5.0
+    height: int = 512
+    width: int = 512
+    dtype: str = "auto"  # fp16 on CUDA (paper); "fp32" = the reference code
+    ip_adapter_scale: float = 1.0
+    prompt: str = ""  # empty system prompt (§4.3)
+    negative_prompt: str = ""
+    rating: int = 1  # R = 1: sample what the user likes (§4.2)
+    prior_cfg_scales: tuple[float, ...] = (3.0, 5.0, 7.0, 9.0)
+    seed_base: int = 42  # decoder seed(u, j) = seed_base + 10,000 u + j (App G.3)
+    batch_size: int = 8  # images per pipeline call
+    grid_users: int = 12  # App M: users 1-12 x 10 images at prior CFG 5, 7, 9
+    grid_images: int = 10
+    grid_cfg_scales: tuple[float, ...] = (5.0, 7.0, 9.0)
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    """Neural Matrix Factorization verifier (§4.3.2, App H) on frozen verifier-space (bigG) embeddings."""
+
+    factor_dim: int = 64  # user factor / projected image factor width (GMF branch)
+    mlp_dims: tuple[int, ...] = (256, 128, 64)  # MLP branch on [user, projected image]
+    dropout: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    batch_size: int = 1024
+    max_epochs: int = 50
+    patience: int = 5
+    user_weighting: str = "none"  # "none": plain BCE (paper); "inverse_frequency": the reference code
+    n_bootstrap: int = 1000
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation (§4.4, §4.5, App I-K): retrieval metrics, aesthetics, permutation tests."""
+
+    ks: tuple[int, ...] = (1, 5)
+    min_likes: int = 1  # users with fewer held-out likes are dropped (the reference code used 3, silently)
+    pr_definition: str = "paper"  # or "reference"
+    n_permutations: int = 1000
+    n_bootstrap: int = 1000
+    hps_version: str = "v2.0"  # or "v2.1"
+    hps_prompt: str = "Realistic image, finely detailed, with balanced composition and harmonious elements."
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
 class Profile:
     """A complete run configuration."""
 
@@ -124,6 +177,9 @@ class Profile:
     train: TrainConfig = field(default_factory=TrainConfig)
     dsprites: DSpritesConfig = field(default_factory=DSpritesConfig)
     flickr: FlickrConfig = field(default_factory=FlickrConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _smoke() -> Profile:
@@ -138,6 +194,10 @@ def _smoke() -> Profile:
             reps=5, ddpm_reps=1, umap_points=1000,
         ),
         flickr=FlickrConfig(n_holdout_workers=4),
+        generation=GenerationConfig(n_per_user=4, n_users=6, steps=4, height=64, width=64, batch_size=4,
+                                    grid_users=4, grid_images=3),
+        verifier=VerifierConfig(factor_dim=16, mlp_dims=(32, 16), batch_size=256, max_epochs=60, patience=10),
+        eval=EvalConfig(n_permutations=200, n_bootstrap=200, batch_size=8),
     )
 
 
