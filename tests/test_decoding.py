@@ -1,0 +1,254 @@
+"""Decoding entry point: per-item IP embeddings, seeds, atomic resumable files, sharding, failures."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from rebeca_utils import components as C
+from rebeca_utils import decoding as D
+from rebeca_utils.config import get_profile
+
+SMOKE = get_profile("smoke")
+TINY, CFG = SMOKE.models, SMOKE.generation
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kit_cache(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # shared 2-core box
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("rebeca_cache")
+        mp.setenv(C.CACHE_ENV, str(path))
+        yield path
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return D.build_decoder(TINY, CFG)
+
+
+def _items(n_users=3, n=4, setting="prior_cfg5", seed=0):
+    emb = torch.randn(n_users * n, TINY.decoder_emb_dim, generator=torch.Generator().manual_seed(seed))
+    users = [u for u in range(n_users) for _ in range(n)]
+    return D.make_items("rebeca", setting, users, [j for _ in range(n_users) for j in range(n)], CFG, ip_embeddings=emb)
+
+
+def _hashes(root):
+    root = Path(root)
+    return {str(p.relative_to(root)): D.sha256(p) for p in sorted(root.rglob("*.png"))}
+
+
+# ----------------------------------------------------------------------------------------------- embeddings + seeds
+
+
+def test_decoder_seed_is_app_g3_formula():
+    assert D.decoder_seed(0, 0) == 42 and D.decoder_seed(3, 7) == 30_049 and D.decoder_seed(209, 24) == 2_090_066
+    items = _items(2, 3)
+    assert [it.seed for it in items] == [42 + 10_000 * it.user_id + it.index for it in items]
+    assert items[4].relpath == "rebeca/prior_cfg5/u001/01.png"
+
+
+def test_ip_adapter_embeds_shapes_with_and_without_cfg():
+    emb = torch.randn(3, 32)
+    (guided,) = D.ip_adapter_embeds(emb, 5.0)
+    assert guided.shape == (6, 1, 32) and torch.equal(guided[:3], torch.zeros(3, 1, 32)) and torch.equal(guided[3:, 0], emb)
+    (plain,) = D.ip_adapter_embeds(emb, 1.0)  # no negative at CFG <= 1 (the reference doubled the image tokens)
+    assert plain.shape == (3, 1, 32) and torch.equal(plain[:, 0], emb)
+    with pytest.raises(ValueError, match=r"img_emb must be \(batch, dim\)"):
+        D.ip_adapter_embeds(torch.randn(32), 5.0)
+
+
+@pytest.mark.parametrize("decoder_cfg", [5.0, 1.0])
+def test_unet_sees_one_image_per_latent_and_four_tokens(pipe, decoder_cfg):
+    """The IP tokens reaching the UNet: batch = latent batch (2B with CFG, B without), 4 tokens per image."""
+    seen = []
+    h = pipe.unet.register_forward_hook(
+        lambda m, a, kw, out: seen.append((a[0].shape[0], kw["added_cond_kwargs"]["image_embeds"][0].shape)),
+        with_kwargs=True)
+    proj = []
+    h2 = pipe.unet.encoder_hid_proj.register_forward_hook(lambda m, a, out: proj.append(out[0].shape))
+    try:
+        D.run_batch(pipe, _items(1, 3), replace(CFG, decoder_cfg=decoder_cfg))
+    finally:
+        h.remove(), h2.remove()
+    rows = 6 if decoder_cfg > 1 else 3
+    assert seen[0] == (rows, torch.Size([rows, 1, TINY.decoder_emb_dim]))
+    assert proj[0] == torch.Size([rows, 1, 4, 32])  # IP-Adapter SD1.5: 4 tokens of the cross-attention width
+
+
+def test_batch_equals_single_calls_and_items_differ(pipe):
+    items = _items(2, 2)
+    batch = D.run_batch(pipe, items, CFG)
+    singles = np.stack([D.run_batch(pipe, [it], CFG)[0] for it in items])
+    np.testing.assert_allclose(batch, singles, atol=1e-3, rtol=0)  # CPU BLAS noise; a grey level is 4e-3
+    # each image got its own embedding (stock diffusers would give every image all four embeddings' tokens)
+    assert min(np.abs(batch[i] - batch[k]).mean() for i in range(4) for k in range(i)) > 1e-3
+
+
+def test_items_without_embedding_decode_as_plain_sd(pipe):
+    plain = D.build_decoder(TINY, CFG, ip_adapter=False)
+    items = D.make_items("lora", "shared", [0, 1], [0, 0], CFG, prompts=["a red square", "a blue heart"])
+    np.testing.assert_allclose(D.run_batch(pipe, items, CFG), D.run_batch(plain, items, CFG), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="no IP-Adapter loaded"):
+        D.run_batch(plain, _items(1, 1), CFG)
+
+
+# ----------------------------------------------------------------------------------------------- files + resume
+
+
+def test_decode_writes_layout_skips_and_manifest(pipe, tmp_path):
+    items = _items(2, 3)
+    rep = D.decode(pipe, items, tmp_path, CFG, batch_size=4, models=TINY, progress=False)
+    assert rep.written == 6 and rep.skipped == 0 and not rep.failed
+    assert sorted(_hashes(tmp_path)) == sorted(it.relpath for it in items)
+    again = D.decode(pipe, items, tmp_path, CFG, batch_size=4, models=TINY, progress=False)
+    assert again.written == 0 and again.skipped == 6 and again.batches == 0
+    df = D.write_manifest(items, tmp_path, CFG)
+    assert list(df.columns) == D.MANIFEST_COLUMNS and (df["status"] == "ok").all()
+    assert df["sha256"].tolist() == [D.sha256(tmp_path / p) for p in df["path"]]
+    assert df["seed"].tolist() == [D.decoder_seed(u, j) for u, j in zip(df["user_id"], df["index"])]
+    assert (df["seconds"] > 0).all()
+    # a truncated PNG is not "done": it is redone, and to the same bytes
+    before = _hashes(tmp_path)
+    p = tmp_path / items[1].relpath
+    p.write_bytes(p.read_bytes()[:100])
+    rep = D.decode(pipe, items, tmp_path, CFG, batch_size=4, models=TINY, progress=False)
+    assert rep.written == 1 and _hashes(tmp_path) == before
+    assert not list(tmp_path.rglob(".*.png"))  # no temp files left
+
+
+def test_changed_settings_refused_unless_overwrite(pipe, tmp_path):
+    items = _items(1, 2)
+    D.decode(pipe, items, tmp_path, CFG, models=TINY, progress=False)
+    other = replace(CFG, steps=CFG.steps + 1)
+    with pytest.raises(ValueError, match=r"decode_settings.json: images there were decoded with .*pass overwrite=True"):
+        D.decode(pipe, items, tmp_path, other, models=TINY, progress=False)
+    rep = D.decode(pipe, items, tmp_path, other, models=TINY, progress=False, overwrite=True)
+    assert rep.written == 2
+
+
+def test_shards_cover_every_batch_once():
+    batches = D.make_batches(_items(5, 5), 3)
+    shards = [D.shard(batches, r, 3) for r in range(3)]
+    keys = [it.key for s in shards for b in s for it in b]
+    assert len(keys) == len(set(keys)) == 25
+    with pytest.raises(ValueError, match="duplicate work items"):
+        D.make_batches(_items(1, 2) + _items(1, 2), 2)
+    mixed = _items(1, 2) + D.make_items("lora", "u", [0], [0], CFG, loras=["/a"])
+    assert all(len({(it.lora, it.ip_embedding is None) for it in b}) == 1 for b in D.make_batches(mixed, 8))
+
+
+class _Flaky:
+    """Wraps a pipeline: calls with more than one image run out of memory; `always` items always fail."""
+
+    def __init__(self, pipe, always=()):
+        self.pipe, self.always, self.calls = pipe, set(always), []
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, **kw):
+        self.calls.append(len(kw["prompt"]))
+        seeds = {g.initial_seed() for g in kw["generator"]}
+        if len(kw["prompt"]) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if seeds & self.always:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.pipe(**kw)
+
+
+def test_failures_retried_at_batch_size_1_and_logged(pipe, tmp_path):
+    items = _items(1, 4)
+    ref = tmp_path / "ref"
+    D.decode(pipe, items, ref, CFG, batch_size=4, models=TINY, progress=False)
+    flaky = _Flaky(pipe, always={items[2].seed})
+    out = tmp_path / "out"
+    rep = D.decode(flaky, items, out, CFG, batch_size=4, models=TINY, progress=False)
+    assert flaky.calls == [4, 1, 1, 1, 1] and rep.retried == 4 and rep.written == 3
+    assert rep.failed == [{"key": list(items[2].key), "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}]
+    df = D.write_manifest(items, out, CFG)
+    assert df["status"].tolist() == ["ok", "ok", "failed", "ok"] and "illegal memory access" in df["error"][2]
+    # finished items are kept; the rerun decodes the failed one
+    rep = D.decode(pipe, items, out, CFG, batch_size=4, models=TINY, progress=False)
+    assert rep.written == 1 and (D.write_manifest(items, out, CFG)["status"] == "ok").all()
+    assert set(_hashes(out)) == set(_hashes(ref))
+    for k in _hashes(ref):  # batch-size-1 retries match the batched images to within a grey level
+        a, b = (np.asarray(Image.open(r / k), dtype=int) for r in (ref, out))
+        assert np.abs(a - b).max() <= 1, k
+
+
+# ----------------------------------------------------------------------------------------------- processes
+
+
+def _env(kit_cache):
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            C.CACHE_ENV: str(kit_cache), "PYTHONPATH": str(REPO)}
+
+
+def _plan(root, n_users=4, n=6):
+    D.save_plan(_items(n_users, n), root, CFG, TINY)
+    return root
+
+
+def _cli(root, *extra):
+    return [sys.executable, "-m", "rebeca_utils.decoding", "--out-dir", str(root), "--device", "cpu", "--batch-size",
+            "2", "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, kit_cache):
+    root = _plan(tmp_path_factory.mktemp("whole"))
+    r = subprocess.run(_cli(root), env=_env(kit_cache), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root
+
+
+def test_kill_then_rerun_gives_identical_files(uninterrupted, tmp_path, kit_cache):
+    root = _plan(tmp_path)
+    proc = subprocess.Popen(_cli(root), env=_env(kit_cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(list(root.rglob("u*/*.png"))) < 5 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(list(root.rglob("u*/*.png")))
+    assert 5 <= n_before < 24, n_before  # killed mid-run
+    r = subprocess.run(_cli(root), env=_env(kit_cache), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["skipped"] >= n_before - 1 and summary["manifest"] == {"ok": 24}
+    assert _hashes(root) == _hashes(uninterrupted)
+    assert not [p for p in root.rglob(".*") if p.is_file()]  # no temp files survive
+    a, b = (pd.read_csv(r / D.MANIFEST_NAME) for r in (root, uninterrupted))
+    assert a["sha256"].tolist() == b["sha256"].tolist()
+
+
+def test_two_processes_split_work_without_overlap(uninterrupted, tmp_path, kit_cache):
+    root = _plan(tmp_path)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "rebeca_utils.decoding", "--out-dir", str(root), "--device", "cpu", "--batch-size", "2", "--no-progress"]
+    r = subprocess.run(cmd, env=_env(kit_cache), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summaries = sorted((json.loads(s) for s in r.stdout.splitlines() if s.startswith("{")), key=lambda s: s["rank"])
+    assert [(s["rank"], s["world_size"], s["written"]) for s in summaries] == [(0, 2, 12), (1, 2, 12)]
+    logs = [[tuple(json.loads(line)["key"]) for line in p.read_text().splitlines()]
+            for p in (root / D.LOG_DIR).glob("*.jsonl")]
+    assert len(logs) == 2 and not set(logs[0]) & set(logs[1]) and len(logs[0]) + len(logs[1]) == 24
+    assert summaries[0]["manifest"] == {"ok": 24}
+    assert _hashes(root) == _hashes(uninterrupted)
