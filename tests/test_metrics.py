@@ -1,13 +1,18 @@
-"""Nearest-neighbour Precision@k / Recall@k on hand-computed cases, and Table 1 from its inputs."""
+"""Retrieval metrics (§3.3 Table 1, §4.4 Table 2), verifier scores, permutation tests and R² on hand cases."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from scipy import stats
 
-from rebeca_utils.metrics import cosine_nn, pr_from_neighbours, precision_recall_at_k, table1
+from rebeca_utils.metrics import (PAPER_TABLE2, cosine_nn, matching_test, permutation_test, permuted_owners,
+                                  pr_from_neighbours, precision_recall_at_k, r2_bootstrap, rebeca_label,
+                                  retrieval_metrics, table1, table2, user_scores, wins_and_ranks)
 from rebeca_utils.normalize import fit_normalizer
 
 POOL = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], dtype=np.float32)  # four directions
 LIKED = np.array([True, True, False, False])
+GEN = np.array([[2, 0.1], [1, 0.2], [-1, 0.1]], dtype=np.float32)
 
 
 def test_cosine_nn_ignores_norm():
@@ -15,30 +20,33 @@ def test_cosine_nn_ignores_norm():
     assert cosine_nn(q, POOL).tolist() == [0, 1, 3]
 
 
-def test_paper_definition_by_hand():
-    gen = np.array([[2, 0.1], [1, 0.2], [-1, 0.1]], dtype=np.float32)  # NN: 0 (liked), 0 (liked), 2 (disliked)
-    p, r = precision_recall_at_k(gen, POOL, LIKED, k=3)
-    assert p == pytest.approx(2 / 3) and r == pytest.approx(1 / 2)
-    p1, r1 = precision_recall_at_k(gen, POOL, LIKED, k=1)
-    assert (p1, r1) == (1.0, 0.5)
+# --- §3.3 (Table 1): k = the first k samples, one nearest neighbour each ----------------------------------------
+
+def test_section33_paper_definition_by_hand():
+    nn = cosine_nn(GEN, POOL)[None]  # NN: 0 (liked), 0 (liked), 2 (disliked)
+    p, r = pr_from_neighbours(nn, LIKED[None], k=3)
+    assert p[0] == pytest.approx(2 / 3) and r[0] == pytest.approx(1 / 2)
+    p1, r1 = pr_from_neighbours(nn, LIKED[None], k=1)
+    assert (p1[0], r1[0]) == (1.0, 0.5)
 
 
-def test_reference_definition_counts_retrieved_set_once():
-    gen = np.array([[2, 0.1], [1, 0.2], [-1, 0.1]], dtype=np.float32)  # retrieved set {0, 2}: one liked of two
-    p, r = precision_recall_at_k(gen, POOL, LIKED, k=3, definition="reference")
-    assert p == pytest.approx(1 / 2) and r == pytest.approx(1 / 2)
+def test_section33_reference_definition_counts_retrieved_set_once():
+    nn = cosine_nn(GEN, POOL)[None]  # retrieved set {0, 2}: one liked of two
+    p, r = pr_from_neighbours(nn, LIKED[None], k=3, definition="reference")
+    assert p[0] == pytest.approx(1 / 2) and r[0] == pytest.approx(1 / 2)
     with pytest.raises(ValueError, match="valid definitions are paper, reference"):
-        precision_recall_at_k(gen, POOL, LIKED, k=1, definition="nope")
+        pr_from_neighbours(nn, LIKED[None], k=1, definition="nope")
 
 
-def test_batched_matches_per_user():
+def test_section33_batched_matches_per_user():
     rng = np.random.default_rng(0)
     pool, liked = rng.normal(size=(50, 8)).astype(np.float32), rng.random((3, 50)) < 0.3
     gen = rng.normal(size=(2, 3, 6, 8)).astype(np.float32)
     p, r = pr_from_neighbours(cosine_nn(gen, pool), liked, 4)
     for rep in range(2):
         for u in range(3):
-            assert (p[rep, u], r[rep, u]) == pytest.approx(precision_recall_at_k(gen[rep, u], pool, liked[u], 4))
+            pu, ru = pr_from_neighbours(cosine_nn(gen[rep, u, :4], pool)[None], liked[u][None], 4)
+            assert (p[rep, u], r[rep, u]) == pytest.approx((pu[0], ru[0]))
     with pytest.raises(ValueError, match="k=7 but only 6 samples"):
         pr_from_neighbours(cosine_nn(gen, pool), liked, 7)
 
@@ -58,6 +66,216 @@ def test_table1_perfect_and_random():
     assert t.loc[("Mean", 1), "recall"] == pytest.approx(1 / 25)
     assert 0.1 < t.loc[("Random", 20), "precision"] < 0.45
     assert t.loc[("REBECA", 1), "paper_precision"] == 0.782
+
+
+# --- §4.4 (Table 2): Top-k pool items of every generated sample -------------------------------------------------
+# User A = (GEN, POOL, LIKED), L_A = {0, 1}. Cosine ranks of the pool:
+#   g1 = (2, .1): 0, 1, 3, 2     g2 = (1, .2): 0, 1, 3, 2     g3 = (-1, .1): 2, 1, 3, 0
+# k=1: Top-1 = {0}, {0}, {2}  (item 0 retrieved twice)
+#   paper:     P = (1 + 1 + 0)/3 = 2/3;  R = |{0}|/2 = 1/2;  F1 = 2(2/3)(1/2)/(7/6) = 4/7
+#   reference: retrieved {0, 2}: P = 1/2;  R = 1/2;  F1 = 1/2
+# k=2: Top-2 = {0, 1}, {0, 1}, {2, 1}
+#   paper:     P = 3/3 = 1;  R = 2/2 = 1
+#   reference: retrieved {0, 1, 2}: P = 2/3;  R = 1;  F1 = 4/5
+# User B: pool (1,1) liked, (-1,-1), (-1,1) disliked; one sample (1, 1.1) ranks them 0, 2, 1.
+#   k=1: both definitions P = R = 1.   k=2: paper P = 1, R = 1; reference retrieved {0, 2}: P = 1/2, R = 1, F1 = 2/3
+# User C: two disliked pool items only (0 likes) -> dropped. User D: a sample but no pool -> dropped.
+POOL_B = np.array([[1, 1], [-1, -1], [-1, 1]], dtype=np.float32)
+HAND = dict(
+    gen_emb=np.concatenate([GEN, [[1, 1.1]], [[1, 0]], [[0, 1]]]).astype(np.float32),
+    gen_user=np.array([10, 10, 10, 20, 30, 40]),
+    pool_emb=np.concatenate([POOL, POOL_B, [[1, 0], [0, 1]]]).astype(np.float32),
+    pool_user=np.array([10] * 4 + [20] * 3 + [30] * 2),
+    pool_liked=np.array([1, 1, 0, 0, 1, 0, 0, 0, 0], dtype=bool),
+)
+
+
+@pytest.mark.parametrize("definition,k,expected", [
+    ("paper", 1, (2 / 3, 1 / 2)), ("paper", 2, (1.0, 1.0)),
+    ("reference", 1, (1 / 2, 1 / 2)), ("reference", 2, (2 / 3, 1.0)),
+])
+def test_single_user_by_hand(definition, k, expected):
+    assert precision_recall_at_k(GEN, POOL, LIKED, k, definition) == pytest.approx(expected)
+
+
+def test_single_user_errors():
+    with pytest.raises(ValueError, match="k=5 but the user's pool has 4 items"):
+        precision_recall_at_k(GEN, POOL, LIKED, 5)
+    with pytest.raises(ValueError, match="valid definitions are paper, reference"):
+        precision_recall_at_k(GEN, POOL, LIKED, 1, definition="nope")
+    assert np.isnan(precision_recall_at_k(GEN, POOL, np.zeros(4, bool), 1)[1])  # Rec@k needs |L_u| > 0
+
+
+def test_all_users_by_hand_paper():
+    per_user, summary = retrieval_metrics(**HAND, ks=(1, 2))
+    s = summary.set_index("k")
+    # k=1: P = (2/3 + 1)/2 = 5/6, R = (1/2 + 1)/2 = 3/4, F1 from the macro averages = 2(5/6)(3/4)/(19/12) = 15/19
+    assert s.loc[1, ["precision", "recall", "f1"]].tolist() == pytest.approx([5 / 6, 3 / 4, 15 / 19])
+    assert s.loc[2, ["precision", "recall", "f1"]].tolist() == pytest.approx([1, 1, 1])
+    assert s["users"].tolist() == [2, 2] and s["users_dropped"].tolist() == [2, 2]  # C (no likes), D (no pool)
+    a = per_user.set_index(["user_id", "k"]).loc[(10, 1)]
+    assert a[["precision", "recall", "f1"]].tolist() == pytest.approx([2 / 3, 1 / 2, 4 / 7])
+    assert a[["n_gen", "n_pool", "n_likes"]].tolist() == [3, 4, 2]
+
+
+def test_all_users_by_hand_reference():
+    _, summary = retrieval_metrics(**HAND, ks=(1, 2), definition="reference")
+    s = summary.set_index("k")
+    # k=1: P = (1/2 + 1)/2 = 3/4, R = 3/4, F1 = mean of per-user F1 = (1/2 + 1)/2 = 3/4
+    assert s.loc[1, ["precision", "recall", "f1"]].tolist() == pytest.approx([3 / 4, 3 / 4, 3 / 4])
+    # k=2: P = (2/3 + 1/2)/2 = 7/12, R = 1, F1 = (4/5 + 2/3)/2 = 11/15 (not 2PR/(P+R) = 14/19)
+    assert s.loc[2, ["precision", "recall", "f1"]].tolist() == pytest.approx([7 / 12, 1, 11 / 15])
+
+
+def test_min_likes_drop_count_and_errors():
+    per_user, summary = retrieval_metrics(**HAND, ks=(1,), min_likes=2)  # B has a single held-out like
+    assert per_user["user_id"].tolist() == [10]
+    assert summary[["users", "users_dropped"]].values.tolist() == [[1, 3]]
+    with pytest.raises(ValueError, match="k=4 exceeds the pool of 1 user"):
+        retrieval_metrics(**HAND, ks=(1, 4))  # B's pool has 3 items
+    with pytest.raises(ValueError, match="min_likes must be >= 1"):
+        retrieval_metrics(**HAND, min_likes=0)
+    with pytest.raises(ValueError, match="lengths disagree"):
+        retrieval_metrics(**{**HAND, "gen_user": HAND["gen_user"][:-1]})
+
+
+@pytest.mark.parametrize("definition", ["paper", "reference"])
+def test_all_users_equal_loop_over_single_user(definition):
+    rng = np.random.default_rng(2)
+    sizes, m = rng.integers(5, 25, 30), rng.integers(1, 8, 30)  # pools and sample counts of different sizes
+    pool_user, gen_user = np.repeat(np.arange(30), sizes), np.repeat(np.arange(30), m)
+    pool = rng.normal(size=(len(pool_user), 16)).astype(np.float32)
+    liked = rng.random(len(pool_user)) < 0.4
+    gen = rng.normal(size=(len(gen_user), 16)).astype(np.float32)
+    # shuffle rows so users are interleaved, as in a real table
+    pp, gp = rng.permutation(len(pool_user)), rng.permutation(len(gen_user))
+    per_user, summary = retrieval_metrics(gen[gp], gen_user[gp], pool[pp], pool_user[pp], liked[pp], ks=(1, 3, 5),
+                                          definition=definition)
+    for row in per_user.itertuples():
+        u = row.user_id
+        loop = precision_recall_at_k(gen[gen_user == u], pool[pool_user == u], liked[pool_user == u], row.k,
+                                     definition)
+        assert (row.precision, row.recall) == pytest.approx(loop)
+    kept = np.bincount(pool_user, weights=liked) >= 1
+    assert (summary["users"] == kept.sum()).all() and (summary["users_dropped"] == (~kept).sum()).all()
+
+
+def test_table2_layout_and_paper_values():
+    _, s = retrieval_metrics(**HAND, ks=(1, 2))
+    with pytest.raises(ValueError, match="no k=\\[5\\]"):
+        table2({rebeca_label(5): s})
+    _, s = retrieval_metrics(**HAND, ks=(1, 3))
+    t = table2({rebeca_label(5): s, "Mine": s}, ks=(1, 3))
+    assert list(t.index) == ["REBECA (CFG=5.0)", "Mine"]
+    assert list(t.columns) == [(f"@{k}", m) for k in (1, 3) for m in ("P", "R", "F1")]
+    assert t.loc["Mine", ("@1", "P")] == pytest.approx(5 / 6)
+    both = table2({rebeca_label(5): s}, ks=(1, 3), with_paper=True)
+    assert len(both) == len(PAPER_TABLE2)  # the paper's other rows appear with ours = NaN
+    assert both.loc["REBECA (CFG=5.0)", ("@1", "P", "paper")] == 0.556
+    assert both.loc["REBECA (CFG=5.0)", ("@1", "P", "ours")] == pytest.approx(5 / 6)
+    lora = both.loc["Shared LoRA"]
+    assert np.isnan(lora[("@1", "P", "ours")]) and np.isnan(lora[("@3", "P", "paper")])
+    assert PAPER_TABLE2["VLM Persona"] == (0.507, 0.685, 0.556, 0.472, 0.983, 0.621)
+
+
+# --- verifier scores, wins and ranks ----------------------------------------------------------------------------
+
+def test_user_scores_and_wins_and_ranks():
+    s = user_scores([0.2, 0.4, 0.9, 0.1], [7, 7, 3, 3], method="REBECA", cfg=5.0)
+    assert s.to_dict("list") == dict(user_id=[3, 7], score=[0.5, pytest.approx(0.3)], n=[2, 2], method=["REBECA"] * 2,
+                                     cfg=[5.0, 5.0])
+    long = pd.DataFrame(dict(user_id=[1, 1, 1, 2, 2, 2, 3, 3], method=["R", "L", "V"] * 2 + ["R", "L"],
+                             score=[0.9, 0.5, 0.7, 0.4, 0.6, 0.6, 0.1, 0.2]))
+    w = wins_and_ranks(long)
+    assert w["users_dropped"] == 1  # user 3 has no V score
+    assert w["winner"].to_dict() == {1: "R", 2: "L"}  # a tie goes to the first method given
+    assert w["ranks"].loc[1].tolist() == [1, 3, 2] and w["ranks"].loc[2].tolist() == [3, 1, 1]
+    assert w["win_counts"].tolist() == [1, 1, 0]
+    assert w["rank_counts"].loc["V"].tolist() == [1, 1, 0] and w["rank_counts"].loc["R"].tolist() == [1, 0, 1]
+
+
+# --- permutation tests (Algorithm 2, §4.5) ----------------------------------------------------------------------
+
+def _scores(rng, n_users, per_user, effect):
+    owner = np.repeat(np.arange(n_users), per_user)
+    # user bias + image "aesthetics" + noise: no user-image interaction unless effect > 0
+    s = rng.normal(size=(n_users, 1)) + rng.normal(size=(1, len(owner))) + rng.normal(size=(n_users, len(owner)))
+    return s + effect * (owner[None, :] == np.arange(n_users)[:, None]), owner
+
+
+def test_permutation_p_values_uniform_under_null():
+    rng = np.random.default_rng(3)
+    p = [permutation_test(*_scores(rng, 20, 5, 0.0), n_permutations=199, seed=i).p_value for i in range(200)]
+    assert stats.kstest(p, "uniform").pvalue > 0.01
+    assert min(p) >= 1 / 200
+
+
+def test_permutation_planted_effect_and_never_zero():
+    s, owner = _scores(np.random.default_rng(4), 20, 5, 2.0)
+    res = permutation_test(s, owner, n_permutations=199, seed=0)
+    assert res.p_value == 1 / 200 and res.p_value <= 0.01 and res.z > 3
+    assert res.null.shape == (199,) and (res.gap > 0).mean() > 0.8
+
+
+def test_permutation_null_matches_brute_force_and_keeps_group_sizes():
+    rng = np.random.default_rng(5)
+    owner = rng.integers(0, 6, 40)  # unequal group sizes; user 6 has no image
+    s = rng.normal(size=(7, 40))
+    po = permuted_owners(owner, 30, seed=1)
+    assert all((np.bincount(r, minlength=7) == np.bincount(owner, minlength=7)).all() for r in po)
+    users = np.unique(owner)
+    for test, f in ((permutation_test, np.mean), (matching_test, np.median)):
+        res = test(s, owner, 30, seed=1)
+        assert res.statistic == pytest.approx(np.median([f(s[u, owner == u]) for u in users]))
+        assert res.null == pytest.approx([np.median([f(s[u, r == u]) for u in users]) for r in po])
+        rand = [np.mean([f(s[u, r == u]) for r in po]) for u in users]
+        assert res.random[users] == pytest.approx(rand) and np.isnan(res.gap[6])
+        assert res.p_value == (1 + (res.null >= res.statistic).sum()) / 31
+        assert res.z == pytest.approx((res.statistic - res.null.mean()) / res.null.std(ddof=1))
+    again = permutation_test(s, owner, 30, seed=1).null
+    np.testing.assert_array_equal(permutation_test(s, owner, 30, seed=1).null, again)
+    assert not np.array_equal(permutation_test(s, owner, 30, seed=1).null, permutation_test(s, owner, 30, seed=2).null)
+
+
+def test_matching_test_aesthetic_only_has_no_gap():
+    rng = np.random.default_rng(6)
+    owner = np.repeat(np.arange(15), 8)
+    aesthetic = rng.normal(size=len(owner))
+    res = matching_test(lambda u, i: aesthetic[i], owner, n_permutations=199, seed=0)  # v(u, I) = f(I)
+    assert res.p_value > 0.01 and abs(np.median(res.gap)) < 0.5  # a valid test: p is uniform here
+    planted = matching_test(*_scores(rng, 15, 8, 2.0), n_permutations=199, seed=0)
+    assert planted.p_value == 1 / 200 and np.median(planted.gap) > 1
+
+
+def test_permutation_input_errors():
+    s = np.zeros((3, 4))
+    with pytest.raises(ValueError, match="owner has shape \\(3,\\) but score_matrix has 4 images"):
+        permutation_test(s, [0, 1, 2])
+    with pytest.raises(ValueError, match="owner values must lie in \\[0, 3\\)"):
+        permutation_test(s, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="integer user indices"):
+        permutation_test(s, [0.0, 1.0, 2.0, 0.0])
+    with pytest.raises(ValueError, match="must be \\(users, images\\)"):
+        permutation_test(np.zeros(4), [0, 1, 2, 0])
+
+
+# --- R² (Figure 8b) ---------------------------------------------------------------------------------------------
+
+def test_r2_bootstrap_by_hand():
+    line = r2_bootstrap([0, 1, 2, 3, 4], [1, 3, 5, 7, 9], n_bootstrap=200)
+    assert (line["r2"], line["slope"], line["intercept"]) == pytest.approx((1.0, 2.0, 1.0))
+    assert line["ci_low"] == pytest.approx(1.0) and line["ci_high"] == pytest.approx(1.0)
+    # x = 0, 1, 2; y = 0, 2, 1: Sxy = 1, Sxx = 2, Syy = 2 -> slope 1/2, intercept 1/2, R² = 1/(2·2) = 1/4
+    hand = r2_bootstrap([0, 1, 2], [0, 2, 1])
+    assert (hand["r2"], hand["slope"], hand["intercept"]) == pytest.approx((0.25, 0.5, 0.5))
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=200)
+    y = x + rng.normal(scale=1.5, size=200)
+    fit = r2_bootstrap(x, y, n_bootstrap=500, seed=1)
+    assert fit["ci_low"] <= fit["r2"] <= fit["ci_high"] and fit["samples"].shape == (500,)
+    np.testing.assert_array_equal(fit["samples"], r2_bootstrap(x, y, n_bootstrap=500, seed=1)["samples"])
+    with pytest.raises(ValueError, match="at least 3 points"):
+        r2_bootstrap([0, 1], [0, 1])
 
 
 def test_normalizers_invert():
