@@ -1,6 +1,6 @@
-"""`make bench`: speed of the prior at the paper configuration (App E.2), measured side by side in one run.
+"""`make bench`: speed of the prior, the decoder and the metrics at the paper's sizes, measured side by side in one run.
 
-python -m rebeca_utils.bench [--quick]
+python -m rebeca_utils.bench [--quick] [--only prior|decoding|metrics]
 """
 from __future__ import annotations
 
@@ -95,10 +95,138 @@ def bench_embedding(n_images: int = 200) -> dict:
     return out
 
 
+def bench_decoding(n_images: int = 32, batch_size: int = 8) -> dict:
+    """Images/s of the tiny SD-1.5-shaped pipeline on CPU: batches of `batch_size` vs one call per image."""
+    from .decoding import build_decoder, make_items, run_batch
+
+    prof = get_profile("smoke")
+    cfg = prof.generation
+    pipe = build_decoder(prof.models, cfg, "cpu")
+    emb = torch.randn(n_images, prof.models.decoder_emb_dim, generator=torch.Generator().manual_seed(0))
+    items = make_items("bench", "cpu", list(range(n_images)), [0] * n_images, cfg, ip_embeddings=emb)
+    run_batch(pipe, items[:batch_size], cfg)  # warm-up
+    t0 = time.perf_counter()
+    for s in range(0, n_images, batch_size):
+        run_batch(pipe, items[s:s + batch_size], cfg)
+    batched = n_images / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for it in items:
+        run_batch(pipe, [it], cfg)
+    single = n_images / (time.perf_counter() - t0)
+    return {"batched_img_per_s": batched, "single_img_per_s": single, "ratio": batched / single,
+            "steps": cfg.steps, "size": cfg.height}
+
+
+def full_size_decoder(device: str = "cuda", dtype=torch.float16):
+    """SD-1.5-shaped pipeline at full size with random weights (UNet, VAE, text encoder from the SD-1.5 configs)
+    and an IP-Adapter for 1024-d embeddings: decoding speed without downloading anything."""
+    import tempfile
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .components import (SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG, _atomic_write, build_tokenizer,
+                             tiny_ip_adapter_state_dict)
+    from .decoding import RebecaDecoderPipeline
+
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    pipe = RebecaDecoderPipeline(
+        unet=unet, vae=AutoencoderKL(**SD15_VAE_CONFIG), text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG)),
+        tokenizer=build_tokenizer(), scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012,
+                                                             beta_schedule="scaled_linear", clip_sample=False,
+                                                             set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        import io
+
+        buf = io.BytesIO()
+        torch.save(tiny_ip_adapter_state_dict(unet, 1024), buf)
+        _atomic_write(Path(tmp) / "models" / "ip-adapter_sd15.bin", buf.getvalue())
+        pipe.load_ip_adapter(tmp, subfolder="models", weight_name="ip-adapter_sd15.bin", image_encoder_folder=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+def bench_decoding_gpu(batch_sizes=(1, 8), n_batches: int = 2, images_per_setting: int = 5250) -> dict:
+    """Images/s at the paper's decoding settings (512², 50 steps, CFG 5, fp16) on CUDA, per batch size."""
+    from .decoding import make_items, run_batch
+
+    cfg = get_profile("paper").generation
+    pipe = full_size_decoder("cuda", torch.float16)
+    out = {}
+    for bs in batch_sizes:
+        emb = torch.randn(bs, 1024, generator=torch.Generator().manual_seed(bs))
+        items = make_items("bench", "gpu", list(range(bs)), [0] * bs, cfg, ip_embeddings=emb)
+        run_batch(pipe, items, cfg)  # warm-up (kernels, allocator)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            run_batch(pipe, items, cfg)
+        torch.cuda.synchronize()
+        ips = n_batches * bs / (time.perf_counter() - t0)
+        out[bs] = {"img_per_s": ips, "hours_per_setting": images_per_setting / ips / 3600}
+    out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def bench_metrics(n_users: int = 210, n_gen: int = 25, pool_size: int = 20, n_images: int = 30, dim: int = 1280,
+                  n_permutations: int = 1000, seed: int = 0) -> dict:
+    """Seconds for the §4.4/§4.5 metrics at the paper's scale (210 users), on synthetic data."""
+    import numpy as np
+
+    from .metrics import matching_test, permutation_test, precision_recall_at_k, r2_bootstrap, retrieval_metrics
+
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(pool_size - 5, pool_size + 6, n_users)  # per-user pools of different sizes
+    pool_user = np.repeat(np.arange(n_users), sizes)
+    pool = rng.normal(size=(len(pool_user), dim)).astype(np.float32)
+    liked = rng.random(len(pool_user)) < 0.45
+    gen_user = np.repeat(np.arange(n_users), n_gen)
+    gen = rng.normal(size=(len(gen_user), dim)).astype(np.float32)
+    owner = np.repeat(np.arange(n_users), n_images)
+    scores = rng.random((n_users, len(owner)))
+    out = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        fn()
+        out[name] = time.perf_counter() - t0
+
+    timed("retrieval_metrics_s", lambda: retrieval_metrics(gen, gen_user, pool, pool_user, liked, ks=(1, 5)))
+    timed("retrieval_loop_s", lambda: [precision_recall_at_k(gen[gen_user == u], pool[pool_user == u],
+                                                             liked[pool_user == u], k)
+                                       for u in range(n_users) for k in (1, 5)])
+    timed("permutation_test_s", lambda: permutation_test(scores, owner, n_permutations, seed))
+    timed("matching_test_s", lambda: matching_test(scores, owner, n_permutations, seed))
+    timed("r2_bootstrap_s", lambda: r2_bootstrap(scores.mean(1), rng.random(n_users), 1000, seed))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rebeca_utils.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps (a sanity run, not for the README)")
+    ap.add_argument("--only", choices=("prior", "decoding", "metrics"), help="run one group of benchmarks")
     a = ap.parse_args(argv)
+    if a.only in (None, "decoding"):
+        dec = bench_decoding(16 if a.quick else 64)
+        print(f"decoding (tiny SD-1.5-shaped pipeline, CPU, {dec['size']}px, {dec['steps']} steps, CFG 5): batches of 8 "
+              f"{dec['batched_img_per_s']:.1f} images/s | one call per image {dec['single_img_per_s']:.1f} images/s | "
+              f"ratio {dec['ratio']:.2f}x")
+        if torch.cuda.is_available():
+            g = bench_decoding_gpu(n_batches=1 if a.quick else 3)
+            print(f"decoding on {torch.cuda.get_device_name()} (full-size SD-1.5 UNet, random weights, 512px, 50 steps, "
+                  f"fp16, CFG 5): " + " | ".join(f"batch {bs}: {v['img_per_s']:.2f} images/s, "
+                                                 f"{v['hours_per_setting']:.2f} h per 5,250 images"
+                                                 for bs, v in g.items() if bs != "peak_mem_gb")
+                  + f" | peak memory {g['peak_mem_gb']:.1f} GB")
+        else:
+            print("decoding at 512px/fp16: no CUDA device here, skipped")
+    if a.only in (None, "metrics"):
+        mt = bench_metrics()
+        print("metrics at 210 users: " + " | ".join(f"{k[:-2]} {v:.2f} s" for k, v in mt.items()) + " | goal < 2 s each")
+    if a.only not in (None, "prior"):
+        return 0
     paper = get_profile("paper")
     torch.manual_seed(0)
     model = RebecaPrior.from_config(paper.prior)

@@ -252,3 +252,29 @@ def test_two_processes_split_work_without_overlap(uninterrupted, tmp_path, kit_c
     assert len(logs) == 2 and not set(logs[0]) & set(logs[1]) and len(logs[0]) + len(logs[1]) == 24
     assert summaries[0]["manifest"] == {"ok": 24}
     assert _hashes(root) == _hashes(uninterrupted)
+
+
+def test_prior_embeddings_cached_and_tied_to_weights(tmp_path, monkeypatch):
+    from rebeca_utils import generation as G
+    from rebeca_utils.diffusion import make_scheduler
+    from rebeca_utils.prior import RebecaPrior
+
+    torch.manual_seed(0)
+    prior = RebecaPrior.from_config(replace(SMOKE.prior, n_users=4))
+    sched = make_scheduler(SMOKE.diffusion)
+    calls = []
+    sample = G.sample_users
+    monkeypatch.setattr(G, "sample_users", lambda *a, **k: calls.append(k["cfg_scale"]) or sample(*a, **k))
+    kw = dict(cfg_scale=5.0, path=tmp_path / "e.safetensors", sampler="ddim", steps=3, progress=False)
+    a = G.prior_embeddings(prior, sched, [0, 2], 3, **kw)
+    assert a["img_emb"].shape == (6, 32) and a["user_id"].tolist() == [0, 0, 0, 2, 2, 2] and a["index"].tolist() == [0, 1, 2] * 2
+    b = G.prior_embeddings(prior, sched, [0, 2], 3, **kw)
+    assert calls == [5.0] and torch.equal(a["img_emb"], b["img_emb"])  # reused
+    G.prior_embeddings(prior, sched, [0, 2], 3, **{**kw, "cfg_scale": 7.0})
+    with torch.no_grad():
+        next(prior.parameters()).add_(1.0)  # other weights: resampled
+    G.prior_embeddings(prior, sched, [0, 2], 3, **{**kw, "cfg_scale": 7.0})
+    assert calls == [5.0, 7.0, 7.0]
+    items = G.rebeca_items(a, "prior_cfg5", CFG)
+    assert [it.seed for it in items] == [42, 43, 44, 20_042, 20_043, 20_044]
+    assert torch.equal(items[4].ip_embedding, a["img_emb"][4])

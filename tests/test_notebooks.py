@@ -6,6 +6,7 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from rebeca_utils import run as runner
 from rebeca_utils.metrics import table1
@@ -51,7 +52,7 @@ def test_every_notebook_wrote_a_manifest(smoke_run):
 
 def test_00_setup_reports_offline(smoke_run):
     m = manifest(smoke_run, "00_setup")["metrics"]
-    assert m["hub_reachable"] is False and m["weights_total"] == 6
+    assert m["hub_reachable"] is False and m["weights_total"] == 8
     assert set(m["datasets_present"]) == {"dSprites", "FLICKR-AES"}
 
 
@@ -135,3 +136,43 @@ def test_03_grid_records_failures(smoke_run, tmp_path):
     bad = grid[grid["n_heads"] == 3]  # hidden 16 is not divisible by 3 heads
     assert (bad["status"] == "failed").all() and bad["error"].str.contains("divisible by n_heads=3").all()
     assert (grid[grid["n_heads"] == 2]["status"] == "ok").all() and grid["best_val_loss"].notna().sum() == 2
+
+
+def test_04_generation_layout_manifest_and_resume(smoke_run):
+    from rebeca_utils import decoding, embeddings
+    from rebeca_utils.config import get_profile
+
+    d = smoke_run / "04_generate_images"
+    m = manifest(smoke_run, "04_generate_images")["metrics"]
+    gen = get_profile("smoke").generation
+    n_settings = len(gen.prior_cfg_scales)
+    assert m["images_planned"] == m["images_ok"] == m["users"] * gen.n_per_user * n_settings and m["images_failed"] == 0
+    table = pd.read_csv(d / decoding.MANIFEST_NAME, keep_default_na=False)
+    assert list(table.columns) == decoding.MANIFEST_COLUMNS and (table["status"] == "ok").all()
+    assert (table["seed"] == 42 + 10_000 * table["user_id"] + table["index"]).all()
+    assert all((d / p).is_file() for p in table["path"])
+    assert set(table["path"].str.extract(r"^rebeca/(prior_cfg\d+)/u\d{3}/\d{2}\.png$")[0]) == {
+        f"prior_cfg{w:g}" for w in gen.prior_cfg_scales}
+    for fig in ("fig13_samples_prior_cfg5", "fig14_samples_prior_cfg7", "fig15_samples_prior_cfg9"):
+        assert (d / f"{fig}.png").exists() and (d / f"{fig}.pdf").exists()
+    for space in embeddings.SPACES:  # re-encoded for notebooks 08 and 10
+        names, emb = embeddings.load_embeddings(d / "embeddings", space)
+        assert names == sorted(table["path"]) and torch.isfinite(emb).all()
+    # everything done: decoding the saved plan again writes nothing and never calls the pipeline
+    items, gcfg, models = decoding.load_plan(d)
+    pipe = _NeverCalled(decoding.build_decoder(models, gcfg))
+    rep = decoding.decode(pipe, items, d, gcfg, models=models, progress=False)
+    assert rep.written == 0 and rep.skipped == len(items) and rep.batches == 0
+
+
+class _NeverCalled:
+    """A pipeline stand-in whose decoding call fails the test."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __call__(self, **kw):
+        raise AssertionError("the pipeline was called although every image exists")
