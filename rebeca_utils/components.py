@@ -10,7 +10,7 @@ import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator, NamedTuple
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import torch
 
@@ -19,6 +19,9 @@ from .config import ModelsConfig
 CACHE_ENV = "REBECA_CACHE"
 CLIP_ROLES = ("verifier", "aesthetic", "decoder")
 AESTHETIC_EMB_DIM = 768  # the LAION aesthetic head reads ViT-L/14 embeddings; the tiny analog keeps that width
+AESTHETIC_HEAD_ENV = "REBECA_AESTHETIC_HEAD"  # a local copy of the LAION head, e.g. on an air-gapped GPU box
+HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  # as hpsv2's hps_version_map
+TINY_HPS_EMB_DIM = 64
 SETUP_HINT = "Run notebooks/00_setup.ipynb with download=True on a machine with internet"
 
 
@@ -27,11 +30,12 @@ class MissingWeightsError(RuntimeError):
 
 
 class WeightsEntry(NamedTuple):
-    """One paper checkpoint: label, Hub repo id, files ("a|b" = either file is enough)."""
+    """One paper checkpoint: label, Hub repo id, files ("a|b" = either file is enough); url: a non-Hub file."""
 
     label: str
     repo_id: str
     files: list[str]
+    url: str = ""  # set: files = [the local path] that this URL is fetched to (not the Hugging Face cache)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -89,11 +93,11 @@ def _offline() -> bool:
     return constants.HF_HUB_OFFLINE or flag.strip().lower() in ("1", "true", "yes", "on")
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def _hub_reachable(timeout: float = 3.0, endpoint: str | None = None) -> bool:
     from huggingface_hub import constants
 
     # a bounded TCP probe, so a machine without internet fails in seconds instead of hanging on HTTP retries
-    url = urlparse(constants.ENDPOINT)
+    url = urlparse(endpoint or constants.ENDPOINT)
     try:
         with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
             return True
@@ -142,11 +146,28 @@ def _clip_entry(models: ModelsConfig, role: str) -> WeightsEntry:
     return _open_clip_entry(label, getattr(models, f"{role}_clip"))
 
 
+def hps_entry(models: ModelsConfig, version: str = "v2.0") -> WeightsEntry:
+    """The HPS checkpoint (v2.0 or v2.1) in models.hps_id; it holds the whole fine-tuned CLIP."""
+    if version not in HPS_FILES:
+        raise ValueError(f"HPS version={version!r}: valid versions are {', '.join(HPS_FILES)}")
+    return WeightsEntry(f"HPS{version} (OpenCLIP {models.hps_clip[0]} fine-tuned)", models.hps_id, [HPS_FILES[version]])
+
+
+def aesthetic_head_entry(models: ModelsConfig, path: str | os.PathLike | None = None) -> WeightsEntry:
+    """The LAION aesthetic head: its URL and its local path (`path`, else $REBECA_AESTHETIC_HEAD, else kit cache)."""
+    url = urlparse(models.aesthetic_head_url)
+    name = unquote(url.path.rsplit("/", 1)[-1])
+    target = path or os.environ.get(AESTHETIC_HEAD_ENV) or kit_cache_dir() / "laion-aesthetic" / name
+    repo = "/".join([url.hostname or "", *url.path.strip("/").split("/")[:2]])  # github.com/<owner>/<repo>
+    return WeightsEntry("LAION aesthetic predictor head (MLP on CLIP ViT-L/14)", repo,
+                        [str(Path(target).expanduser().absolute())], url=models.aesthetic_head_url)
+
+
 def paper_weights(models: ModelsConfig | None = None) -> list[WeightsEntry]:
-    """Every Hub checkpoint the paper profile loads, as (label, repo_id, files)."""
+    """Every checkpoint the paper profile loads, as (label, repo_id, files[, url])."""
     models = models or ModelsConfig()
     return [_sd_entry(models), _ip_adapter_entry(models), _image_encoder_entry(models),
-            *(_clip_entry(models, role) for role in CLIP_ROLES)]
+            *(_clip_entry(models, role) for role in CLIP_ROLES), aesthetic_head_entry(models), hps_entry(models)]
 
 
 def _cached_file(repo_id: str, spec: str) -> str | None:
@@ -160,11 +181,16 @@ def _cached_file(repo_id: str, spec: str) -> str | None:
 
 
 def weights_in_cache(entry: WeightsEntry) -> bool:
-    """True when every file of `entry` is in the local Hugging Face cache (never touches the network)."""
+    """True when every file of `entry` is present locally (HF cache or its path; never touches the network)."""
+    if entry.url:
+        return all(os.path.isfile(f) for f in entry.files)
     return all(_cached_file(entry.repo_id, spec) is not None for spec in entry.files)
 
 
 def _missing_message(entry: WeightsEntry, why: str) -> str:
+    if entry.url:
+        return (f"{entry.label}: {entry.files[0]} does not exist and {why}. {SETUP_HINT}, or download "
+                f"{entry.url} to {entry.files[0]} (or point {AESTHETIC_HEAD_ENV} / head_path= at a local copy).")
     names = " ".join(s.split("|")[0] for s in entry.files if _cached_file(entry.repo_id, s) is None)
     return (f"{entry.label}: weights of {entry.repo_id} are not in the Hugging Face cache {_hf_cache()} and {why}. "
             f"{SETUP_HINT}, or `hf download {entry.repo_id} {names}`, then copy that cache here "
@@ -179,6 +205,9 @@ def download_paper_weights(entries: list[WeightsEntry] | None = None,
 
     out: dict[str, list[str]] = {}
     for entry in entries if entries is not None else paper_weights(models):
+        if entry.url:
+            out.setdefault(entry.repo_id, []).append(_download_url(entry.url, Path(entry.files[0])))
+            continue
         for spec in entry.files:
             path = _cached_file(entry.repo_id, spec)
             for name in spec.split("|") if path is None else []:
@@ -193,15 +222,45 @@ def download_paper_weights(entries: list[WeightsEntry] | None = None,
     return out
 
 
-def _require(entry: WeightsEntry) -> None:
-    # fail fast: the cache is checked first, and nothing waits on a network that is known to be absent
-    if weights_in_cache(entry):
-        return
-    if _offline():
-        raise MissingWeightsError(_missing_message(entry, "the Hub is offline (HF_HUB_OFFLINE=1)"))
-    if not _hub_reachable():
-        raise MissingWeightsError(_missing_message(entry, "the Hub is unreachable from this machine"))
-    download_paper_weights([entry])
+def _download_url(url: str, path: Path) -> str:
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    if path.is_file():
+        return str(path)
+    request = urllib.request.Request(url, headers={"User-Agent": "rebeca-kit"})
+    with urllib.request.urlopen(request, timeout=60) as response:  # follows GitHub's redirect to its raw host
+        total = int(response.headers.get("Content-Length") or 0) or None
+        chunks = []
+        with tqdm(total=total, unit="B", unit_scale=True, desc=path.name) as bar:
+            while chunk := response.read(1 << 20):
+                chunks.append(chunk)
+                bar.update(len(chunk))
+    data = b"".join(chunks)
+    if total is not None and len(data) != total:
+        raise OSError(f"{url}: received {len(data)} of {total} bytes")
+    _atomic_write(path, data)  # a few MB: the whole file is held, then renamed into place
+    return str(path)
+
+
+def _require(entry: WeightsEntry) -> list[str]:
+    # fail fast: the cache is checked first, and nothing waits on a network that is known to be absent;
+    # HF_HUB_OFFLINE=1 is the kit's offline switch, for URL entries too
+    if not weights_in_cache(entry):
+        where = urlparse(entry.url).hostname if entry.url else "the Hub"
+        if _offline():
+            off = "downloads are off (HF_HUB_OFFLINE=1)" if entry.url else "the Hub is offline (HF_HUB_OFFLINE=1)"
+            raise MissingWeightsError(_missing_message(entry, off))
+        if urlparse(entry.url).scheme != "file" and not _hub_reachable(endpoint=entry.url or None):
+            raise MissingWeightsError(_missing_message(entry, f"{where} is unreachable from this machine"))
+        download_paper_weights([entry])
+    return list(entry.files) if entry.url else [_cached_file(entry.repo_id, spec) for spec in entry.files]
+
+
+def require_weights(entry: WeightsEntry) -> list[str]:
+    """Local paths of `entry`'s files: from the cache, else downloaded, else MissingWeightsError at once."""
+    return _require(entry)
 
 
 # ----------------------------------------------------------------------------------------------- architectures
@@ -230,7 +289,7 @@ def _tiny_clip_name(models: ModelsConfig, role: str) -> str:
     import open_clip
 
     emb = {"verifier": models.verifier_emb_dim, "aesthetic": AESTHETIC_EMB_DIM,
-           "decoder": models.decoder_emb_dim}[role]
+           "decoder": models.decoder_emb_dim, "hps": TINY_HPS_EMB_DIM}[role]
     name = f"rebeca-tiny-{role}-{emb}"
     if name not in open_clip.list_models():
         # same config schema as open_clip's ViT-*.json, tiny widths; text keeps the real BPE vocab and 77 tokens

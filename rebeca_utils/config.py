@@ -23,6 +23,11 @@ class ModelsConfig:
     verifier_emb_dim: int = 1280
     aesthetic_clip: tuple[str, str] = ("ViT-L-14", "openai")
     decoder_clip: tuple[str, str] = ("ViT-H-14", "laion2b_s32b_b79k")
+    # LAION aesthetic predictor head (§4.3.2): not on the Hub, fetched from its public GitHub home into the kit cache
+    aesthetic_head_url: str = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                               "sac+logos+ava1-l14-linearMSE.pth")
+    hps_id: str = "xswu/HPSv2"  # HPS_v2_compressed.pt (v2.0) / HPS_v2.1_compressed.pt (v2.1): the whole CLIP
+    hps_clip: tuple[str, str] = ("ViT-H-14", "laion2b_s32b_b79k")  # the architecture HPS fine-tuned
     seed: int = 0  # seeds the tiny builders
 
 
