@@ -46,6 +46,7 @@ PLAN_DIR = "plan"
 LOG_DIR = "_decode_logs"
 MANIFEST_NAME = "generation_manifest.csv"
 SETTINGS_NAME = "decode_settings.json"
+REENCODE_CHUNK = 4096  # images per embedding chunk when generated images are re-encoded
 MANIFEST_COLUMNS = ["method", "setting", "user_id", "index", "seed", "prompt", "negative_prompt", "lora", "path",
                     "sha256", "seconds", "status", "error"]
 
@@ -448,6 +449,23 @@ def write_manifest(items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: G
     with atomic_path(out_dir / MANIFEST_NAME) as tmp:
         df.to_csv(tmp, index=False)
     return df
+
+
+def reencode(out_dir: str | os.PathLike, manifest, models: ModelsConfig, device: str = "auto",
+             spaces: Sequence[str] = ("decoder", "verifier"), progress: bool = True) -> dict:
+    """Embed the manifest's finished images in the decoder and verifier spaces under <out_dir>/embeddings/<space>/.
+
+    Cached and resumable like notebook 02 (same names and chunking -> nothing recomputed); returns space -> store."""
+    from .embeddings import embed_images
+
+    names = sorted(manifest.loc[manifest["status"] == "ok", "path"])
+    stores = {}
+    for space in spaces:
+        store = embed_images(out_dir, names, space, models, Path(out_dir) / "embeddings", device=device,
+                             chunk_size=REENCODE_CHUNK, progress=progress)
+        store.merge()
+        stores[space] = store
+    return stores
 
 
 # ----------------------------------------------------------------------------------------------- CLI
