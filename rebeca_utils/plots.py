@@ -110,3 +110,154 @@ def grid_results(df, score: str = "best_val_loss"):
     ax.set_title(f"App E grid: {score} ({(df['status'] != 'ok').sum()} failed)")
     fig.tight_layout()
     return fig
+
+
+def verifier_boxplots(per_user, method: str = "method", value: str = "score", order=None, title: str = ""):
+    """Figure 4: distribution over users of the per-user verifier score (eq. 5) for each method/setting."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    order = order or list(dict.fromkeys(per_user[method]))
+    fig, ax = plt.subplots(figsize=(1.1 * len(order) + 2, 3.8))
+    sns.boxplot(data=per_user, x=method, y=value, order=order, ax=ax, color="C0", fliersize=0, width=0.6)
+    sns.stripplot(data=per_user, x=method, y=value, order=order, ax=ax, color="k", size=2, alpha=0.35)
+    ax.set_xlabel(""), ax.set_ylabel("verifier score (per-user mean)"), ax.set_title(title)
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+def verifier_heatmap(matrix, winner=None, title: str = ""):
+    """Figure 10: users x methods verifier scores (methods as rows), each user's winning method marked."""
+    import matplotlib.pyplot as plt
+
+    m = matrix.T  # methods x users: 210 users read better along the x axis
+    fig, ax = plt.subplots(figsize=(min(2 + 0.06 * m.shape[1], 16), 0.45 * m.shape[0] + 1.4))
+    im = ax.imshow(m.values, aspect="auto", cmap="viridis", interpolation="nearest")
+    best = m.values.argmax(0) if winner is None else [list(m.index).index(w) for w in winner.reindex(m.columns)]
+    ax.scatter(np.arange(m.shape[1]), best, marker="o", s=6, color="w", edgecolor="k", linewidth=0.3, label="winner")
+    ax.set_yticks(range(m.shape[0]), m.index)
+    ax.set_xlabel(f"user ({m.shape[1]})"), ax.set_xticks([])
+    fig.colorbar(im, ax=ax, label="verifier score", fraction=0.03, pad=0.01)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def method_ranks(ranks, title: str = ""):
+    """Figure 11: share of users giving each method rank 1 (best), 2, ... as stacked horizontal bars."""
+    import matplotlib.pyplot as plt
+
+    n_methods = ranks.shape[1]
+    share = ranks.apply(lambda c: c.value_counts(normalize=True)).reindex(range(1, n_methods + 1)).fillna(0).T
+    share = share.sort_values(1, ascending=True)  # best method on top
+    fig, ax = plt.subplots(figsize=(7, 0.45 * n_methods + 1.4))
+    colors = plt.get_cmap("RdYlGn_r")(np.linspace(0.05, 0.95, n_methods))
+    left = np.zeros(n_methods)
+    for r in share.columns:
+        ax.barh(share.index, share[r], left=left, color=colors[r - 1], label=f"rank {r}")
+        left += share[r].values
+    ax.set_xlim(0, 1), ax.set_xlabel(f"share of users ({len(ranks)})"), ax.set_title(title)
+    ax.legend(frameon=False, fontsize=7, ncol=min(n_methods, 5), loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    fig.tight_layout()
+    return fig
+
+
+def quality_boxplots(long_df, metric_name: str, method: str = "method", value: str = "score", order=None,
+                     title: str = ""):
+    """Figures 5 / 12: LAION aesthetic or HPSv2 score per method/setting (one row per image or per user)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    order = order or list(dict.fromkeys(long_df[method]))
+    fig, ax = plt.subplots(figsize=(1.1 * len(order) + 2, 3.8))
+    sns.boxplot(data=long_df, x=method, y=value, order=order, ax=ax, color="C1", fliersize=1, width=0.6)
+    ax.set_xlabel(""), ax.set_ylabel(metric_name), ax.set_title(title or metric_name)
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    return fig
+
+
+def permutation_figure(result, gaps=None, title: str = ""):
+    """Figure 8a: permutation null of the median user score with the observed value and z; per-user gaps."""
+    import matplotlib.pyplot as plt
+
+    gaps = result.gap if gaps is None else np.asarray(gaps)
+    gaps = gaps[np.isfinite(gaps)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    ax = axes[0]
+    ax.hist(result.null, bins=40, color="grey", alpha=0.8, label=f"null (B={len(result.null)})")
+    ax.axvline(result.statistic, color="C3", lw=2, label="correct matching")
+    ax.set_xlabel(f"median over users of per-user {result.agg} score")
+    ax.set_title(f"z = {result.z:.1f}, p = {result.p_value:.2g}")
+    ax.legend(frameon=False, fontsize=8)
+    ax = axes[1]
+    ax.hist(gaps, bins=30, color="C0", alpha=0.8)
+    ax.axvline(0, color="k", lw=0.8, ls=":")
+    ax.set_xlabel("per-user gap (correct − random)")
+    ax.set_title(f"{(gaps > 0).mean():.0%} of {len(gaps)} users above 0")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def r2_scatter(x, y, fit: dict, xlabel: str = "LAION aesthetic score", ylabel: str = "verifier score",
+               title: str = ""):
+    """Figure 8b: per-user verifier vs aesthetic score with the least-squares line and R² [bootstrap CI]."""
+    import matplotlib.pyplot as plt
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    fig, ax = plt.subplots(figsize=(4.8, 4))
+    ax.scatter(x, y, s=8, alpha=0.6)
+    xs = np.linspace(x.min(), x.max(), 50)
+    ax.plot(xs, fit["slope"] * xs + fit["intercept"], color="C3")
+    ax.set_xlabel(xlabel), ax.set_ylabel(ylabel)
+    ax.set_title(title or f"R² = {fit['r2']:.2f} [{fit['ci_low']:.2f}, {fit['ci_high']:.2f}]")
+    fig.tight_layout()
+    return fig
+
+
+def table2_figure(df, title: str = "Table 2"):
+    """Table 2 (from `metrics.table2`) rendered as a figure; the best value of each column in bold."""
+    import matplotlib.pyplot as plt
+
+    cols = [" ".join(str(c) for c in (col if isinstance(col, tuple) else (col,))) for col in df.columns]
+    cells = [[f"{v:.3f}" if np.isfinite(v) else "–" for v in row] for row in df.values.astype(float)]
+    fig, ax = plt.subplots(figsize=(1.0 * len(cols) + 2.5, 0.32 * len(df) + 0.9))
+    ax.axis("off")
+    tab = ax.table(cellText=cells, rowLabels=list(df.index), colLabels=cols, loc="center", cellLoc="center")
+    tab.auto_set_font_size(False), tab.set_fontsize(8)
+    vals = df.values.astype(float)
+    for j in range(vals.shape[1]):
+        if np.isfinite(vals[:, j]).any():
+            tab[int(np.nanargmax(vals[:, j])) + 1, j].get_text().set_fontweight("bold")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def verifier_diagnostics(y_train, p_train, y_test, p_test, boot: dict):
+    """Figure 9 (App H): ROC curves train vs test; bootstrap test ROC-AUCs with the train AUC and the 95% CI."""
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, (ax_roc, ax_boot) = plt.subplots(1, 2, figsize=(10, 4))
+    aucs = {}
+    for name, y, p in (("train", y_train, p_train), ("test", y_test, p_test)):
+        fpr, tpr, _ = roc_curve(np.asarray(y).astype(bool), p)
+        aucs[name] = roc_auc_score(np.asarray(y).astype(bool), p)
+        ax_roc.plot(fpr, tpr, label=f"{name} (AUC = {aucs[name]:.3f})")
+    ax_roc.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    ax_roc.set_xlabel("false positive rate"), ax_roc.set_ylabel("true positive rate")
+    ax_roc.set_title("ROC curves"), ax_roc.legend(frameon=False, loc="lower right")
+
+    ax_boot.hist(boot["samples"], bins=40, color="C1", alpha=0.7, label=f"bootstrap test AUC (n={len(boot['samples'])})")
+    ax_boot.axvspan(boot["ci_low"], boot["ci_high"], color="C1", alpha=0.15,
+                    label=f"95% CI [{boot['ci_low']:.3f}, {boot['ci_high']:.3f}]")
+    ax_boot.axvline(aucs["train"], color="C0", lw=2, label=f"train AUC = {aucs['train']:.3f}")
+    z = (aucs["train"] - boot["auc"]) / boot["se"] if boot["se"] > 0 else float("nan")
+    ax_boot.set_xlabel("test ROC-AUC"), ax_boot.set_ylabel("resamples")
+    ax_boot.set_title(f"train - test = {z:+.2f} bootstrap SE")
+    ax_boot.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
