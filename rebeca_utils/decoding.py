@@ -6,16 +6,20 @@ prompts. Everything else - batching, seeds, files, resume, sharding, failures - 
 
 Layout under ``out_dir`` (the notebook's folder)::
 
-    <method>/<setting>/u{user:03d}/{j:02d}.png    one image per item, written atomically
-    <method>/<setting>/decode_settings.json       the decoder settings those images were made with
+    <method>/<setting>/u{user:03d}/{j:02d}.png    one image per item, written atomically; its PNG text chunk
+                                                  "rebeca" holds the item's fingerprint
+    <method>/<setting>/decode_settings.json       the decoder settings of the last decoding pass
     plan/items.parquet, plan/ip_embeddings.safetensors, plan/plan.json    the work (read by the CLI)
     _decode_logs/*.jsonl                           one append-only log per process (seconds, failures)
     generation_manifest.csv                        method, setting, user_id, index, seed, prompt, path, sha256, ...
 
-Items are sorted and cut into fixed batches (items of one batch share their LoRA adapter); batch ``b`` belongs to
-process ``b % world_size``. A batch is skipped when all its PNGs exist and are valid, otherwise it is decoded
-whole and only the missing PNGs are written. Because a batch always holds the same items, a run that is killed and
-resumed, or split across processes, writes byte-identical files (CPU, same thread count).
+An item's fingerprint hashes everything that determines its image (embedding, prompts, seed, LoRA, decoder
+settings, models; not the device or dtype). Items are sorted and cut into fixed batches within one
+(method, setting, user) - so a batch shares its LoRA adapter and never depends on which other users or settings
+are in the run; batch ``b`` belongs to process ``b % world_size``. A batch is skipped when all its PNGs exist,
+decode and carry their item's fingerprint; otherwise it is decoded whole and only the missing or stale PNGs are
+written. Because a batch always holds the same items, a run that is killed and resumed, or split across
+processes, writes byte-identical files for the same batch size, device and thread count.
 
 Multi-GPU: ``accelerate launch --multi_gpu --num_processes N -m rebeca_utils.decoding --out-dir <folder>`` decodes
 the plan a notebook saved there; process 0 writes the manifest.
@@ -135,24 +139,35 @@ def build_decoder(models: ModelsConfig, cfg: GenerationConfig, device: str = "cp
     from .components import build_sd_pipeline
 
     dtype = resolve_dtype(device, cfg.dtype)
-    pipe = RebecaDecoderPipeline.from_pipe(build_sd_pipeline(models, device, dtype, ip_adapter, cache_dir))
+    base = build_sd_pipeline(models, device, dtype, ip_adapter, cache_dir)
+    # the same modules (IP-Adapter already in the UNet) under our class; from_pipe would cast them to fp32
+    pipe = RebecaDecoderPipeline(**base.components, requires_safety_checker=False)
+    if pipe.unet.dtype != dtype:
+        raise RuntimeError(f"decoder UNet is {pipe.unet.dtype}, expected {dtype}")
     if ip_adapter:
         pipe.set_ip_adapter_scale(cfg.ip_adapter_scale)
     pipe.set_progress_bar_config(disable=True)  # one bar over items instead of one per call
     return pipe
 
 
-def decoder_settings(pipe, cfg: GenerationConfig, models: ModelsConfig | None = None) -> dict[str, Any]:
-    """What determines an image besides its item: compared on resume, so stale images are never mixed in."""
+def image_settings(cfg: GenerationConfig, models: ModelsConfig | None = None) -> dict[str, Any]:
+    """What determines every image of a run besides its item (device and dtype excluded, as for embeddings)."""
     keys = ("steps", "decoder_cfg", "height", "width", "ip_adapter_scale")
-    out = {k: getattr(cfg, k) for k in keys}
-    out["dtype"] = str(pipe.unet.dtype).replace("torch.", "")
-    out["scheduler"] = type(pipe.scheduler).__name__
+    out: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
     if models is not None:
         out["models"] = {"builder": models.builder, "sd_id": models.sd_id, "ip_adapter_id": models.ip_adapter_id,
                          "ip_adapter_weight": models.ip_adapter_weight,
                          **({"seed": models.seed} if models.builder == "tiny" else {})}
     return out
+
+
+def item_fingerprint(item: WorkItem, settings: dict[str, Any]) -> str:
+    """Hash of everything that determines the item's image: a PNG made from other inputs is stale."""
+    h = hashlib.sha256(json.dumps({"seed": item.seed, "prompt": item.prompt, "negative_prompt": item.negative_prompt,
+                                   "lora": item.lora, "settings": settings}, sort_keys=True).encode())
+    if item.ip_embedding is not None:
+        h.update(item.ip_embedding.float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def _has_ip_adapter(pipe) -> bool:
@@ -189,23 +204,30 @@ def run_batch(pipe, items: Sequence[WorkItem], cfg: GenerationConfig) -> np.ndar
 # ----------------------------------------------------------------------------------------------- files
 
 
-def _png_bytes(image: np.ndarray) -> bytes:
+PNG_KEY = "rebeca"  # PNG text chunk holding the item fingerprint
+
+
+def _png_bytes(image: np.ndarray, fingerprint: str) -> bytes:
     import io
 
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
+    info = PngInfo()
+    info.add_text(PNG_KEY, fingerprint)
     buf = io.BytesIO()
-    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 
-def valid_png(path: Path, size: tuple[int, int]) -> bool:
-    """True when `path` is a complete, decodable PNG of `size` = (width, height)."""
+def valid_png(path: Path, size: tuple[int, int], fingerprint: str | None = None) -> bool:
+    """True when `path` is a complete PNG of `size` = (width, height), made for `fingerprint` (if given)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             ok = im.format == "PNG" and im.size == size
+            ok &= fingerprint is None or im.info.get(PNG_KEY) == fingerprint
             im.verify()  # checks every chunk's CRC: a truncated file fails here
             return ok
     except Exception:  # noqa: BLE001 - missing, truncated or foreign file: not done
@@ -217,7 +239,7 @@ def sha256(path: str | os.PathLike) -> str:
 
 
 def make_batches(items: Iterable[WorkItem], batch_size: int) -> list[list[WorkItem]]:
-    """Items sorted by key and grouped by LoRA adapter, cut into batches of at most `batch_size`."""
+    """Items sorted by key, cut into batches of at most `batch_size` within one (method, setting, user)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     items = sorted(items, key=lambda it: it.key)
@@ -226,8 +248,10 @@ def make_batches(items: Iterable[WorkItem], batch_size: int) -> list[list[WorkIt
     if dup:
         raise ValueError(f"duplicate work items: {dup[:3]}")
     groups: dict[tuple, list[WorkItem]] = {}
-    for it in items:  # one pipeline call cannot mix adapters, nor items with and without an embedding
-        groups.setdefault((it.lora or "", it.ip_embedding is not None), []).append(it)
+    for it in items:  # a batch never mixes adapters or items with and without an embedding, and never depends
+        # on which other users or settings are in the run (its bytes would change with the batch)
+        groups.setdefault((it.method, it.setting, it.user_id, it.lora or "", it.ip_embedding is not None),
+                          []).append(it)
     return [g[s:s + batch_size] for _, g in sorted(groups.items()) for s in range(0, len(g), batch_size)]
 
 
@@ -238,15 +262,11 @@ def shard(batches: Sequence[Any], rank: int, world_size: int) -> list[Any]:
     return list(batches[rank::world_size])
 
 
-def _check_settings(out_dir: Path, items: Sequence[WorkItem], settings: dict, overwrite: bool) -> None:
-    for method, setting in sorted({(it.method, it.setting) for it in items}):
-        path = out_dir / method / setting / SETTINGS_NAME
-        if path.is_file() and not overwrite:
-            old = json.loads(path.read_text())
-            if old != json.loads(json.dumps(settings)):
-                raise ValueError(f"{path}: images there were decoded with {old}, not {settings}; pass overwrite=True "
-                                 f"or use another output folder")
-        write_json(path, settings)
+def _record_settings(out_dir: Path, item: WorkItem, settings: dict, pipe) -> None:
+    path = out_dir / item.method / item.setting / SETTINGS_NAME
+    rec = {**settings, "dtype": str(pipe.unet.dtype).replace("torch.", ""), "scheduler": type(pipe.scheduler).__name__}
+    if not path.is_file() or json.loads(path.read_text()) != json.loads(json.dumps(rec)):
+        write_json(path, rec)
 
 
 class _Log:
@@ -283,8 +303,8 @@ def _is_oom(exc: BaseException) -> bool:
 def _switch_lora(pipe, current: str | None, wanted: str | None) -> str | None:
     if wanted == current:
         return current
-    if current:
-        pipe.unload_lora_weights()
+    if current or wanted:
+        pipe.unload_lora_weights()  # also clears a half-loaded adapter after a failed load
     if wanted:
         pipe.load_lora_weights(wanted)
     return wanted
@@ -295,29 +315,37 @@ def decode(pipe, items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: Gen
            models: ModelsConfig | None = None, progress: bool = True) -> DecodeReport:
     """Decode this process's share of `items` into `<out_dir>/<method>/<setting>/u{user:03d}/{j:02d}.png`.
 
-    Complete, valid PNGs are skipped (overwrite=True redoes them). A batch that fails (e.g. out of memory) is
-    retried once item by item; items that still fail are logged with their error and the rest go on.
+    PNGs that exist, decode and carry their item's fingerprint are skipped (overwrite=True redoes them); PNGs made
+    from other inputs (embedding, prompt, seed, LoRA, settings) are redone. A batch that fails (e.g. out of
+    memory) is retried once item by item; items that still fail are logged with their error and the rest go on.
     """
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     batches = shard(make_batches(items, batch_size or cfg.batch_size), rank, world_size)
-    _check_settings(out_dir, [it for b in batches for it in b], decoder_settings(pipe, cfg, models), overwrite)
+    settings = image_settings(cfg, models)
     size = (cfg.width, cfg.height)
     rep, logger, lora, t0 = DecodeReport(), _Log(out_dir), None, time.perf_counter()
     bar = tqdm(total=sum(len(b) for b in batches), desc=f"decode [{rank}/{world_size}]" if world_size > 1 else "decode",
                unit="img", disable=not progress, position=rank)
     try:
         for batch in batches:
-            todo = [it for it in batch if overwrite or not valid_png(out_dir / it.relpath, size)]
+            fps = {it.key: item_fingerprint(it, settings) for it in batch}
+            todo = [it for it in batch if overwrite or not valid_png(out_dir / it.relpath, size, fps[it.key])]
             if not todo:
                 rep.skipped += len(batch)
                 bar.update(len(batch))
                 continue
-            lora = _switch_lora(pipe, lora, batch[0].lora)
             rep.batches += 1
+            _record_settings(out_dir, batch[0], settings, pipe)
+            try:
+                lora = _switch_lora(pipe, lora, batch[0].lora)
+                results = _decode_with_retry(pipe, batch, cfg, rep)
+            except Exception as exc:  # noqa: BLE001 - e.g. an unreadable LoRA: these items fail, the rest go on
+                lora, err = None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+                results = iter([(batch, None, 0.0, err)])
             # the whole batch is decoded even if some PNGs exist: same batch -> same bytes as an uninterrupted run
-            for group, images, secs, error in _decode_with_retry(pipe, batch, cfg, rep):
+            for group, images, secs, error in results:
                 for it, img in zip(group, images if images is not None else [None] * len(group)):
                     if it not in todo:
                         continue
@@ -327,7 +355,7 @@ def decode(pipe, items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: Gen
                         continue
                     path = out_dir / it.relpath
                     with atomic_path(path) as tmp:
-                        tmp.write_bytes(_png_bytes(img))
+                        tmp.write_bytes(_png_bytes(img, fps[it.key]))
                     rep.written += 1
                     logger.write({"key": list(it.key), "status": "ok", "seconds": secs / len(group),
                                   "sha256": sha256(path)})
@@ -384,7 +412,9 @@ def save_plan(items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: Genera
         save_file({"img_emb": torch.stack(embs) if embs else torch.zeros(0, models.decoder_emb_dim)}, str(tmp))
     with atomic_path(d / "items.parquet") as tmp:
         pd.DataFrame(rows).to_parquet(tmp, index=False)
-    write_json(d / "plan.json", {"generation": asdict(cfg), "models": asdict(models), "n_items": len(rows)})
+    # written last, with the digests of the two files: a plan interrupted half-way is refused by load_plan
+    write_json(d / "plan.json", {"generation": asdict(cfg), "models": asdict(models), "n_items": len(rows),
+                                 "sha256": {n: sha256(d / n) for n in ("ip_embeddings.safetensors", "items.parquet")}})
     return d
 
 
@@ -406,6 +436,9 @@ def load_plan(out_dir: str | os.PathLike) -> tuple[list[WorkItem], GenerationCon
     if not (d / "plan.json").is_file():
         raise FileNotFoundError(f"{d / 'plan.json'}: no decoding plan; run the generating notebook (or save_plan) first")
     meta = json.loads((d / "plan.json").read_text())
+    for name, digest in meta["sha256"].items():
+        if sha256(d / name) != digest:
+            raise ValueError(f"{d / name} does not match {d / 'plan.json'} (a save_plan was interrupted); save the plan again")
     emb = load_file(str(d / "ip_embeddings.safetensors"))["img_emb"]
     df = pd.read_parquet(d / "items.parquet")
     items = [WorkItem(r.method, r.setting, int(r.user_id), int(r.index), int(r.seed), r.prompt, r.negative_prompt,
@@ -428,22 +461,30 @@ def _log_records(out_dir: Path) -> dict[tuple, dict]:
     return latest
 
 
-def write_manifest(items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: GenerationConfig):
-    """The manifest table (one row per item, status ok | failed | missing), written atomically as CSV; returned."""
+def write_manifest(items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: GenerationConfig,
+                   models: ModelsConfig | None = None):
+    """The manifest table (one row per item, status ok | failed | missing | stale), written atomically as CSV.
+
+    Call it when no process is decoding: it also removes temp files a killed run left behind."""
     import pandas as pd
 
     out_dir = Path(out_dir)
     logs = _log_records(out_dir)
+    settings = image_settings(cfg, models)
+    for folder in sorted({out_dir / it.method / it.setting for it in items}):
+        for tmp in folder.glob("u*/.*.tmp*"):  # atomic_path's temp files, orphaned by a SIGKILL
+            tmp.unlink(missing_ok=True)
     rows = []
     for it in sorted(items, key=lambda it: it.key):
         path = out_dir / it.relpath
         rec = logs.get(it.key, {})
-        ok = valid_png(path, (cfg.width, cfg.height))
+        ok = valid_png(path, (cfg.width, cfg.height), item_fingerprint(it, settings))
         rows.append({"method": it.method, "setting": it.setting, "user_id": it.user_id, "index": it.index,
                      "seed": it.seed, "prompt": it.prompt, "negative_prompt": it.negative_prompt,
                      "lora": it.lora or "", "path": it.relpath, "sha256": sha256(path) if ok else "",
                      "seconds": rec.get("seconds", np.nan) if ok else np.nan,
-                     "status": "ok" if ok else ("failed" if rec.get("status") == "failed" else "missing"),
+                     "status": "ok" if ok else "failed" if rec.get("status") == "failed" else
+                               "stale" if path.is_file() else "missing",
                      "error": "" if ok else rec.get("error", "")})
     df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     with atomic_path(out_dir / MANIFEST_NAME) as tmp:
@@ -455,12 +496,22 @@ def reencode(out_dir: str | os.PathLike, manifest, models: ModelsConfig, device:
              spaces: Sequence[str] = ("decoder", "verifier"), progress: bool = True) -> dict:
     """Embed the manifest's finished images in the decoder and verifier spaces under <out_dir>/embeddings/<space>/.
 
-    Cached and resumable like notebook 02 (same names and chunking -> nothing recomputed); returns space -> store."""
-    from .embeddings import embed_images
+    Cached and resumable like notebook 02; `sources.json` records each image's sha256, and a space whose images
+    changed since (e.g. redecoded) is recomputed. Returns space -> store."""
+    import shutil
 
-    names = sorted(manifest.loc[manifest["status"] == "ok", "path"])
+    from .embeddings import embed_images, space_dir
+
+    ok = manifest[manifest["status"] == "ok"].sort_values("path")
+    names, sources = ok["path"].tolist(), dict(zip(ok["path"], ok["sha256"]))
     stores = {}
     for space in spaces:
+        d = space_dir(Path(out_dir) / "embeddings", space)
+        src = d / "sources.json"
+        old = json.loads(src.read_text()) if src.is_file() else None
+        if d.exists() and (old is None or any(old.get(n, h) != h for n, h in sources.items())):
+            shutil.rmtree(d)  # embeddings of images that have since been replaced
+        write_json(src, sources)
         store = embed_images(out_dir, names, space, models, Path(out_dir) / "embeddings", device=device,
                              chunk_size=REENCODE_CHUNK, progress=progress)
         store.merge()
@@ -479,7 +530,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per pipeline call (default: the plan's)")
     p.add_argument("--dtype", help="override the plan's decoder dtype (auto | fp16 | fp32)")
     p.add_argument("--overwrite", action="store_true", help="redo images that already exist")
-    p.add_argument("--rank", type=int, help="without accelerate: this process's rank (with --world-size)")
+    p.add_argument("--rank", type=int, help="without accelerate: this process's rank (with --world-size); "
+                   "afterwards, one run without --rank writes the manifest")
     p.add_argument("--world-size", type=int)
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -516,14 +568,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if state is not None:
         state.wait_for_everyone()
     if rank == 0 and (state is not None or world == 1):
-        df = write_manifest(items, args.out_dir, cfg)
+        df = write_manifest(items, args.out_dir, cfg, models)
         summary["manifest"] = {k: int(v) for k, v in df["status"].value_counts().items()}
     print(json.dumps(summary), flush=True)
     if state is not None:
         state.wait_for_everyone()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    return 0
+    if rep.failed:
+        print(f"{len(rep.failed)} item(s) failed, e.g. {rep.failed[0]['key']}: {rep.failed[0]['error']}; "
+              f"rerun to retry them", file=sys.stderr)
+    return 1 if rep.failed else 0
 
 
 if __name__ == "__main__":

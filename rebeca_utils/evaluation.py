@@ -54,15 +54,15 @@ def generated_embeddings(images: pd.DataFrame, profile_root: str | os.PathLike, 
                          device: str = "auto") -> torch.Tensor:
     """(len(images), d) embeddings of `images` in `space`, from each folder's cached store (computed if absent)."""
     out = torch.empty(len(images), 0)
-    parts = []
-    for folder, df in images.groupby("folder", sort=False):
+    folders = images["folder"].to_numpy()
+    for folder in dict.fromkeys(folders):
+        pos = np.flatnonzero(folders == folder)  # positions, whatever the DataFrame's index
         manifest = pd.read_csv(Path(profile_root) / folder / MANIFEST_NAME, keep_default_na=False)
         store = reencode(Path(profile_root) / folder, manifest, models, device, spaces=(space,), progress=False)[space]
-        parts.append((df.index.to_numpy(), store.lookup(df["path"].tolist())))
-    if parts:
-        out = torch.empty(len(images), parts[0][1].shape[1])
-        for idx, emb in parts:
-            out[torch.as_tensor(idx.copy())] = emb
+        emb = store.lookup(images["path"].to_numpy()[pos].tolist())
+        if out.shape[1] == 0:
+            out = torch.empty(len(images), emb.shape[1])
+        out[torch.as_tensor(pos)] = emb
     return out
 
 

@@ -50,7 +50,8 @@ def _items(n_users=3, n=4, setting="prior_cfg5", seed=0):
 
 def _hashes(root):
     root = Path(root)
-    return {str(p.relative_to(root)): D.sha256(p) for p in sorted(root.rglob("*.png"))}
+    # rglob matches dotfiles too: leave temp files out
+    return {str(p.relative_to(root)): D.sha256(p) for p in sorted(root.rglob("*.png")) if not p.name.startswith(".")}
 
 
 # ----------------------------------------------------------------------------------------------- embeddings + seeds
@@ -100,6 +101,32 @@ def test_batch_equals_single_calls_and_items_differ(pipe):
     assert min(np.abs(batch[i] - batch[k]).mean() for i in range(4) for k in range(i)) > 1e-3
 
 
+def test_batch_equals_stock_pipeline_one_image_at_a_time(pipe):
+    """Stock diffusers is right for a single image: our batched outputs (negative-first embeddings) match it."""
+    from diffusers import StableDiffusionPipeline
+
+    stock = StableDiffusionPipeline(**pipe.components, requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    items = _items(1, 3)
+    ours = D.run_batch(pipe, items, CFG)
+    for it, img in zip(items, ours):
+        neg_pos = torch.cat([torch.zeros(1, 1, TINY.decoder_emb_dim), it.ip_embedding[None, None]])
+        ref = stock(prompt="", negative_prompt="", ip_adapter_image_embeds=[neg_pos], num_inference_steps=CFG.steps,
+                    guidance_scale=CFG.decoder_cfg, height=CFG.height, width=CFG.width,
+                    generator=torch.Generator().manual_seed(it.seed), output_type="np").images[0]
+        np.testing.assert_allclose(img, ref, atol=1e-3, rtol=0)
+
+
+def test_decoder_keeps_the_requested_dtype(monkeypatch):
+    import rebeca_utils
+
+    # fp16 is refused on CPU; pretend it resolved, to check the pipeline is not cast back to fp32
+    monkeypatch.setattr(rebeca_utils, "resolve_dtype", lambda device, dtype: torch.float16)
+    pipe = D.build_decoder(TINY, CFG)
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float16
+    assert isinstance(pipe, D.RebecaDecoderPipeline) and pipe.unet.encoder_hid_proj is not None
+
+
 def test_items_without_embedding_decode_as_plain_sd(pipe):
     plain = D.build_decoder(TINY, CFG, ip_adapter=False)
     items = D.make_items("lora", "shared", [0, 1], [0, 0], CFG, prompts=["a red square", "a blue heart"])
@@ -118,7 +145,7 @@ def test_decode_writes_layout_skips_and_manifest(pipe, tmp_path):
     assert sorted(_hashes(tmp_path)) == sorted(it.relpath for it in items)
     again = D.decode(pipe, items, tmp_path, CFG, batch_size=4, models=TINY, progress=False)
     assert again.written == 0 and again.skipped == 6 and again.batches == 0
-    df = D.write_manifest(items, tmp_path, CFG)
+    df = D.write_manifest(items, tmp_path, CFG, TINY)
     assert list(df.columns) == D.MANIFEST_COLUMNS and (df["status"] == "ok").all()
     assert df["sha256"].tolist() == [D.sha256(tmp_path / p) for p in df["path"]]
     assert df["seed"].tolist() == [D.decoder_seed(u, j) for u, j in zip(df["user_id"], df["index"])]
@@ -132,14 +159,18 @@ def test_decode_writes_layout_skips_and_manifest(pipe, tmp_path):
     assert not list(tmp_path.rglob(".*.png"))  # no temp files left
 
 
-def test_changed_settings_refused_unless_overwrite(pipe, tmp_path):
+def test_images_from_other_inputs_are_stale_and_redone(pipe, tmp_path):
     items = _items(1, 2)
     D.decode(pipe, items, tmp_path, CFG, models=TINY, progress=False)
-    other = replace(CFG, steps=CFG.steps + 1)
-    with pytest.raises(ValueError, match=r"decode_settings.json: images there were decoded with .*pass overwrite=True"):
-        D.decode(pipe, items, tmp_path, other, models=TINY, progress=False)
-    rep = D.decode(pipe, items, tmp_path, other, models=TINY, progress=False, overwrite=True)
-    assert rep.written == 2
+    other = replace(CFG, steps=CFG.steps + 1)  # other settings: every image is stale
+    assert (D.write_manifest(items, tmp_path, other, TINY)["status"] == "stale").all()
+    assert D.decode(pipe, items, tmp_path, other, models=TINY, progress=False).written == 2
+    assert json.loads((tmp_path / "rebeca/prior_cfg5" / D.SETTINGS_NAME).read_text())["steps"] == CFG.steps + 1
+    moved = [replace(items[0], ip_embedding=items[0].ip_embedding + 1), items[1]]  # e.g. a retrained prior
+    rep = D.decode(pipe, moved, tmp_path, other, models=TINY, progress=False)
+    assert rep.written == 1 and rep.skipped == 1
+    assert (D.write_manifest(moved, tmp_path, other, TINY)["status"] == "ok").all()
+    assert D.decode(pipe, moved, tmp_path, other, models=TINY, progress=False, overwrite=True).written == 2
 
 
 def test_shards_cover_every_batch_once():
@@ -181,11 +212,11 @@ def test_failures_retried_at_batch_size_1_and_logged(pipe, tmp_path):
     rep = D.decode(flaky, items, out, CFG, batch_size=4, models=TINY, progress=False)
     assert flaky.calls == [4, 1, 1, 1, 1] and rep.retried == 4 and rep.written == 3
     assert rep.failed == [{"key": list(items[2].key), "error": "RuntimeError: CUDA error: an illegal memory access was encountered"}]
-    df = D.write_manifest(items, out, CFG)
+    df = D.write_manifest(items, out, CFG, TINY)
     assert df["status"].tolist() == ["ok", "ok", "failed", "ok"] and "illegal memory access" in df["error"][2]
     # finished items are kept; the rerun decodes the failed one
     rep = D.decode(pipe, items, out, CFG, batch_size=4, models=TINY, progress=False)
-    assert rep.written == 1 and (D.write_manifest(items, out, CFG)["status"] == "ok").all()
+    assert rep.written == 1 and (D.write_manifest(items, out, CFG, TINY)["status"] == "ok").all()
     assert set(_hashes(out)) == set(_hashes(ref))
     for k in _hashes(ref):  # batch-size-1 retries match the batched images to within a grey level
         a, b = (np.asarray(Image.open(r / k), dtype=int) for r in (ref, out))
@@ -233,7 +264,7 @@ def test_kill_then_rerun_gives_identical_files(uninterrupted, tmp_path, kit_cach
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["skipped"] >= n_before - 1 and summary["manifest"] == {"ok": 24}
     assert _hashes(root) == _hashes(uninterrupted)
-    assert not [p for p in root.rglob(".*") if p.is_file()]  # no temp files survive
+    assert not [p for p in root.rglob("u*/.*") if p.is_file()]  # temp files of the killed run are cleaned up
     a, b = (pd.read_csv(r / D.MANIFEST_NAME) for r in (root, uninterrupted))
     assert a["sha256"].tolist() == b["sha256"].tolist()
 

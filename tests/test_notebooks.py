@@ -254,3 +254,21 @@ def test_10_personalization_tests(smoke_run):
     assert 0 <= m["r2"]["r2"] <= 1 and m["r2"]["ci_low"] <= m["r2"]["r2"] <= m["r2"]["ci_high"]
     for fig in ("alg2_generated_permutation", "fig8a_matching_permutation", "fig8b_verifier_vs_aesthetic"):
         assert (d / f"{fig}.png").exists() and (d / f"{fig}.pdf").exists()
+
+
+def test_10_algorithm2_recomputed_from_saved_artifacts(smoke_run):
+    from rebeca_utils import evaluation, metrics, verifier
+    from rebeca_utils.config import get_profile
+
+    m = manifest(smoke_run, "10_test_personalization")["metrics"]
+    images, _ = evaluation.find_generated(smoke_run, ["04_generate_images"])
+    images = images[images["setting"] == "prior_cfg5"]  # the notebook's default setting, in manifest order
+    emb = evaluation.generated_embeddings(images, smoke_run, "verifier", get_profile("smoke").models)
+    rev = evaluation.generated_embeddings(images.iloc[::-1], smoke_run, "verifier", get_profile("smoke").models)
+    assert torch.equal(rev, emb.flip(0))  # rows follow positions, whatever the index
+    model = verifier.load_verifier(smoke_run / "05_train_verifier/verifier")
+    users = np.sort(images["user_id"].unique())
+    owner = np.searchsorted(users, images["user_id"].to_numpy())
+    scores = np.stack([verifier.predict(model, int(u), emb) for u in users])
+    res = metrics.permutation_test(scores, owner, m["n_permutations"], 0)
+    assert res.statistic == pytest.approx(m["alg2"]["statistic"]) and res.p_value == pytest.approx(m["alg2"]["p_value"])
