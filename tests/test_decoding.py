@@ -309,3 +309,25 @@ def test_prior_embeddings_cached_and_tied_to_weights(tmp_path, monkeypatch):
     items = G.rebeca_items(a, "prior_cfg5", CFG)
     assert [it.seed for it in items] == [42, 43, 44, 20_042, 20_043, 20_044]
     assert torch.equal(items[4].ip_embedding, a["img_emb"][4])
+
+
+def test_lora_items_load_their_adapter_and_leave_the_pipeline_clean(pipe, tmp_path):
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    donor = D.build_decoder(TINY, CFG, ip_adapter=False)  # a LoRA as the baselines' training would save it
+    donor.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    lora_dir = tmp_path / "lora_u000"
+    D.RebecaDecoderPipeline.save_lora_weights(
+        lora_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(donor.unet)))
+    plain = D.make_items("sd", "no_lora", [0], [0], CFG, prompts=["a photo"])
+    with_lora = D.make_items("lora", "per_user", [0, 1], [0, 0], CFG, prompts=["a photo"] * 2,
+                             loras=[str(lora_dir), str(tmp_path / "missing")])
+    before = D.run_batch(pipe, plain, CFG)
+    rep = D.decode(pipe, plain + with_lora, tmp_path / "out", CFG, models=TINY, progress=False)
+    assert rep.written == 2 and [f["key"][2] for f in rep.failed] == [1]  # the unreadable adapter fails alone
+    a, b = (np.asarray(Image.open(tmp_path / "out" / it.relpath), dtype=float) for it in (plain[0], with_lora[0]))
+    assert plain[0].seed == with_lora[0].seed and np.abs(a - b).mean() > 1  # same seed: the adapter made the change
+    np.testing.assert_allclose(D.run_batch(pipe, plain, CFG), before, atol=1e-6)  # adapter unloaded afterwards

@@ -272,3 +272,26 @@ def test_10_algorithm2_recomputed_from_saved_artifacts(smoke_run):
     scores = np.stack([verifier.predict(model, int(u), emb) for u in users])
     res = metrics.permutation_test(scores, owner, m["n_permutations"], 0)
     assert res.statistic == pytest.approx(m["alg2"]["statistic"]) and res.p_value == pytest.approx(m["alg2"]["p_value"])
+
+
+def test_08_picks_up_any_method_folder(smoke_run, tmp_path):
+    import shutil
+
+    from rebeca_utils import decoding
+
+    root = tmp_path / "out" / "smoke"
+    for nb in ("02_embed_flickr", "04_generate_images", "05_train_verifier"):
+        shutil.copytree(smoke_run / nb, root / nb)
+    # a stand-in baseline folder in the shared layout: REBECA's CFG-5 images relabelled as a shared LoRA
+    base = root / "06_lora_baselines"
+    shutil.copytree(smoke_run / "04_generate_images", base)
+    table = pd.read_csv(base / decoding.MANIFEST_NAME, keep_default_na=False)
+    table[table["setting"] == "prior_cfg5"].assign(method="lora", setting="shared").to_csv(
+        base / decoding.MANIFEST_NAME, index=False)
+    runner.run_notebooks("smoke", [runner.REPO / "notebooks/08_evaluate_methods.ipynb"], {"score_quality": False},
+                         tmp_path / "out", log=lambda *a, **k: None)
+    m = manifest(root, "08_evaluate_methods")["metrics"]
+    assert m["methods"][-1] == "Shared LoRA" and m["folders_missing"] == ["07_vlm_personas"]
+    # the same images and verifier: the stand-in scores exactly as REBECA at CFG 5
+    assert m["verifier_mean"]["Shared LoRA"] == pytest.approx(m["verifier_mean"]["REBECA (CFG=5.0)"])
+    assert m["table2"]["paper"]["Shared LoRA"] == pytest.approx(m["table2"]["paper"]["REBECA (CFG=5.0)"])
