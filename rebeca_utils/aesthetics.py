@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
@@ -14,7 +13,6 @@ from . import components as C
 from .config import ModelsConfig
 
 ImageLike = Union[Image.Image, str, os.PathLike]
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # improved-aesthetic-predictor's MLP: Linear layers at these Sequential indices, Dropouts in between
 HEAD_SHAPES = {0: (1024, C.AESTHETIC_EMB_DIM), 2: (128, 1024), 4: (64, 128), 6: (16, 64), 7: (1, 16)}
 HEAD_KEYS = frozenset(f"layers.{i}.{p}" for i in HEAD_SHAPES for p in ("weight", "bias"))
@@ -250,25 +248,3 @@ class HPSScorer:
                 out.append((100.0 * (img * text[index[sl]]).sum(-1)).cpu())
         return torch.cat(out).numpy().astype(np.float32) if out else np.empty(0, np.float32)
 
-
-# ----------------------------------------------------------------------------------------------- folders
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly in `folder`, sorted by name."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-
-
-def score_folder(scorer: AestheticScorer | HPSScorer, folder: str | os.PathLike, prompt: str | None = None,
-                 batch_size: int = 32):
-    """DataFrame(file, score) for every image in `folder`; prompt is required for an HPSScorer."""
-    import pandas as pd
-
-    files = list_images(folder)
-    if isinstance(scorer, HPSScorer):
-        if prompt is None:
-            raise ValueError("HPSScorer needs a prompt (the paper uses EvalConfig.hps_prompt, App K also '')")
-        scores = scorer.score(files, prompt, batch_size=batch_size)
-    else:
-        scores = scorer.score(files, batch_size=batch_size)
-    return pd.DataFrame({"file": [p.name for p in files], "score": scores})

@@ -244,7 +244,8 @@ def _download_url(url: str, path: Path) -> str:
     return str(path)
 
 
-def _require(entry: WeightsEntry) -> list[str]:
+def require_weights(entry: WeightsEntry) -> list[str]:
+    """Local paths of `entry`'s files: from the cache, else downloaded, else MissingWeightsError at once."""
     # fail fast: the cache is checked first, and nothing waits on a network that is known to be absent;
     # HF_HUB_OFFLINE=1 is the kit's offline switch, for URL entries too
     if not weights_in_cache(entry):
@@ -256,11 +257,6 @@ def _require(entry: WeightsEntry) -> list[str]:
             raise MissingWeightsError(_missing_message(entry, f"{where} is unreachable from this machine"))
         download_paper_weights([entry])
     return list(entry.files) if entry.url else [_cached_file(entry.repo_id, spec) for spec in entry.files]
-
-
-def require_weights(entry: WeightsEntry) -> list[str]:
-    """Local paths of `entry`'s files: from the cache, else downloaded, else MissingWeightsError at once."""
-    return _require(entry)
 
 
 # ----------------------------------------------------------------------------------------------- architectures
@@ -317,7 +313,7 @@ def build_clip(models: ModelsConfig, role: str, device: str = "cpu", dtype: torc
     else:
         name, tag = getattr(models, f"{role}_clip")
         entry = _clip_entry(models, role)
-        _require(entry)
+        require_weights(entry)
         pcfg = open_clip.get_pretrained_cfg(name, tag)
         # load the cached file by path (no Hub round-trip) with the tag's preprocessing and activation
         model, _, preprocess = open_clip.create_model_and_transforms(
@@ -349,7 +345,7 @@ def build_image_encoder(models: ModelsConfig, device: str = "cpu", dtype: torch.
         with _seeded(models.seed):
             encoder = CLIPVisionModelWithProjection(tiny_image_encoder_config(models))
     else:
-        _require(_image_encoder_entry(models))
+        require_weights(_image_encoder_entry(models))
         encoder = CLIPVisionModelWithProjection.from_pretrained(
             models.ip_adapter_id, subfolder=models.image_encoder_subfolder, dtype=dtype,
             cache_dir=_hf_cache(), local_files_only=True)
@@ -480,9 +476,9 @@ def build_sd_pipeline(models: ModelsConfig, device: str = "cpu", dtype: torch.dt
         if dtype != torch.float32:  # (a float32 .to() only earns diffusers warnings)
             pipe = pipe.to(dtype=dtype)
     else:
-        _require(_sd_entry(models))
+        require_weights(_sd_entry(models))
         if ip_adapter:
-            _require(_ip_adapter_entry(models))
+            require_weights(_ip_adapter_entry(models))
         pipe = StableDiffusionPipeline.from_pretrained(
             models.sd_id, dtype=dtype, safety_checker=None, requires_safety_checker=False,
             cache_dir=_hf_cache(), local_files_only=True)

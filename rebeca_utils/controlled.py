@@ -100,7 +100,7 @@ def find_dsprites_npz(data_dir: str | Path) -> Path | None:
     return path if path.exists() else None
 
 
-def precision_table(samples: dict[str, np.ndarray], test_latents, test_likes, ks) -> "pd.DataFrame":
+def precision_table(samples: dict[str, np.ndarray], test_latents, test_likes, ks):
     """P@k (mean, std over repetitions) for several sample sets of shape (reps, U, K, d)."""
     import pandas as pd
 

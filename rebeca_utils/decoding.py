@@ -539,42 +539,25 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; under `accelerate launch` every process decodes its batches and process 0 writes the manifest."""
-    from . import resolve_device
+    from .processes import process_share
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     items, cfg, models = load_plan(args.out_dir)
     if args.dtype:
         cfg = replace(cfg, dtype=args.dtype)
-    state, device = None, args.device
-    if args.rank is not None or args.world_size is not None:
-        rank, world = args.rank or 0, args.world_size or 1
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by accelerate / torchrun
-        from accelerate import PartialState
-
-        cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-        state = PartialState(cpu=cpu)
-        rank, world = state.process_index, state.num_processes
-        if device == "auto":
-            device = "cpu" if cpu else str(state.device)
-    else:
-        rank, world = 0, 1
-    device = resolve_device(device)
-    pipe = build_decoder(models, cfg, device, ip_adapter=any(it.ip_embedding is not None for it in items))
-    rep = decode(pipe, items, args.out_dir, cfg, batch_size=args.batch_size, overwrite=args.overwrite, rank=rank,
-                 world_size=world, models=models, progress=not args.no_progress)
-    summary = {"rank": rank, "world_size": world, **{k: v for k, v in asdict(rep).items() if k != "failed"},
-               "failed": len(rep.failed)}
-    if state is not None:
-        state.wait_for_everyone()
-    if rank == 0 and (state is not None or world == 1):
+    share = process_share(args.device, args.rank, args.world_size)
+    pipe = build_decoder(models, cfg, share.device, ip_adapter=any(it.ip_embedding is not None for it in items))
+    rep = decode(pipe, items, args.out_dir, cfg, batch_size=args.batch_size, overwrite=args.overwrite,
+                 rank=share.rank, world_size=share.world_size, models=models, progress=not args.no_progress)
+    summary = {"rank": share.rank, "world_size": share.world_size,
+               **{k: v for k, v in asdict(rep).items() if k != "failed"}, "failed": len(rep.failed)}
+    share.wait()
+    if share.rank == 0 and share.coordinated:
         df = write_manifest(items, args.out_dir, cfg, models)
         summary["manifest"] = {k: int(v) for k, v in df["status"].value_counts().items()}
     print(json.dumps(summary), flush=True)
-    if state is not None:
-        state.wait_for_everyone()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    share.close()
     if rep.failed:
         print(f"{len(rep.failed)} item(s) failed, e.g. {rep.failed[0]['key']}: {rep.failed[0]['error']}; "
               f"rerun to retry them", file=sys.stderr)

@@ -1,7 +1,6 @@
 """Diffusion core shared by every study: schedules, the training loop (eq. 3) and CFG sampling (eq. 4)."""
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
@@ -12,6 +11,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 from .config import DiffusionConfig, TrainConfig
+from .early_stopping import EarlyStopping
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 
@@ -150,7 +150,7 @@ def train_prior(model, sched, train: Triplets, val: Triplets, cfg: TrainConfig, 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg.plateau_factor, patience=cfg.plateau_patience)
     gen = torch.Generator(device).manual_seed(seed)
-    res, best_state, bad, t0 = TrainResult(), None, 0, time.perf_counter()
+    res, stopper, t0 = TrainResult(), EarlyStopping(cfg.patience), time.perf_counter()
     bar = tqdm(range(cfg.max_epochs), desc="train prior", disable=not progress)
     for epoch in bar:
         idx = epoch_indices(train, cfg.samples_per_user, gen)
@@ -170,19 +170,14 @@ def train_prior(model, sched, train: Triplets, val: Triplets, cfg: TrainConfig, 
         plateau.step(row["val_loss"])
         if opt.param_groups[0]["lr"] < row["lr"]:
             res.lr_drops.append(epoch)
-        if row["val_loss"] < res.best_val_loss:
-            res.best_val_loss, res.best_epoch, bad = row["val_loss"], epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad += 1
+        stopper.step(model, epoch, row["val_loss"])
         bar.set_postfix(train=f"{row['train_loss']:.4f}", val=f"{row['val_loss']:.4f}")
-        if bad >= cfg.patience:
+        if stopper.stop:
             res.stopped_early = True
             break
-    res.epochs = len(res.history)
+    res.epochs, res.best_val_loss, res.best_epoch = len(res.history), stopper.best, stopper.best_epoch
     res.wall_time_s = time.perf_counter() - t0
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    stopper.restore(model)
     model.eval()
     return res
 

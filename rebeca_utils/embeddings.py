@@ -549,28 +549,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; under `accelerate launch` each process takes its share and process 0 merges."""
-    from . import resolve_device
+    from .processes import process_share
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.merge_only:
         print(json.dumps({"merged": str(merge(args.out_dir, args.space))}), flush=True)
         return 0
-    state = None
-    device = args.device
-    if args.rank is not None or args.world_size is not None:
-        rank, world = args.rank or 0, args.world_size or 1
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by accelerate / torchrun
-        from accelerate import PartialState
-
-        cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-        state = PartialState(cpu=cpu)
-        rank, world = state.process_index, state.num_processes
-        if device == "auto":
-            device = "cpu" if cpu else str(state.device)
-    else:
-        rank, world = 0, 1
-    device = resolve_device(device)
+    share = process_share(args.device, args.rank, args.world_size)
+    device, rank, world = share.device, share.rank, share.world_size
     names = None
     if args.names_file:
         names = [s for s in Path(args.names_file).read_text().splitlines() if s.strip()]
@@ -581,15 +568,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                          num_workers=workers)
     summary: dict[str, Any] = {"rank": rank, "world_size": world, "computed": store.computed,
                                "reused": store.reused, "failures": len(store.failures)}
-    if state is not None:
-        state.wait_for_everyone()
-    if rank == 0 and not args.no_merge and (state is not None or world == 1):
+    share.wait()
+    if rank == 0 and not args.no_merge and share.coordinated:
         summary["merged"] = str(store.merge())
     print(json.dumps(summary), flush=True)
-    if state is not None:
-        state.wait_for_everyone()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    share.close()
     return 0
 
 

@@ -346,18 +346,6 @@ def _chunk_rows(n: int) -> int:
     return max(1, 2**22 // max(n, 1))
 
 
-def permuted_owners(owner, n_permutations: int, seed: int = 0) -> np.ndarray:
-    """(B, n) owners under the test's B reassignments (same draws as permutation_test with this seed)."""
-    owner = np.asarray(owner, dtype=np.int64)
-    order = np.argsort(owner, kind="stable")
-    out = []
-    for perm in _permutation_chunks(len(owner), n_permutations, seed, _chunk_rows(len(owner))):
-        o = np.empty_like(perm)
-        np.put_along_axis(o, perm, np.broadcast_to(owner[order], perm.shape), axis=1)  # slot j's image goes to owner j
-        out.append(o)
-    return np.concatenate(out)
-
-
 def _group_agg(vals: np.ndarray, starts: np.ndarray, counts: np.ndarray, slot: np.ndarray, agg: str) -> np.ndarray:
     """Per-group mean or median of (c, n) values laid out in contiguous groups -> (c, G)."""
     if agg == "mean":
@@ -393,7 +381,7 @@ def _permutation_core(score_matrix, owner, n_permutations: int, seed: int, agg: 
     own_u = per_user(order[None, :])[0]
     statistic = float(np.median(own_u))
     rows = _chunk_rows(n) if agg == "mean" else max(1, 2**22 // (len(users) * int(counts.max())))
-    rows = min(rows, _chunk_rows(n))  # permuted_owners draws with _chunk_rows(n); sub-chunk below if smaller
+    rows = min(rows, _chunk_rows(n))  # permutations are drawn in chunks of _chunk_rows(n); sub-chunk if smaller
     null, random_sum = [], np.zeros(len(users))
     for perm in _permutation_chunks(n, n_permutations, seed, _chunk_rows(n)):
         for s in range(0, len(perm), rows):

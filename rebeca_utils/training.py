@@ -5,7 +5,7 @@ import itertools
 import json
 import time
 import traceback
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

@@ -7,7 +7,6 @@ training (BCE, early stopping) -> prediction / scoring of real or generated imag
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
@@ -25,6 +24,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from .config import VerifierConfig
+from .early_stopping import EarlyStopping
 
 USER_WEIGHTINGS = ("none", "inverse_frequency")
 SPLITS = ("train", "val", "test")
@@ -253,7 +253,7 @@ def train_verifier(model: NMFVerifier, train: Interactions, val: Interactions, c
     w_val = user_weights(val.user_id, cfg.user_weighting)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator(device).manual_seed(seed)
-    res, best_state, bad, t0 = VerifierResult(), None, 0, time.perf_counter()
+    res, stopper, t0 = VerifierResult(), EarlyStopping(cfg.patience), time.perf_counter()
     dev = torch.device(device)
     # dropout draws from the global RNG: fork and seed it, so a run is reproducible and leaves the caller's RNG alone
     cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
@@ -274,20 +274,16 @@ def train_verifier(model: NMFVerifier, train: Interactions, val: Interactions, c
             row = {"epoch": epoch, "train_loss": float(loss_sum) / len(train), "lr": opt.param_groups[0]["lr"]}
             row["val_loss"], row["val_auc"] = _eval_loss_auc(model, val, w_val, max(cfg.batch_size, 4096))
             res.history.append(row)
-            if row["val_loss"] < res.best_val_loss:
-                res.best_val_loss, res.best_val_auc, res.best_epoch, bad = row["val_loss"], row["val_auc"], epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                bad += 1
+            if stopper.step(model, epoch, row["val_loss"]):
+                res.best_val_auc = row["val_auc"]
             bar.set_postfix(train=f"{row['train_loss']:.4f}", val=f"{row['val_loss']:.4f}",
                             auc=f"{row['val_auc']:.3f}")
-            if bad >= cfg.patience:
+            if stopper.stop:
                 res.stopped_early = True
                 break
-    res.epochs = len(res.history)
+    res.epochs, res.best_val_loss, res.best_epoch = len(res.history), stopper.best, stopper.best_epoch
     res.wall_time_s = time.perf_counter() - t0
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    stopper.restore(model)
     model.eval()
     return res
 

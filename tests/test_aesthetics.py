@@ -25,28 +25,9 @@ needs_fixture = pytest.mark.skipif(not FIXTURE.is_file(), reason=f"official LAIO
                                    "(set REBECA_TEST_LAION_HEAD)")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kit_cache(tmp_path_factory):
-    # one private kit cache for the module; one torch thread, since 2 threads on a busy 2-core box crawl
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("rebeca_cache")
-        mp.setenv(C.CACHE_ENV, str(path))
-        mp.delenv(C.AESTHETIC_HEAD_ENV, raising=False)
-        yield path
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("kit_cache")  # conftest: private kit cache, one torch thread
 
 
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face cache and an empty kit cache, offline."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv(C.CACHE_ENV, str(tmp_path / "kit"))
-    return tmp_path / "hub"
 
 
 def _images(n=5):
@@ -309,16 +290,3 @@ def test_paper_weights_list_the_head_and_hps(hf_cache):
 
 
 # ----------------------------------------------------------------------------------------------- folders
-
-
-def test_score_folder(tiny_aesthetic, tiny_hps, tmp_path):
-    for i, im in enumerate(_images(3)):
-        im.save(tmp_path / f"{i:02d}.png")
-    (tmp_path / "notes.txt").write_text("not an image")
-    df = A.score_folder(tiny_aesthetic, tmp_path)
-    assert list(df["file"]) == ["00.png", "01.png", "02.png"]
-    assert np.allclose(df["score"], tiny_aesthetic.score(_images(3)), atol=1e-5)
-    assert np.allclose(A.score_folder(tiny_hps, tmp_path, prompt="a cat")["score"], tiny_hps.score(_images(3), "a cat"),
-                       atol=1e-4)
-    with pytest.raises(ValueError, match="prompt"):
-        A.score_folder(tiny_hps, tmp_path)

@@ -21,26 +21,9 @@ TINY = get_profile("smoke").models
 HUB = ModelsConfig()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kit_cache(tmp_path_factory):
-    # one private kit cache for the module; one torch thread, since 2 threads on a busy 2-core box crawl
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("rebeca_cache")
-        mp.setenv(C.CACHE_ENV, str(path))
-        yield path
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("kit_cache")  # conftest: private kit cache, one torch thread
 
 
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    """An empty Hugging Face cache, offline."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tmp_path / "hub"
 
 
 @pytest.fixture(scope="module")

@@ -26,15 +26,7 @@ TINY, CFG = SMOKE.models, SMOKE.generation
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kit_cache(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core box
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("rebeca_cache")
-        mp.setenv(C.CACHE_ENV, str(path))
-        yield path
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("kit_cache")  # conftest: private kit cache, one torch thread
 
 
 @pytest.fixture(scope="module")

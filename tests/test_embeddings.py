@@ -23,15 +23,7 @@ KW = dict(chunk_size=8, batch_size=4, progress=False, device="cpu")  # 40 images
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kit_cache(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core box
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("rebeca_cache")
-        mp.setenv(C.CACHE_ENV, str(path))
-        yield path
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("kit_cache")  # conftest: private kit cache, one torch thread
 
 
 @pytest.fixture(scope="module")

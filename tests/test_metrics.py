@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from rebeca_utils.metrics import (PAPER_TABLE2, cosine_nn, matching_test, permutation_test, permuted_owners,
+from rebeca_utils.metrics import (PAPER_TABLE2, cosine_nn, matching_test, permutation_test,
                                   pr_from_neighbours, precision_recall_at_k, r2_bootstrap, rebeca_label,
                                   retrieval_metrics, table1, table2, user_scores, wins_and_ranks)
 from rebeca_utils.normalize import fit_normalizer
@@ -215,6 +215,20 @@ def test_permutation_planted_effect_and_never_zero():
     res = permutation_test(s, owner, n_permutations=199, seed=0)
     assert res.p_value == 1 / 200 and res.p_value <= 0.01 and res.z > 3
     assert res.null.shape == (199,) and (res.gap > 0).mean() > 0.8
+
+
+def permuted_owners(owner, n_permutations: int, seed: int = 0) -> np.ndarray:
+    """(B, n) owners under the test's B reassignments, rebuilt from the same draws as permutation_test."""
+    from rebeca_utils.metrics import _chunk_rows, _permutation_chunks
+
+    owner = np.asarray(owner, dtype=np.int64)
+    order = np.argsort(owner, kind="stable")
+    out = []
+    for perm in _permutation_chunks(len(owner), n_permutations, seed, _chunk_rows(len(owner))):
+        o = np.empty_like(perm)
+        np.put_along_axis(o, perm, np.broadcast_to(owner[order], perm.shape), axis=1)  # slot j's image goes to owner j
+        out.append(o)
+    return np.concatenate(out)
 
 
 def test_permutation_null_matches_brute_force_and_keeps_group_sizes():

@@ -4,7 +4,7 @@ import torch
 from rebeca_utils.config import DiffusionConfig, PriorConfig, TrainConfig
 from rebeca_utils.diffusion import (Triplets, diffusion_target, epoch_indices, make_sampler, make_scheduler,
                                     sample_prior, sample_users, sample_seed, train_prior)
-from rebeca_utils.prior import PriorBlock, RebecaPrior, count_parameters
+from rebeca_utils.prior import RebecaPrior, count_parameters
 
 TINY = dict(emb_dim=16, n_tokens=4, hidden_dim=16, n_heads=2, n_layers=2, n_users=4, n_ratings=2)
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from rebeca_utils import components as C
 from rebeca_utils import embeddings as E
 from rebeca_utils import flickr
 from rebeca_utils import verifier as V
@@ -25,14 +24,7 @@ CFG = SMOKE.verifier
 D = SMOKE.models.verifier_emb_dim  # 48
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kit_cache(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core box
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(C.CACHE_ENV, str(tmp_path_factory.mktemp("rebeca_cache")))  # tiny open_clip configs go here
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("kit_cache")  # conftest: private kit cache, one torch thread
 
 
 def planted(seed: int = 0, n_users: int = 20, n_items: int = 1000, rank: int = 4, per_user: int = 300,
