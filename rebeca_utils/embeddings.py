@@ -571,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     share.wait()
     if rank == 0 and not args.no_merge and share.coordinated:
         summary["merged"] = str(store.merge())
-    print(json.dumps(summary), flush=True)
+    share.report(summary)
     share.close()
     return 0
 

@@ -20,6 +20,14 @@ class Share:
         """True when every process can be waited for, so rank 0 may finish the job (merge, manifest)."""
         return self.state is not None or self.world_size == 1
 
+    def report(self, summary: dict) -> None:
+        """Print `summary` as one JSON line in a single write, so lines of concurrent processes never interleave."""
+        import json
+        import sys
+
+        sys.stdout.write(json.dumps(summary) + "\n")  # print() writes text and newline separately
+        sys.stdout.flush()
+
     def wait(self) -> None:
         if self.state is not None:
             self.state.wait_for_everyone()
