@@ -10,7 +10,7 @@ KERNEL ?= rebeca
 RUN = $(PY) -m rebeca_utils.run
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: install demo test smoke paper lab bench clean-outputs
+.PHONY: install demo test test-fast smoke paper lab bench clean-outputs
 
 $(STAMP): pyproject.toml
 	@s=$$SECONDS; \
@@ -30,6 +30,10 @@ demo: install
 test: install
 	@s=$$SECONDS; HF_HUB_OFFLINE=1 $(PY) -m pytest --durations=15; rc=$$?; \
 	echo "== tests done in $$((SECONDS - s)) s"; exit $$rc
+
+test-fast: install
+	@s=$$SECONDS; HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" --durations=10; rc=$$?; \
+	echo "== fast tests done in $$((SECONDS - s)) s"; exit $$rc
 
 smoke: install
 	$(RUN) --profile smoke

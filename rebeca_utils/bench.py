@@ -5,20 +5,42 @@ python -m rebeca_utils.bench [--quick] [--only prior|decoding|metrics]
 from __future__ import annotations
 
 import argparse
+import io
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from .config import get_profile
-from .diffusion import Triplets, diffusion_loss, epoch_indices, make_scheduler, sample_prior
-from .prior import RebecaPrior, count_parameters
+from .data.synthetic import write_synthetic_flickr
+from .evaluate.retrieval import precision_recall_at_k, retrieval_metrics
+from .evaluate.stats import matching_test, permutation_test, r2_bootstrap
+from .io import atomic_write
+from .models.decoder import (
+    SD15_TEXT_CONFIG,
+    SD15_UNET_CONFIG,
+    SD15_VAE_CONFIG,
+    RebecaDecoderPipeline,
+    build_decoder,
+    tiny_ip_adapter_state_dict,
+)
+from .models.encoders import SPACES, build_tokenizer
+from .models.prior import RebecaPrior, count_parameters
+from .pipeline.decoding import run_batch
+from .pipeline.embeddings import embed_images
+from .pipeline.items import make_items
+from .pipeline.sampling import sample_prior
+from .train.diffusion import Triplets, diffusion_loss, epoch_indices, make_scheduler
 
 
 def _synthetic(n: int, d: int, n_users: int, seed: int = 0) -> Triplets:
     g = torch.Generator().manual_seed(seed)
     return Triplets(torch.randn(n, d, generator=g), torch.randint(0, n_users, (n,), generator=g),
                     torch.randint(0, 2, (n,), generator=g))
-
 
 def bench_training(model, sched, data: Triplets, batch_size: int, steps: int) -> dict:
     """Samples/s of our in-memory tensor batches vs a per-item Dataset + DataLoader over the same model."""
@@ -56,7 +78,6 @@ def bench_training(model, sched, data: Triplets, batch_size: int, steps: int) ->
     baseline = steps * batch_size / (time.perf_counter() - t0)
     return {"ours_samples_per_s": ours, "dataloader_samples_per_s": baseline, "ratio": ours / baseline}
 
-
 def bench_sampling(model, sched, n_users: int, per_user: int, sampler: str, fast_steps: int, cfg_scale: float,
                    ddpm_users: int) -> dict:
     """Time for n_users x per_user embeddings: fast sampler (all users) vs 1000-step DDPM (subset, extrapolated)."""
@@ -75,14 +96,8 @@ def bench_sampling(model, sched, n_users: int, per_user: int, sampler: str, fast
     ddpm = ddpm_subset * n_users / ddpm_users
     return {"fast_s": fast, "ddpm_subset_s": ddpm_subset, "ddpm_extrapolated_s": ddpm, "ratio": ddpm / fast}
 
-
 def bench_embedding(n_images: int = 200) -> dict:
     """Images/s of the tiny decoder- and verifier-space encoders on the synthetic FLICKR-AES fixture."""
-    import tempfile
-    from pathlib import Path
-
-    from .embeddings import SPACES, embed_images
-    from .flickr import write_synthetic_flickr
 
     models = get_profile("smoke").models
     out = {}
@@ -94,10 +109,8 @@ def bench_embedding(n_images: int = 200) -> dict:
             out[space] = n_images / (time.perf_counter() - t0)
     return out
 
-
 def bench_decoding(n_images: int = 32, batch_size: int = 8) -> dict:
     """Images/s of the tiny SD-1.5-shaped pipeline on CPU: batches of `batch_size` vs one call per image."""
-    from .decoding import build_decoder, make_items, run_batch
 
     prof = get_profile("smoke")
     cfg = prof.generation
@@ -116,19 +129,9 @@ def bench_decoding(n_images: int = 32, batch_size: int = 8) -> dict:
     return {"batched_img_per_s": batched, "single_img_per_s": single, "ratio": batched / single,
             "steps": cfg.steps, "size": cfg.height}
 
-
 def full_size_decoder(device: str = "cuda", dtype=torch.float16):
     """SD-1.5-shaped pipeline at full size with random weights (UNet, VAE, text encoder from the SD-1.5 configs)
     and an IP-Adapter for 1024-d embeddings: decoding speed without downloading anything."""
-    import tempfile
-    from pathlib import Path
-
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .components import (SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG, _atomic_write, build_tokenizer,
-                             tiny_ip_adapter_state_dict)
-    from .decoding import RebecaDecoderPipeline
 
     unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
     pipe = RebecaDecoderPipeline(
@@ -138,19 +141,16 @@ def full_size_decoder(device: str = "cuda", dtype=torch.float16):
                                                              set_alpha_to_one=False, steps_offset=1),
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False)
     with tempfile.TemporaryDirectory() as tmp:
-        import io
 
         buf = io.BytesIO()
         torch.save(tiny_ip_adapter_state_dict(unet, 1024), buf)
-        _atomic_write(Path(tmp) / "models" / "ip-adapter_sd15.bin", buf.getvalue())
+        atomic_write(Path(tmp) / "models" / "ip-adapter_sd15.bin", buf.getvalue())
         pipe.load_ip_adapter(tmp, subfolder="models", weight_name="ip-adapter_sd15.bin", image_encoder_folder=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
 
-
 def bench_decoding_gpu(batch_sizes=(1, 8), n_batches: int = 2, images_per_setting: int = 5250) -> dict:
     """Images/s at the paper's decoding settings (512², 50 steps, CFG 5, fp16) on CUDA, per batch size."""
-    from .decoding import make_items, run_batch
 
     cfg = get_profile("paper").generation
     pipe = full_size_decoder("cuda", torch.float16)
@@ -169,13 +169,9 @@ def bench_decoding_gpu(batch_sizes=(1, 8), n_batches: int = 2, images_per_settin
     out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out
 
-
 def bench_metrics(n_users: int = 210, n_gen: int = 25, pool_size: int = 20, n_images: int = 30, dim: int = 1280,
                   n_permutations: int = 1000, seed: int = 0) -> dict:
     """Seconds for the §4.4/§4.5 metrics at the paper's scale (210 users), on synthetic data."""
-    import numpy as np
-
-    from .metrics import matching_test, permutation_test, precision_recall_at_k, r2_bootstrap, retrieval_metrics
 
     rng = np.random.default_rng(seed)
     sizes = rng.integers(pool_size - 5, pool_size + 6, n_users)  # per-user pools of different sizes
@@ -201,7 +197,6 @@ def bench_metrics(n_users: int = 210, n_gen: int = 25, pool_size: int = 20, n_im
     timed("matching_test_s", lambda: matching_test(scores, owner, n_permutations, seed))
     timed("r2_bootstrap_s", lambda: r2_bootstrap(scores.mean(1), rng.random(n_users), 1000, seed))
     return out
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rebeca_utils.bench", description=__doc__.splitlines()[0])
@@ -255,7 +250,6 @@ def main(argv=None) -> int:
           f"{sm['fast_s']:.1f} s | ddpm-1000 {sm['ddpm_extrapolated_s']:.0f} s (extrapolated from 1 user, "
           f"{sm['ddpm_subset_s']:.1f} s) | ratio {sm['ratio']:.0f}x | goal: 5,250 in <= 600 s")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

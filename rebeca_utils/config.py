@@ -7,7 +7,6 @@ from typing import Any
 
 PROFILES = ("smoke", "demo", "paper")
 
-
 @dataclass(frozen=True)
 class ModelsConfig:
     """Which builder constructs each model and, for the paper profile, the Hub ids."""
@@ -30,7 +29,6 @@ class ModelsConfig:
     hps_clip: tuple[str, str] = ("ViT-H-14", "laion2b_s32b_b79k")  # the architecture HPS fine-tuned
     seed: int = 0  # seeds the tiny builders
 
-
 @dataclass(frozen=True)
 class PriorConfig:
     """REBECA prior architecture (App D); defaults are the paper's final configuration (App E.2)."""
@@ -45,7 +43,6 @@ class PriorConfig:
     mlp_ratio: int = 4
     zero_init_attn: bool = True  # paper: all residual paths start at zero; False = reference code
 
-
 @dataclass(frozen=True)
 class DiffusionConfig:
     """Noise schedule, objective and samplers (App E.2)."""
@@ -55,7 +52,6 @@ class DiffusionConfig:
     prediction_type: str = "sample"  # eq. 3; or "epsilon", "v_prediction"
     sampler: str = "dpmsolver"  # fast sampler: "dpmsolver" (DPM-Solver++) or "ddim"; "ddpm" = the paper's 1000 steps
     sampler_steps: int = 20  # 5,250 paper-config samples with CFG: ~6 min on a 2-core CPU (DDIM-50: ~16 min)
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -73,7 +69,6 @@ class TrainConfig:
     p_drop_rating: float = 0.0
     weight_decay: float = 0.01
     val_every: int = 1
-
 
 @dataclass(frozen=True)
 class DSpritesConfig:
@@ -102,7 +97,6 @@ class DSpritesConfig:
     ddpm_reps: int = 5  # repetitions for the slow 1000-step sampler comparison
     umap_points: int = 4000
 
-
 @dataclass(frozen=True)
 class FlickrConfig:
     """FLICKR-AES (§4.1) or its synthetic stand-in."""
@@ -116,7 +110,6 @@ class FlickrConfig:
     n_test: int = 10
     n_val: int = 10
     n_holdout_workers: int = 37
-
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -140,7 +133,6 @@ class GenerationConfig:
     grid_images: int = 10
     grid_cfg_scales: tuple[float, ...] = (5.0, 7.0, 9.0)
 
-
 @dataclass(frozen=True)
 class VerifierConfig:
     """Neural Matrix Factorization verifier (§4.3.2, App H) on frozen verifier-space (bigG) embeddings."""
@@ -156,7 +148,6 @@ class VerifierConfig:
     user_weighting: str = "none"  # "none": plain BCE (paper); "inverse_frequency": the reference code
     n_bootstrap: int = 1000
 
-
 @dataclass(frozen=True)
 class EvalConfig:
     """Evaluation (§4.4, §4.5, App I-K): retrieval metrics, aesthetics, permutation tests."""
@@ -169,7 +160,6 @@ class EvalConfig:
     hps_version: str = "v2.0"  # or "v2.1"
     hps_prompt: str = "Realistic image, finely detailed, with balanced composition and harmonious elements."
     batch_size: int = 32
-
 
 @dataclass(frozen=True)
 class Profile:
@@ -185,7 +175,6 @@ class Profile:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
 
 def _smoke() -> Profile:
     return Profile(
@@ -205,19 +194,15 @@ def _smoke() -> Profile:
         eval=EvalConfig(n_permutations=200, n_bootstrap=200, batch_size=8),
     )
 
-
 def _demo() -> Profile:
     return Profile(name="demo", models=ModelsConfig(builder="tiny", decoder_emb_dim=32, verifier_emb_dim=48),
                    prior=PriorConfig(emb_dim=32, n_tokens=8, hidden_dim=32, n_heads=4, n_layers=2, n_users=24),
                    flickr=FlickrConfig(n_holdout_workers=4))
 
-
 def _paper() -> Profile:
     return Profile(name="paper", flickr=FlickrConfig(synthetic=False, n_workers=210, n_images=40_988))
 
-
 _BUILDERS = {"smoke": _smoke, "demo": _demo, "paper": _paper}
-
 
 def _keys(obj: Any, prefix: str = "") -> list[str]:
     out = []
@@ -228,12 +213,6 @@ def _keys(obj: Any, prefix: str = "") -> list[str]:
         elif f.name != "name":
             out.append(prefix + f.name)
     return out
-
-
-def valid_keys(profile: str = "smoke") -> list[str]:
-    """All dotted parameter names a profile accepts as overrides."""
-    return _keys(get_profile(profile))
-
 
 def _coerce(old: Any, new: Any, key: str) -> Any:
     if isinstance(old, tuple) and isinstance(new, list):
@@ -246,7 +225,6 @@ def _coerce(old: Any, new: Any, key: str) -> Any:
         raise TypeError(f"parameter {key!r} expects {type(old).__name__}, got {new!r}")
     return new
 
-
 def get_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
     """Profile `name` with dotted overrides, e.g. {"train.max_epochs": 5}; unknown names raise."""
     if name not in _BUILDERS:
@@ -256,7 +234,6 @@ def get_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
         prof = _set(prof, key, value)
     return prof
 
-
 def _set(prof: Profile, key: str, value: Any) -> Profile:
     section, _, attr = key.partition(".")
     sub = getattr(prof, section, None) if attr else None
@@ -264,14 +241,12 @@ def _set(prof: Profile, key: str, value: Any) -> Profile:
         raise KeyError(f"unknown parameter {key!r}; valid parameters: {', '.join(_keys(prof))}")
     return replace(prof, **{section: replace(sub, **{attr: _coerce(getattr(sub, attr), value, key)})})
 
-
 def reject_shadowed(overrides: dict[str, Any] | None, shadowed: dict[str, str]) -> None:
     """Refuse overrides of settings a notebook parameter controls (the parameter would silently win)."""
     clash = sorted(k for k in overrides or {} if k in shadowed)
     if clash:
         raise ValueError(f"overrides {', '.join(clash)}: set by the notebook parameter(s) "
                          f"{', '.join(shadowed[k] for k in clash)}; use the parameter instead")
-
 
 def as_dict(prof: Profile) -> dict[str, Any]:
     """Plain nested dict, for manifests."""

@@ -11,17 +11,20 @@ import sys
 import time
 from pathlib import Path
 
+import papermill
+from jupyter_client.kernelspec import KernelSpecManager
+from papermill.exceptions import PapermillExecutionError
+
 from .config import PROFILES
+from .notebook.runs import NOTEBOOKS_ENV, notebooks_dir, parameter_names
 
-REPO = Path(__file__).resolve().parent.parent
 KERNEL = "rebeca"
-_NB = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
 
+_NB = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
 
 def discover(notebooks_dir: Path) -> list[Path]:
     """Numbered notebooks NN_name.ipynb, in order."""
     return sorted(p for p in Path(notebooks_dir).glob("*.ipynb") if _NB.match(p.name))
-
 
 def select(nbs: list[Path], only=None, start=None, stop=None) -> list[Path]:
     """Filter by number: --only wins; otherwise the inclusive range [--from, --to]."""
@@ -32,7 +35,6 @@ def select(nbs: list[Path], only=None, start=None, stop=None) -> list[Path]:
     if only:
         return [p for p in nbs if p.name[:2] in set(only)]
     return [p for p in nbs if (start is None or p.name[:2] >= start) and (stop is None or p.name[:2] <= stop)]
-
 
 def parse_params(items: list[str]) -> dict:
     """key=value pairs; values are Python literals where they parse, strings otherwise."""
@@ -47,22 +49,12 @@ def parse_params(items: list[str]) -> dict:
             out[key] = raw
     return out
 
-
-def notebook_parameters(nb: Path) -> set[str]:
-    """Names declared in the notebook's `parameters` cell."""
-    import papermill
-
-    return set(papermill.inspect_notebook(str(nb)))
-
-
 def check_kernel(kernel: str) -> None:
     """Fail fast when the kit's Jupyter kernel is not registered."""
-    from jupyter_client.kernelspec import KernelSpecManager
 
     if kernel not in KernelSpecManager().find_kernel_specs():
         raise SystemExit(f"error: Jupyter kernel {kernel!r} is not installed; run `make install` "
                          f"(it registers it with: python -m ipykernel install --sys-prefix --name {kernel})")
-
 
 def _failure(nb: Path, err: Exception) -> str:
     cell = getattr(err, "exec_count", None)
@@ -71,16 +63,13 @@ def _failure(nb: Path, err: Exception) -> str:
     ename, evalue = getattr(err, "ename", type(err).__name__), getattr(err, "evalue", str(err))
     return f"FAILED {nb.name}, cell [{cell}]:\n    {head}\n{ename}: {evalue}"
 
-
 def run_notebooks(profile: str, nbs: list[Path], params: dict, output_dir: Path, kernel: str = KERNEL,
                   log=print) -> list[dict]:
     """Execute notebooks in order; stop at the first failure (SystemExit with the failing cell)."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
 
     if profile not in PROFILES:
         raise SystemExit(f"error: unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
-    declared = {nb: notebook_parameters(nb) for nb in nbs}
+    declared = {nb: set(parameter_names(nb)) for nb in nbs}
     known = set().union(*declared.values()) if declared else set()
     unknown = sorted(set(params) - known)
     if unknown:
@@ -108,7 +97,6 @@ def run_notebooks(profile: str, nbs: list[Path], params: dict, output_dir: Path,
         results.append({"notebook": nb.stem, "seconds": dt, "manifest": str(manifest)})
     return results
 
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rebeca_utils.run", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", required=True, help=f"one of {', '.join(PROFILES)}")
@@ -117,20 +105,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--to", dest="stop", metavar="NN", help="last notebook number (inclusive)")
     ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                     help="notebook parameter, passed to every notebook that declares it")
-    ap.add_argument("--output-dir", default=str(REPO / "outputs"), help="output root (default: outputs/)")
-    ap.add_argument("--notebooks-dir", default=str(REPO / "notebooks"))
+    ap.add_argument("--output-dir", default="outputs", help="output root (default: ./outputs)")
+    ap.add_argument("--notebooks-dir", help=f"default: ${NOTEBOOKS_ENV}, else ./notebooks")
     ap.add_argument("--kernel", default=KERNEL)
     a = ap.parse_args(argv)
     if a.profile not in PROFILES:
         ap.error(f"unknown profile {a.profile!r}; valid profiles: {', '.join(PROFILES)}")
-    nbs = select(discover(Path(a.notebooks_dir)), a.only, a.start, a.stop)
+    try:
+        nb_dir = Path(a.notebooks_dir) if a.notebooks_dir else notebooks_dir()
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    nbs = select(discover(nb_dir), a.only, a.start, a.stop)
     if not nbs:
         raise SystemExit("error: no notebooks selected")
     t0 = time.perf_counter()
     run_notebooks(a.profile, nbs, parse_params(a.param), Path(a.output_dir), a.kernel)
     print(f"all {len(nbs)} notebook(s) ok in {time.perf_counter() - t0:.1f} s")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

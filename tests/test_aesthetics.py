@@ -12,9 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from rebeca_utils import aesthetics as A
-from rebeca_utils import components as C
+from rebeca_utils import runtime as RT
 from rebeca_utils.config import ModelsConfig, get_profile
+from rebeca_utils.evaluate import aesthetics as AES
+from rebeca_utils.models import encoders as ENC
+from rebeca_utils.models import weights as W
 
 TINY = get_profile("smoke").models
 HUB = ModelsConfig()
@@ -38,12 +40,12 @@ def _images(n=5):
 
 @pytest.fixture(scope="module")
 def tiny_aesthetic():
-    return A.AestheticScorer.from_models(TINY)
+    return AES.AestheticScorer.from_models(TINY)
 
 
 @pytest.fixture(scope="module")
 def tiny_hps():
-    return A.HPSScorer.from_models(TINY)
+    return AES.HPSScorer.from_models(TINY)
 
 
 def _fake_repo(cache: Path, repo_id: str) -> Path:
@@ -62,19 +64,19 @@ def _fake_repo(cache: Path, repo_id: str) -> Path:
 @needs_fixture
 def test_official_head_checkpoint_layout():
     state = torch.load(FIXTURE, map_location="cpu", weights_only=True)
-    assert set(state) == {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")} == A.HEAD_KEYS
+    assert set(state) == {f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")} == AES.HEAD_KEYS
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     assert shapes == {"layers.0.weight": (1024, 768), "layers.0.bias": (1024,), "layers.2.weight": (128, 1024),
                       "layers.2.bias": (128,), "layers.4.weight": (64, 128), "layers.4.bias": (64,),
                       "layers.6.weight": (16, 64), "layers.6.bias": (16,), "layers.7.weight": (1, 16),
                       "layers.7.bias": (1,)}
-    head = A.load_aesthetic_head(FIXTURE)
+    head = AES.load_aesthetic_head(FIXTURE)
     assert not head.training and all(torch.equal(head.state_dict()[k], state[k]) for k in state)
 
 
 @needs_fixture
 def test_head_forward_is_the_linear_chain_on_normalised_embeddings():
-    head = A.load_aesthetic_head(FIXTURE)
+    head = AES.load_aesthetic_head(FIXTURE)
     s = head.state_dict()
     x = torch.randn(6, 768, generator=torch.Generator().manual_seed(0))
     manual = x
@@ -95,13 +97,13 @@ def test_head_forward_is_the_linear_chain_on_normalised_embeddings():
 
 
 def test_head_loader_rejects_other_checkpoints(tmp_path):
-    bad = A.LaionAestheticHead(512).state_dict()
+    bad = AES.LaionAestheticHead(512).state_dict()
     torch.save(bad, tmp_path / "wrong.pth")
     with pytest.raises(ValueError, match="shapes differ"):
-        A.load_aesthetic_head(tmp_path / "wrong.pth")
+        AES.load_aesthetic_head(tmp_path / "wrong.pth")
     torch.save({"state_dict": bad}, tmp_path / "nested.pth")
     with pytest.raises(ValueError, match="not a LAION aesthetic head"):
-        A.load_aesthetic_head(tmp_path / "nested.pth")
+        AES.load_aesthetic_head(tmp_path / "nested.pth")
 
 
 def test_tiny_aesthetic_scorer_is_deterministic_and_batch_independent(tiny_aesthetic, tmp_path):
@@ -109,7 +111,7 @@ def test_tiny_aesthetic_scorer_is_deterministic_and_batch_independent(tiny_aesth
     a = tiny_aesthetic.score(images)
     assert a.shape == (5,) and a.dtype == np.float32 and np.isfinite(a).all()
     assert np.array_equal(a, tiny_aesthetic.score(images))
-    assert np.array_equal(a, A.AestheticScorer.from_models(TINY).score(images))  # seeded build
+    assert np.array_equal(a, AES.AestheticScorer.from_models(TINY).score(images))  # seeded build
     assert np.allclose(a, tiny_aesthetic.score(images, batch_size=1), atol=1e-5)
     assert np.allclose(a, tiny_aesthetic.score(images, batch_size=2), atol=1e-5)
     paths = []
@@ -125,7 +127,7 @@ def test_tiny_aesthetic_scorer_is_deterministic_and_batch_independent(tiny_aesth
 
 @needs_fixture
 def test_tiny_aesthetic_scorer_takes_the_official_head(tiny_aesthetic):
-    scorer = A.AestheticScorer.from_models(TINY, head_path=FIXTURE)
+    scorer = AES.AestheticScorer.from_models(TINY, head_path=FIXTURE)
     state = torch.load(FIXTURE, map_location="cpu", weights_only=True)
     assert all(torch.equal(scorer.head.state_dict()[k], state[k]) for k in state)
     assert scorer.clip is not tiny_aesthetic.clip
@@ -166,16 +168,16 @@ def test_hps_score_is_100_cosine(tiny_hps):
 
 
 def test_hps_versions(tiny_hps):
-    v21 = A.HPSScorer.from_models(TINY, version="v2.1")
+    v21 = AES.HPSScorer.from_models(TINY, version="v2.1")
     assert v21.version == "v2.1" and tiny_hps.version == "v2.0"
     assert not np.allclose(v21.score(_images(), "a cat"), tiny_hps.score(_images(), "a cat"), atol=1e-3)
-    assert C.hps_entry(HUB, "v2.1").files == ["HPS_v2.1_compressed.pt"]
+    assert W.hps_entry(HUB, "v2.1").files == ["HPS_v2.1_compressed.pt"]
     with pytest.raises(ValueError, match="v2.0, v2.1"):
-        A.HPSScorer.from_models(TINY, version="v3")
+        AES.HPSScorer.from_models(TINY, version="v3")
 
 
 def test_hps_transform_pads_the_longest_side_to_square():
-    t = A.hps_transform(32)
+    t = AES.hps_transform(32)
     x = t(Image.new("RGB", (128, 64), (255, 255, 255)))
     assert x.shape == (3, 32, 32)
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -192,15 +194,15 @@ def test_hps_checkpoint_in_the_real_layout_loads_offline(hf_cache, tiny_hps, pre
     """A tiny model saved as HPS_v2_compressed.pt ({"state_dict": ...}) in the xswu/HPSv2 cache loads by the hub path."""
     import open_clip
 
-    arch = C._tiny_clip_name(TINY, "hps")
+    arch = ENC.tiny_clip_name(TINY, "hps")
     models = replace(HUB, hps_clip=(arch, "laion2b_s32b_b79k"))
-    with pytest.raises(C.MissingWeightsError, match="xswu/HPSv2"):
-        A.HPSScorer.from_models(models)
+    with pytest.raises(W.MissingWeightsError, match="xswu/HPSv2"):
+        AES.HPSScorer.from_models(models)
     state = {prefix + k: (v.half() if half and v.is_floating_point() else v).clone()
              for k, v in tiny_hps.model.state_dict().items()}
     torch.save({"epoch": 1, "name": "hps", "state_dict": state}, _fake_repo(hf_cache, "xswu/HPSv2") / "HPS_v2_compressed.pt")
-    assert C.weights_in_cache(C.hps_entry(models))
-    scorer = A.HPSScorer.from_models(models)
+    assert W.weights_in_cache(W.hps_entry(models))
+    scorer = AES.HPSScorer.from_models(models)
     assert isinstance(scorer.model, open_clip.CLIP) and not scorer.model.training
     got, ref = scorer.model.state_dict(), tiny_hps.model.state_dict()
     assert got.keys() == ref.keys()
@@ -209,7 +211,7 @@ def test_hps_checkpoint_in_the_real_layout_loads_offline(hf_cache, tiny_hps, pre
     # a checkpoint of another architecture fails with the keys that do not fit
     torch.save({"state_dict": {"visual.nope": torch.zeros(1)}}, hf_cache / "other.pt")
     with pytest.raises(ValueError, match="does not fit"):
-        A.load_hps_state(open_clip.create_model(arch, pretrained=None), hf_cache / "other.pt")
+        AES.load_hps_state(open_clip.create_model(arch, pretrained=None), hf_cache / "other.pt")
 
 
 # ----------------------------------------------------------------------------------------------- paper profile
@@ -217,15 +219,15 @@ def test_hps_checkpoint_in_the_real_layout_loads_offline(hf_cache, tiny_hps, pre
 
 def test_paper_scorers_fail_fast_offline(hf_cache):
     start = time.perf_counter()
-    with pytest.raises(C.MissingWeightsError) as err:
-        A.AestheticScorer.from_models(HUB)
+    with pytest.raises(W.MissingWeightsError) as err:
+        AES.AestheticScorer.from_models(HUB)
     msg = str(err.value)
-    target = Path(os.environ[C.CACHE_ENV]) / "laion-aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"
-    assert HUB.aesthetic_head_url in msg and str(target) in msg and C.AESTHETIC_HEAD_ENV in msg
+    target = Path(os.environ[RT.CACHE_ENV]) / "laion-aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"
+    assert HUB.aesthetic_head_url in msg and str(target) in msg and W.AESTHETIC_HEAD_ENV in msg
     assert "00_setup" in msg and "\n" not in msg
-    for version, name in C.HPS_FILES.items():
-        with pytest.raises(C.MissingWeightsError) as err:
-            A.HPSScorer.from_models(HUB, version=version)
+    for version, name in W.HPS_FILES.items():
+        with pytest.raises(W.MissingWeightsError) as err:
+            AES.HPSScorer.from_models(HUB, version=version)
         msg = str(err.value)
         assert "xswu/HPSv2" in msg and name in msg and str(hf_cache) in msg and "hf download" in msg
         assert "00_setup" in msg and "\n" not in msg
@@ -234,16 +236,16 @@ def test_paper_scorers_fail_fast_offline(hf_cache):
 
 def test_head_path_overrides_and_env(hf_cache, monkeypatch, tmp_path):
     missing = tmp_path / "elsewhere" / "head.pth"
-    with pytest.raises(C.MissingWeightsError, match=str(missing)):
-        A.build_aesthetic_head(HUB, head_path=missing)
-    monkeypatch.setenv(C.AESTHETIC_HEAD_ENV, str(missing))
-    assert C.aesthetic_head_entry(HUB).files == [str(missing)]
-    with pytest.raises(C.MissingWeightsError, match=str(missing)):
-        A.build_aesthetic_head(HUB)
+    with pytest.raises(W.MissingWeightsError, match=str(missing)):
+        AES.build_aesthetic_head(HUB, head_path=missing)
+    monkeypatch.setenv(W.AESTHETIC_HEAD_ENV, str(missing))
+    assert W.aesthetic_head_entry(HUB).files == [str(missing)]
+    with pytest.raises(W.MissingWeightsError, match=str(missing)):
+        AES.build_aesthetic_head(HUB)
     if FIXTURE.is_file():
-        monkeypatch.setenv(C.AESTHETIC_HEAD_ENV, str(FIXTURE))
-        assert C.weights_in_cache(C.aesthetic_head_entry(HUB))
-        assert torch.equal(A.build_aesthetic_head(HUB).layers[7].bias, A.load_aesthetic_head(FIXTURE).layers[7].bias)
+        monkeypatch.setenv(W.AESTHETIC_HEAD_ENV, str(FIXTURE))
+        assert W.weights_in_cache(W.aesthetic_head_entry(HUB))
+        assert torch.equal(AES.build_aesthetic_head(HUB).layers[7].bias, AES.load_aesthetic_head(FIXTURE).layers[7].bias)
 
 
 def test_head_host_unreachable_fails_fast(hf_cache, monkeypatch):
@@ -252,8 +254,8 @@ def test_head_host_unreachable_fails_fast(hf_cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     models = replace(HUB, aesthetic_head_url="http://127.0.0.1:9/sac+logos+ava1-l14-linearMSE.pth")  # refused
-    with pytest.raises(C.MissingWeightsError, match="127.0.0.1 is unreachable.*sac\\+logos"):
-        A.build_aesthetic_head(models)
+    with pytest.raises(W.MissingWeightsError, match="127.0.0.1 is unreachable.*sac\\+logos"):
+        AES.build_aesthetic_head(models)
 
 
 @needs_fixture
@@ -263,27 +265,27 @@ def test_head_is_fetched_atomically_into_the_kit_cache_and_reused(hf_cache, monk
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     models = replace(HUB, aesthetic_head_url=FIXTURE.as_uri())  # a file:// URL stands in for GitHub
-    entry = C.aesthetic_head_entry(models)
-    target = Path(os.environ[C.CACHE_ENV]) / "laion-aesthetic" / FIXTURE.name
-    assert entry.files == [str(target)] and not C.weights_in_cache(entry)
-    head = A.build_aesthetic_head(models)
+    entry = W.aesthetic_head_entry(models)
+    target = Path(os.environ[RT.CACHE_ENV]) / "laion-aesthetic" / FIXTURE.name
+    assert entry.files == [str(target)] and not W.weights_in_cache(entry)
+    head = AES.build_aesthetic_head(models)
     assert target.read_bytes() == FIXTURE.read_bytes() and [p.name for p in target.parent.iterdir()] == [target.name]
-    assert torch.equal(head.layers[0].weight, A.load_aesthetic_head(FIXTURE).layers[0].weight)
+    assert torch.equal(head.layers[0].weight, AES.load_aesthetic_head(FIXTURE).layers[0].weight)
     mtime = target.stat().st_mtime_ns
-    assert C.download_paper_weights([entry]) == {entry.repo_id: [str(target)]} and target.stat().st_mtime_ns == mtime
-    A.build_aesthetic_head(models)
+    assert W.download_paper_weights([entry]) == {entry.repo_id: [str(target)]} and target.stat().st_mtime_ns == mtime
+    AES.build_aesthetic_head(models)
     assert target.stat().st_mtime_ns == mtime
 
 
 def test_paper_weights_list_the_head_and_hps(hf_cache):
-    from rebeca_utils.setup_check import weights_report
+    from rebeca_utils.notebook.setup_check import weights_report
 
-    entries = C.paper_weights()
+    entries = W.paper_weights()
     assert len(entries) == 8
     head, hps = entries[-2], entries[-1]
     assert head.url == HUB.aesthetic_head_url and head.repo_id == "github.com/christophschuhmann/improved-aesthetic-predictor"
     assert head.files[0].endswith("laion-aesthetic/sac+logos+ava1-l14-linearMSE.pth")
-    assert hps == C.hps_entry(HUB, "v2.0") and hps.repo_id == "xswu/HPSv2" and hps.files == ["HPS_v2_compressed.pt"]
+    assert hps == W.hps_entry(HUB, "v2.0") and hps.repo_id == "xswu/HPSv2" and hps.files == ["HPS_v2_compressed.pt"]
     report = weights_report()
     assert len(report) == 8 and not report["in_cache"].any()
     assert "xswu/HPSv2" in set(report["repo"])

@@ -14,8 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from rebeca_utils import components as C
 from rebeca_utils.config import ModelsConfig, get_profile
+from rebeca_utils.models import decoder as DEC
+from rebeca_utils.models import encoders as ENC
+from rebeca_utils.models import weights as W
 
 TINY = get_profile("smoke").models
 HUB = ModelsConfig()
@@ -28,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("kit_cache")  # conftest: private kit cache
 
 @pytest.fixture(scope="module")
 def tiny_pipe(kit_cache):
-    pipe = C.build_sd_pipeline(TINY, cache_dir=kit_cache)
+    pipe = DEC.build_sd_pipeline(TINY, cache_dir=kit_cache)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -48,23 +50,23 @@ def _image(size=48) -> Image.Image:
 
 def test_tiny_builders_are_seeded_and_deterministic(kit_cache):
     rng_before = torch.random.get_rng_state()
-    for role in C.CLIP_ROLES:
-        assert _same(C.build_clip(TINY, role)[0], C.build_clip(TINY, role)[0])
-    assert _same(C.build_image_encoder(TINY)[0], C.build_image_encoder(TINY)[0])
-    a = C.build_sd_pipeline(TINY, cache_dir=kit_cache)
-    b = C.build_sd_pipeline(TINY, cache_dir=kit_cache)
+    for role in ENC.CLIP_ROLES:
+        assert _same(ENC.build_clip(TINY, role)[0], ENC.build_clip(TINY, role)[0])
+    assert _same(ENC.build_image_encoder(TINY)[0], ENC.build_image_encoder(TINY)[0])
+    a = DEC.build_sd_pipeline(TINY, cache_dir=kit_cache)
+    b = DEC.build_sd_pipeline(TINY, cache_dir=kit_cache)
     for name in ("unet", "vae", "text_encoder"):
         assert _same(getattr(a, name), getattr(b, name)), name
     assert torch.equal(torch.random.get_rng_state(), rng_before)  # the caller's RNG stream is untouched
     other = replace(TINY, seed=1)
-    assert not _same(C.build_clip(TINY, "verifier")[0], C.build_clip(other, "verifier")[0])
-    assert not _same(C.build_image_encoder(TINY)[0], C.build_image_encoder(other)[0])
+    assert not _same(ENC.build_clip(TINY, "verifier")[0], ENC.build_clip(other, "verifier")[0])
+    assert not _same(ENC.build_image_encoder(TINY)[0], ENC.build_image_encoder(other)[0])
 
 
-@pytest.mark.parametrize("role,dim", [("verifier", TINY.verifier_emb_dim), ("aesthetic", C.AESTHETIC_EMB_DIM),
+@pytest.mark.parametrize("role,dim", [("verifier", TINY.verifier_emb_dim), ("aesthetic", ENC.AESTHETIC_EMB_DIM),
                                       ("decoder", TINY.decoder_emb_dim)])
 def test_tiny_open_clip_encodes_to_configured_dim(role, dim):
-    model, preprocess, tokenizer = C.build_clip(TINY, role)
+    model, preprocess, tokenizer = ENC.build_clip(TINY, role)
     with torch.no_grad():
         img = model.encode_image(preprocess(_image()).unsqueeze(0))
         txt = model.encode_text(tokenizer(["a red heart", "a blue square"]))
@@ -74,7 +76,7 @@ def test_tiny_open_clip_encodes_to_configured_dim(role, dim):
 
 
 def test_tiny_image_encoder_gives_decoder_space_embeds():
-    encoder, processor = C.build_image_encoder(TINY)
+    encoder, processor = ENC.build_image_encoder(TINY)
     pixels = processor(images=[_image(), _image(80)], return_tensors="pt").pixel_values
     assert pixels.shape == (2, 3, 32, 32)
     with torch.no_grad():
@@ -86,7 +88,7 @@ def test_tiny_image_encoder_gives_decoder_space_embeds():
 def test_tokenizer_matches_open_clip_ids(kit_cache):
     import open_clip
 
-    tok = C.build_tokenizer(kit_cache)
+    tok = ENC.build_tokenizer(kit_cache)
     assert len(tok) == 49408 and tok.model_max_length == 77
     for prompt in ["a photo of a cat", "A RED heart, on a white background!", "user 17 likes don't-care 3.5x"]:
         ids = tok(prompt).input_ids
@@ -137,10 +139,10 @@ def test_tiny_ip_adapter_checkpoint_has_original_layout(tiny_pipe, kit_cache):
     assert set(state["ip_adapter"]) == {f"{i}.to_{kv}_ip.weight" for i in range(1, 32, 2) for kv in "kv"}
     # present and valid: not rewritten; corrupted: rewritten
     mtime = path.stat().st_mtime_ns
-    folder = C.write_tiny_ip_adapter(TINY, C._tiny_sd_components(TINY, kit_cache)["unet"], kit_cache)
+    folder = DEC.write_tiny_ip_adapter(TINY, DEC.tiny_sd_components(TINY, kit_cache)["unet"], kit_cache)
     assert folder == kit_cache / "tiny-ip-adapter" and path.stat().st_mtime_ns == mtime
     path.write_bytes(b"truncated")
-    C.write_tiny_ip_adapter(TINY, C._tiny_sd_components(TINY, kit_cache)["unet"], kit_cache)
+    DEC.write_tiny_ip_adapter(TINY, DEC.tiny_sd_components(TINY, kit_cache)["unet"], kit_cache)
     assert set(torch.load(path, weights_only=True)) == {"image_proj", "ip_adapter"}
 
 
@@ -160,12 +162,12 @@ def test_hub_builders_load_paper_ids_from_cache_offline(hf_cache, kit_cache):
     from transformers import CLIPImageProcessor
 
     models = replace(HUB, decoder_emb_dim=TINY.decoder_emb_dim)
-    assert not any(C.weights_in_cache(e) for e in C.paper_weights(models))
-    tiny = C.build_sd_pipeline(TINY, ip_adapter=False, cache_dir=kit_cache)
+    assert not any(W.weights_in_cache(e) for e in W.paper_weights(models))
+    tiny = DEC.build_sd_pipeline(TINY, ip_adapter=False, cache_dir=kit_cache)
     tiny.scheduler = PNDMScheduler.from_config(tiny.scheduler.config)  # SD-1.5 ships PNDM
     sd = _fake_repo(hf_cache, models.sd_id)
     tiny.save_pretrained(sd)
-    for f in C.tiny_tokenizer_dir(kit_cache).iterdir():
+    for f in ENC.tiny_tokenizer_dir(kit_cache).iterdir():
         shutil.copy(f, sd / "tokenizer" / f.name)
     CLIPImageProcessor().save_pretrained(sd / "feature_extractor")
     index = json.loads((sd / "model_index.json").read_text())  # as the real one: a safety checker we skip
@@ -173,12 +175,12 @@ def test_hub_builders_load_paper_ids_from_cache_offline(hf_cache, kit_cache):
                  feature_extractor=["transformers", "CLIPImageProcessor"])
     (sd / "model_index.json").write_text(json.dumps(index))
     ip = _fake_repo(hf_cache, models.ip_adapter_id)
-    src = C.write_tiny_ip_adapter(models, tiny.unet, kit_cache) / models.ip_adapter_subfolder
+    src = DEC.write_tiny_ip_adapter(models, tiny.unet, kit_cache) / models.ip_adapter_subfolder
     shutil.copytree(src, ip / models.ip_adapter_subfolder)
-    C.build_image_encoder(TINY)[0].save_pretrained(ip / models.image_encoder_subfolder)
-    assert all(C.weights_in_cache(e) for e in C.paper_weights(models)[:3])
+    ENC.build_image_encoder(TINY)[0].save_pretrained(ip / models.image_encoder_subfolder)
+    assert all(W.weights_in_cache(e) for e in W.paper_weights(models)[:3])
 
-    pipe = C.build_sd_pipeline(models)
+    pipe = DEC.build_sd_pipeline(models)
     assert type(pipe) is StableDiffusionPipeline and isinstance(pipe.scheduler, DDIMScheduler)
     assert pipe.safety_checker is None and _same(pipe.vae, tiny.vae)
     emb = torch.randn(1, 1, models.decoder_emb_dim)
@@ -186,7 +188,7 @@ def test_hub_builders_load_paper_ids_from_cache_offline(hf_cache, kit_cache):
     out = pipe("a heart", num_inference_steps=2, guidance_scale=5.0, height=64, width=64, output_type="pt",
                ip_adapter_image_embeds=[torch.cat([torch.zeros_like(emb), emb])]).images
     assert torch.isfinite(out).all()
-    encoder, _ = C.build_image_encoder(models)
+    encoder, _ = ENC.build_image_encoder(models)
     assert encoder.config.projection_dim == models.decoder_emb_dim
 
 
@@ -195,35 +197,35 @@ def test_hub_clip_loads_cached_open_clip_weights_offline(hf_cache, monkeypatch):
     import open_clip
     from safetensors.torch import save_file
 
-    tiny, _, _ = C.build_clip(TINY, "aesthetic")
-    arch = C._tiny_clip_name(TINY, "aesthetic")
+    tiny, _, _ = ENC.build_clip(TINY, "aesthetic")
+    arch = ENC.tiny_clip_name(TINY, "aesthetic")
     pcfg = dict(open_clip.get_pretrained_cfg("ViT-L-14", "openai"), hf_hub="someone/tiny-clip/", url="")
     real = open_clip.get_pretrained_cfg
     monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda a, t: pcfg if a == arch else real(a, t))
     models = replace(HUB, aesthetic_clip=(arch, "openai"))
-    with pytest.raises(C.MissingWeightsError, match="someone/tiny-clip"):
-        C.build_clip(models, "aesthetic")
+    with pytest.raises(W.MissingWeightsError, match="someone/tiny-clip"):
+        ENC.build_clip(models, "aesthetic")
     save_file({k: v.contiguous() for k, v in tiny.state_dict().items()},
               str(_fake_repo(hf_cache, "someone/tiny-clip") / "open_clip_model.safetensors"))
-    model, preprocess, tokenizer = C.build_clip(models, "aesthetic")
+    model, preprocess, tokenizer = ENC.build_clip(models, "aesthetic")
     assert _same(model, tiny) and not model.training
-    assert model.encode_text(tokenizer(["a cat"])).shape == (1, C.AESTHETIC_EMB_DIM)
+    assert model.encode_text(tokenizer(["a cat"])).shape == (1, ENC.AESTHETIC_EMB_DIM)
 
 
 # ----------------------------------------------------------------------------------------------- paper profile
 
 
 @pytest.mark.parametrize("build,repo", [
-    (lambda: C.build_sd_pipeline(HUB), HUB.sd_id),
-    (lambda: C.build_sd_pipeline(replace(HUB, sd_id="nobody/absent")), "nobody/absent"),
-    (lambda: C.build_image_encoder(HUB), HUB.ip_adapter_id),
-    (lambda: C.build_clip(HUB, "verifier"), "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"),
-    (lambda: C.build_clip(HUB, "aesthetic"), "timm/vit_large_patch14_clip_224.openai"),
-    (lambda: C.build_clip(HUB, "decoder"), "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    (lambda: DEC.build_sd_pipeline(HUB), HUB.sd_id),
+    (lambda: DEC.build_sd_pipeline(replace(HUB, sd_id="nobody/absent")), "nobody/absent"),
+    (lambda: ENC.build_image_encoder(HUB), HUB.ip_adapter_id),
+    (lambda: ENC.build_clip(HUB, "verifier"), "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"),
+    (lambda: ENC.build_clip(HUB, "aesthetic"), "timm/vit_large_patch14_clip_224.openai"),
+    (lambda: ENC.build_clip(HUB, "decoder"), "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
 ])
 def test_paper_builders_fail_fast_offline(hf_cache, build, repo):
     start = time.perf_counter()
-    with pytest.raises(C.MissingWeightsError) as err:
+    with pytest.raises(W.MissingWeightsError) as err:
         build()
     assert time.perf_counter() - start < 2.0
     msg = str(err.value)
@@ -237,12 +239,12 @@ def test_paper_builders_fail_fast_when_hub_unreachable(hf_cache, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: refused at once
-    with pytest.raises(C.MissingWeightsError, match="unreachable.*h94/IP-Adapter"):
-        C.build_image_encoder(HUB)
+    with pytest.raises(W.MissingWeightsError, match="unreachable.*h94/IP-Adapter"):
+        ENC.build_image_encoder(HUB)
 
 
 def test_paper_weights_registry():
-    entries = C.paper_weights()
+    entries = W.paper_weights()
     repos = [e.repo_id for e in entries]
     assert repos[:3] == [HUB.sd_id, HUB.ip_adapter_id, HUB.ip_adapter_id]
     assert "models/ip-adapter_sd15.bin" in entries[1].files
@@ -256,21 +258,25 @@ def test_real_architectures_are_wired():
     import open_clip
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import (
+        CLIPTextConfig,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
 
     assert open_clip.get_model_config(HUB.decoder_clip[0])["embed_dim"] == HUB.decoder_emb_dim == 1024
     assert open_clip.get_model_config(HUB.verifier_clip[0])["embed_dim"] == HUB.verifier_emb_dim == 1280
-    assert open_clip.get_model_config(HUB.aesthetic_clip[0])["embed_dim"] == C.AESTHETIC_EMB_DIM == 768
+    assert open_clip.get_model_config(HUB.aesthetic_clip[0])["embed_dim"] == ENC.AESTHETIC_EMB_DIM == 768
     vit_h = open_clip.get_model_config("ViT-H-14")["vision_cfg"]
     with init_empty_weights():
-        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**C.VIT_H14_VISION_CONFIG))
-        unet = UNet2DConditionModel(**C.SD15_UNET_CONFIG)
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**ENC.VIT_H14_VISION_CONFIG))
+        unet = UNet2DConditionModel(**DEC.SD15_UNET_CONFIG)
     cfg = encoder.config
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.patch_size) == (vit_h["width"], vit_h["layers"], 14)
     assert encoder.visual_projection.out_features == HUB.decoder_emb_dim
-    assert unet.config.cross_attention_dim == CLIPTextConfig(**C.SD15_TEXT_CONFIG).hidden_size == 768
+    assert unet.config.cross_attention_dim == CLIPTextConfig(**DEC.SD15_TEXT_CONFIG).hidden_size == 768
     # the real ip-adapter_sd15.bin layout, derived from the real UNet: proj 1024 -> 4 x 768, 16 attn2 layers
-    state = C.tiny_ip_adapter_state_dict(unet, HUB.decoder_emb_dim)
+    state = DEC.tiny_ip_adapter_state_dict(unet, HUB.decoder_emb_dim)
     assert state["image_proj"]["proj.weight"].shape == (4 * 768, 1024)
     assert state["ip_adapter"]["1.to_k_ip.weight"].shape == (320, 768)
     assert state["ip_adapter"]["29.to_v_ip.weight"].shape == (320, 768)  # last up block
@@ -280,6 +286,6 @@ def test_real_architectures_are_wired():
 
 def test_builder_name_is_checked():
     with pytest.raises(ValueError, match="tiny"):
-        C.build_image_encoder(replace(TINY, builder="local"))
+        ENC.build_image_encoder(replace(TINY, builder="local"))
     with pytest.raises(ValueError, match="verifier"):
-        C.build_clip(TINY, "judge")
+        ENC.build_clip(TINY, "judge")

@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 import torch
 
-from rebeca_utils import resolve_device, resolve_dtype, seed_everything
-from rebeca_utils.config import PROFILES, get_profile, valid_keys
+from rebeca_utils.config import PROFILES, get_profile
+from rebeca_utils.runtime import resolve_device, resolve_dtype, seed_everything
 
 
 def test_profiles_are_frozen_and_distinct():
@@ -38,7 +38,8 @@ def test_overrides_apply_and_type_check():
     assert get_profile("smoke").train.max_epochs != 3  # the base profile is untouched
     with pytest.raises(TypeError, match="parameter 'train.max_epochs' expects int"):
         get_profile("smoke", {"train.max_epochs": "many"})
-    assert "dsprites.p_like" in valid_keys()
+    with pytest.raises(KeyError, match=r"unknown parameter 'train.epochs'; valid parameters: .*train\.max_epochs"):
+        get_profile("smoke", {"train.epochs": 3})
 
 
 def test_resolve_device_and_dtype(monkeypatch):

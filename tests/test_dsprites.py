@@ -5,32 +5,34 @@ import numpy as np
 import pytest
 import torch
 
-from rebeca_utils import dsprites as ds
-from rebeca_utils import vae as V
+from rebeca_utils.data import dsprites as DS
+from rebeca_utils.evaluate import retrieval as RET
+from rebeca_utils.models import vae as VAE
+from rebeca_utils.studies import controlled as CTRL
 
 
 # ---------------------------------------------------------------------------------------------------- renderer
 def test_renderer_shapes_dtypes_binary():
-    imgs = ds.render_sprites([0, 1, 2], 3, 7, 16, 16)
+    imgs = DS.render_sprites([0, 1, 2], 3, 7, 16, 16)
     assert imgs.shape == (3, 64, 64) and imgs.dtype == np.uint8
     assert set(np.unique(imgs)) == {0, 1}
     assert all(img.sum() > 20 for img in imgs)
     # the three shapes differ
     assert (imgs[0] != imgs[1]).any() and (imgs[0] != imgs[2]).any() and (imgs[1] != imgs[2]).any()
     with pytest.raises(ValueError):
-        ds.render_sprites(3, 0, 0, 0, 0)
+        DS.render_sprites(3, 0, 0, 0, 0)
     with pytest.raises(ValueError):
-        ds.render_sprites(0, 6, 0, 0, 0)
+        DS.render_sprites(0, 6, 0, 0, 0)
 
 
 @pytest.mark.parametrize("shape", [0, 1, 2])
 def test_renderer_size_grows_with_scale(shape):
-    areas = ds.render_sprites(shape, np.arange(6), 0, 16, 16).reshape(6, -1).sum(1)
+    areas = DS.render_sprites(shape, np.arange(6), 0, 16, 16).reshape(6, -1).sum(1)
     assert np.all(np.diff(areas) > 0)
 
 
 def test_renderer_rotation_changes_square_and_position_moves_centroid():
-    sq = ds.render_sprites(0, 5, [0, 5, 10], 16, 16)  # 0, 45 degrees, 90 degrees (square symmetric)
+    sq = DS.render_sprites(0, 5, [0, 5, 10], 16, 16)  # 0, 45 degrees, 90 degrees (square symmetric)
     assert (sq[0] != sq[1]).any()
     assert abs(int(sq[0].sum()) - int(sq[1].sum())) < 0.2 * sq[0].sum()  # rotation keeps the area roughly
     assert (sq[0] != sq[2]).sum() < 0.1 * sq[0].sum()  # 90 degrees: (nearly) the same square
@@ -39,24 +41,22 @@ def test_renderer_rotation_changes_square_and_position_moves_centroid():
         r, c = np.nonzero(img)
         return r.mean(), c.mean()
 
-    x = ds.render_sprites(2, 2, 0, [0, 31], 16)
-    y = ds.render_sprites(2, 2, 0, 16, [0, 31])
+    x = DS.render_sprites(2, 2, 0, [0, 31], 16)
+    y = DS.render_sprites(2, 2, 0, 16, [0, 31])
     (r0, c0), (r1, c1) = centroid(x[0]), centroid(x[1])
     assert c1 - c0 > 30 and abs(r1 - r0) < 1  # posX moves along columns
     (r0, c0), (r1, c1) = centroid(y[0]), centroid(y[1])
     assert r1 - r0 > 30 and abs(c1 - c0) < 1  # posY moves along rows
     # nothing is clipped at the extreme positions: full-size rotated sprites keep their area
-    corners = ds.render_sprites(0, 5, 5, [0, 31, 0, 31], [0, 0, 31, 31])
+    corners = DS.render_sprites(0, 5, 5, [0, 31, 0, 31], [0, 0, 31, 31])
     assert np.all(corners.reshape(4, -1).sum(1) == corners[0].sum())
 
 
 def test_factor_grid_matches_dsprites_layout():
-    grid = ds.dsprites_factor_grid()
-    assert grid.shape == (ds.N_GRID, 6) == (737_280, 6)
+    grid = DS.dsprites_factor_grid()
+    assert grid.shape == (DS.N_GRID, 6) == (737_280, 6)
     assert (grid[1] == [0, 0, 0, 0, 0, 1]).all()  # posY varies fastest
-    assert (grid.max(0) == np.array(ds.FACTOR_SIZES) - 1).all()
-    vals = ds.factor_values(grid[[0, -1]])
-    assert np.allclose(vals[0], [1, 1, 0.5, 0, 0, 0]) and np.allclose(vals[1], [1, 3, 1, 2 * np.pi, 1, 1])
+    assert (grid.max(0) == np.array(DS.FACTOR_SIZES) - 1).all()
 
 
 # ---------------------------------------------------------------------------------------------------- npz path
@@ -66,47 +66,47 @@ def _write_small_npz(path, n=64, seed=0):
                         rng.integers(0, 32, n), rng.integers(0, 32, n)], 1)
     classes[:4, 1] = [0, 2, 0, 2]
     imgs = (rng.random((n, 64, 64)) < 0.3).astype(np.uint8)  # distinctive noise, not renderer output
-    np.savez_compressed(path, imgs=imgs, latents_classes=classes, latents_values=ds.factor_values(classes))
+    np.savez_compressed(path, imgs=imgs, latents_classes=classes, latents_values=classes.astype(np.float64))
     return imgs, classes
 
 
 def test_npz_path_returns_npz_images(tmp_path):
     path = tmp_path / "small.npz"
     imgs, classes = _write_small_npz(path)
-    got, factors, source = ds.load_dsprites(path)
+    got, factors, source = DS.load_dsprites(path)
     assert source == f"official npz: {path}"
     np.testing.assert_array_equal(got, imgs)
     np.testing.assert_array_equal(factors, classes)
     rows = np.array([50, 3, 3, 17, 0])  # any order, repeats, small chunks
-    part = ds._read_npz_rows(path, "imgs", rows, chunk_rows=7)
+    part = DS.read_npz_rows(path, "imgs", rows, chunk_rows=7)
     np.testing.assert_array_equal(part, imgs[rows])
-    got, factors, _ = ds.load_dsprites(path, rows=rows)
+    got, factors, _ = DS.load_dsprites(path, rows=rows)
     np.testing.assert_array_equal(got, imgs[rows])
     np.testing.assert_array_equal(factors, classes[rows])
 
-    st = ds.make_study(n_images=200, npz_path=path, seed=1)
+    st = DS.make_study(n_images=200, npz_path=path, seed=1)
     assert st.source == f"official npz: {path}"
     assert np.isin(classes[st.rows, 1], (0, 2)).all()  # only squares and hearts
     mask = st.images.max(1) > 0
     np.testing.assert_array_equal(mask, imgs[st.rows] > 0)
     np.testing.assert_array_equal(st.shape, (classes[st.rows, 1] == 2).astype(int))
 
-    chk = ds.check_dsprites_npz(path)  # structure / digest check flags the small file as not official
-    assert not chk["ok"] and chk["problems"] and len(chk["sha256"]) == 64
-    assert not ds.check_dsprites_npz(tmp_path / "missing.npz")["ok"]
+    chk = DS.check_dsprites_npz(path)  # structure / digest check flags the small file as not official
+    assert not chk["ok"] and chk["problems"] == [f"md5 {chk['md5']} != expected {DS.DSPRITES_MD5}"]
+    assert not DS.check_dsprites_npz(tmp_path / "missing.npz")["ok"]
 
 
 def test_procedural_source_string():
-    imgs, factors, source = ds.load_dsprites(None, rows=[0, 1000, 737_279])
+    imgs, factors, source = DS.load_dsprites(None, rows=[0, 1000, 737_279])
     assert source == "procedural renderer" and imgs.shape == (3, 64, 64)
-    np.testing.assert_array_equal(factors, ds.dsprites_factor_grid()[[0, 1000, 737_279]])
-    np.testing.assert_array_equal(imgs, ds.render_from_factors(factors))
+    np.testing.assert_array_equal(factors, DS.dsprites_factor_grid()[[0, 1000, 737_279]])
+    np.testing.assert_array_equal(imgs, DS.render_from_factors(factors))
 
 
 # ---------------------------------------------------------------------------------------------------- study
 @pytest.fixture(scope="module")
 def study():
-    return ds.make_study(n_images=4000, seed=3)
+    return DS.make_study(n_images=4000, seed=3)
 
 
 def test_colouring_red_blue_channels(study):
@@ -127,20 +127,22 @@ def test_split_sizes_and_determinism(study):
     assert len(study.train_idx) == 3600 and len(study.test_idx) == 400
     assert np.intersect1d(study.train_idx, study.test_idx).size == 0
     assert np.union1d(study.train_idx, study.test_idx).size == 4000
-    again = ds.make_study(n_images=4000, seed=3)
+    again = DS.make_study(n_images=4000, seed=3)
     for name in ("images", "pair", "rows", "likes", "train_idx", "test_idx"):
         np.testing.assert_array_equal(getattr(study, name), getattr(again, name))
-    other = ds.make_study(n_images=4000, seed=4)
+    other = DS.make_study(n_images=4000, seed=4)
     assert not np.array_equal(study.rows, other.rows)
-    users, ratings, idx = study.triplets("train")
-    assert len(users) == len(ratings) == len(idx) == 4 * 3600
-    assert (ratings == study.likes[users, idx]).all()
-    assert np.bincount(users).tolist() == [3600] * 4
+    # latent = image index: the triplets must pair each (user, image) with that user's rating of that image
+    train, val = CTRL.study_triplets(study, torch.arange(study.n_images, dtype=torch.float32)[:, None])
+    idx = torch.cat([train.img_emb, val.img_emb])[:, 0].long().numpy()
+    users, ratings = torch.cat([train.user_id, val.user_id]).numpy(), torch.cat([train.rating, val.rating]).numpy()
+    assert len(users) == 4 * 3600 and (ratings == study.likes[users, idx]).all()
+    assert np.bincount(users).tolist() == [3600] * 4 and not set(idx) & set(study.test_idx.tolist())
 
 
-@pytest.mark.parametrize("p_like", [ds.P_LIKE_PAPER, ds.P_LIKE_REFERENCE])
+@pytest.mark.parametrize("p_like", [DS.P_LIKE_PAPER, DS.P_LIKE_REFERENCE])
 def test_like_rule_rates(p_like):
-    st = ds.make_study(n_images=30_000, p_like=p_like, seed=5, test_frac=0.1)
+    st = DS.make_study(n_images=30_000, p_like=p_like, seed=5, test_frac=0.1)
     rates = st.like_rates()  # users x pairs
     for u in range(4):
         for p in range(4):
@@ -149,12 +151,12 @@ def test_like_rule_rates(p_like):
             n = (st.pair == p).sum()
             tol = 4 * np.sqrt(expect * (1 - expect) / n) + 1e-3
             assert abs(rates[u, p] - expect) < tol, (u, p, rates[u, p], expect)
-    assert np.allclose(ds.like_probability([0, 1, 2, 3], 0, p_like), [p_like[0], p_like[1], p_like[1], p_like[2]])
+    assert np.allclose(DS.like_probability([0, 1, 2, 3], 0, p_like), [p_like[0], p_like[1], p_like[1], p_like[2]])
 
 
 def test_reference_switch_changes_only_ratings():
-    a = ds.make_study(n_images=2000, seed=7)
-    b = ds.make_study(n_images=2000, seed=7, p_like=ds.P_LIKE_REFERENCE)
+    a = DS.make_study(n_images=2000, seed=7)
+    b = DS.make_study(n_images=2000, seed=7, p_like=DS.P_LIKE_REFERENCE)
     np.testing.assert_array_equal(a.images, b.images)
     np.testing.assert_array_equal(a.test_idx, b.test_idx)
     assert a.p_like == (0.95, 0.10, 0.05) and b.p_like == (0.95, 0.10, 0.01)
@@ -164,40 +166,40 @@ def test_reference_switch_changes_only_ratings():
 def test_tiny_vae_trains_encodes_decodes(study, tmp_path):
     torch.manual_seed(0)
     imgs = study.images[:256]
-    model = V.ConvVAE(latent_dim=32, channels=(8, 16, 16), hidden=64)
-    hist = V.train_vae(model, imgs, epochs=3, batch_size=64, lr=3e-3, seed=0, progress=False)
+    model = VAE.ConvVAE(latent_dim=32, channels=(8, 16, 16), hidden=64)
+    hist = VAE.train_vae(model, imgs, epochs=3, batch_size=64, lr=3e-3, seed=0, progress=False)
     assert len(hist["loss"]) == 3 and hist["loss"][-1] < hist["loss"][0]
-    z = V.encode_mean(model, imgs[:10])
+    z = VAE.encode_mean(model, imgs[:10])
     assert z.shape == (10, 32) and z.dtype == torch.float32
-    x = V.decode(model, z)
+    x = VAE.decode(model, z)
     assert x.shape == (10, 3, 64, 64) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     # float input in [0, 1] encodes like uint8 input
-    assert torch.allclose(V.encode_mean(model, imgs[:10].astype(np.float32) / 255), z, atol=1e-5)
-    path = V.save_vae(model, tmp_path / "vae.safetensors")
-    loaded = V.load_vae(path)
-    assert torch.allclose(V.encode_mean(loaded, imgs[:10]), z)
+    assert torch.allclose(VAE.encode_mean(model, imgs[:10].astype(np.float32) / 255), z, atol=1e-5)
+    path = VAE.save_vae(model, tmp_path / "vae")
+    loaded = VAE.load_vae(path)
+    assert torch.allclose(VAE.encode_mean(loaded, imgs[:10]), z)
     assert not any(p.requires_grad for p in loaded.parameters())
-    assert 0.0 <= V.nn_label_agreement(z, study.pair[:10]) <= 1.0
+    assert 0.0 <= RET.nn_label_agreement(z, study.pair[:10]) <= 1.0
 
 
 def test_vae_where_dims_are_position(study):
     torch.manual_seed(0)
-    model = V.ConvVAE(latent_dim=32, channels=(8, 16, 16), hidden=64).eval()
+    model = VAE.ConvVAE(latent_dim=32, channels=(8, 16, 16), hidden=64).eval()
     x = torch.from_numpy(study.images[:8]).float() / 255
     cx, cy = model.centroid(x)
     assert torch.allclose(model.crop(x, cx, cy).sum((1, 2, 3)), x.sum((1, 2, 3)))  # crop keeps the sprite
     mu, _ = model.encode(x)
-    assert torch.allclose(mu[:, 0], (cx - 31.5) / V.POS_SCALE) and torch.allclose(mu[:, 1], (cy - 31.5) / V.POS_SCALE)
+    assert torch.allclose(mu[:, 0], (cx - 31.5) / VAE.POS_SCALE) and torch.allclose(mu[:, 1], (cy - 31.5) / VAE.POS_SCALE)
     # moving z[:, 0] by one unit translates the decoded image by POS_SCALE pixels along columns
     z = torch.randn(4, 32) * 0.3
     with torch.no_grad():
         a = model.decode_logits(z)
         b = model.decode_logits(z + torch.tensor([1.0] + [0.0] * 31))
-    s = int(V.POS_SCALE)
+    s = int(VAE.POS_SCALE)
     assert torch.allclose(b[..., s:], a[..., :-s], atol=1e-4)
 
 
 def test_nn_label_agreement():
     z = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
-    assert V.nn_label_agreement(z, [0, 0, 1, 1]) == 1.0
-    assert V.nn_label_agreement(z, [0, 1, 0, 1], metric="euclidean") == 0.0
+    assert RET.nn_label_agreement(z, [0, 0, 1, 1]) == 1.0
+    assert RET.nn_label_agreement(z, [0, 1, 0, 1], metric="euclidean") == 0.0

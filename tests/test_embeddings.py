@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rebeca_utils import components as C
-from rebeca_utils import embeddings as E
+from rebeca_utils import runtime as RT
 from rebeca_utils.config import get_profile
-from rebeca_utils.flickr import list_images, write_synthetic_flickr
+from rebeca_utils.data.flickr import image_names
+from rebeca_utils.data.synthetic import write_synthetic_flickr
+from rebeca_utils.models import encoders as ENC
+from rebeca_utils.pipeline import embed_cli as EMBED_CLI
+from rebeca_utils.pipeline import embeddings as STORE
 
 TINY = get_profile("smoke").models
 KW = dict(chunk_size=8, batch_size=4, progress=False, device="cpu")  # 40 images -> 5 chunks of 2 batches
@@ -36,7 +39,7 @@ def images(tmp_path_factory):
 def reference(images, tmp_path_factory):
     """One single-process decoder-space run, merged."""
     out = tmp_path_factory.mktemp("ref")
-    E.embed_images(images, None, "decoder", TINY, out, **KW).merge()
+    STORE.embed_images(images, None, "decoder", TINY, out, **KW).merge()
     return out
 
 
@@ -44,7 +47,7 @@ def reference(images, tmp_path_factory):
 def counts(monkeypatch):
     """Counts encoder builds and encode (model) calls."""
     n = {"build": 0, "encode": 0}
-    build, encode = E.build_encoder, E.Encoder.encode
+    build, encode = ENC.build_encoder, ENC.Encoder.encode
 
     def counting_build(*a, **k):
         n["build"] += 1
@@ -54,8 +57,8 @@ def counts(monkeypatch):
         n["encode"] += 1
         return encode(self, pixels)
 
-    monkeypatch.setattr(E, "build_encoder", counting_build)
-    monkeypatch.setattr(E.Encoder, "encode", counting_encode)
+    monkeypatch.setattr(ENC, "build_encoder", counting_build)
+    monkeypatch.setattr(ENC.Encoder, "encode", counting_encode)
     return n
 
 
@@ -72,10 +75,10 @@ def _stray(out, space="decoder"):
 
 @pytest.mark.parametrize("space,dim", [("decoder", TINY.decoder_emb_dim), ("verifier", TINY.verifier_emb_dim)])
 def test_dims_per_space_and_rows_keyed_by_name(images, tmp_path, space, dim):
-    store = E.embed_images(images, None, space, TINY, tmp_path, **KW)
+    store = STORE.embed_images(images, None, space, TINY, tmp_path, **KW)
     store.merge()
-    names, emb = E.load_embeddings(tmp_path, space, models=TINY)
-    assert names == list_images(images.parent) and emb.shape == (40, dim) and emb.dtype == torch.float32
+    names, emb = STORE.load_embeddings(tmp_path, space, models=TINY)
+    assert names == image_names(images.parent) and emb.shape == (40, dim) and emb.dtype == torch.float32
     assert torch.isfinite(emb).all()
     assert not torch.allclose(emb.norm(dim=1), torch.ones(40))  # stored raw, not normalised
     index = json.loads((tmp_path / space / "index.json").read_text())
@@ -83,26 +86,26 @@ def test_dims_per_space_and_rows_keyed_by_name(images, tmp_path, space, dim):
     # the row of a name is that image's embedding, as the encoder gives it one image at a time
     from PIL import Image
 
-    enc = E.build_encoder(space, TINY)
+    enc = ENC.build_encoder(space, TINY)
     for name in (names[0], names[17]):
         one = enc.encode(enc.transform(Image.open(images / name).convert("RGB"))[None])
         torch.testing.assert_close(store.lookup([name]), one, atol=1e-5, rtol=1e-5)
-    assert torch.equal(E.lookup(tmp_path, space, [names[3], names[1]]), emb[[3, 1]])
+    assert torch.equal(STORE.lookup(tmp_path, space, [names[3], names[1]]), emb[[3, 1]])
     with pytest.raises(KeyError, match="nope.jpg"):
         store.lookup(["nope.jpg"])
 
 
 def test_deterministic(images, reference, tmp_path):
-    E.embed_images(images, list(reversed(list_images(images.parent))), "decoder", TINY, tmp_path, **KW).merge()
-    a, b = E.load_embeddings(reference, "decoder"), E.load_embeddings(tmp_path, "decoder")
+    STORE.embed_images(images, list(reversed(image_names(images.parent))), "decoder", TINY, tmp_path, **KW).merge()
+    a, b = STORE.load_embeddings(reference, "decoder"), STORE.load_embeddings(tmp_path, "decoder")
     assert a[0] == b[0] and torch.equal(a[1], b[1])
 
 
 def test_models_mismatch_refused_on_load(reference):
     from dataclasses import replace
 
-    with pytest.raises(E.EmbeddingError, match="made by"):
-        E.load_embeddings(reference, "decoder", models=replace(TINY, decoder_emb_dim=64))
+    with pytest.raises(ENC.EmbeddingError, match="made by"):
+        STORE.load_embeddings(reference, "decoder", models=replace(TINY, decoder_emb_dim=64))
 
 
 # ----------------------------------------------------------------------------------------------- resume
@@ -111,37 +114,37 @@ def test_models_mismatch_refused_on_load(reference):
 def test_rerun_does_no_model_work_and_resume_recomputes_only_missing(images, reference, tmp_path, counts):
     out = tmp_path / "store"
     shutil.copytree(reference, out)
-    store = E.embed_images(images, None, "decoder", TINY, out, **KW)
+    store = STORE.embed_images(images, None, "decoder", TINY, out, **KW)
     assert counts == {"build": 0, "encode": 0} and store.computed == [] and store.reused == [0, 1, 2, 3, 4]
 
     (out / "decoder" / "chunk_00002.safetensors").unlink()
     (out / "decoder" / "chunk_00004.safetensors").write_bytes(b"truncated")  # a foreign/corrupt file: redone
-    store = E.embed_images(images, None, "decoder", TINY, out, **KW)
+    store = STORE.embed_images(images, None, "decoder", TINY, out, **KW)
     assert store.computed == [2, 4] and store.reused == [0, 1, 3]
     assert counts == {"build": 1, "encode": 4}  # 2 chunks of 2 batches
     store.merge()
-    a, b = E.load_embeddings(reference, "decoder"), E.load_embeddings(out, "decoder")
+    a, b = STORE.load_embeddings(reference, "decoder"), STORE.load_embeddings(out, "decoder")
     assert a[0] == b[0] and torch.allclose(a[1], b[1], atol=1e-6)
 
     # other chunking or another encoder: nothing is reused, rows never mix
-    store = E.embed_images(images, None, "decoder", TINY, out, **{**KW, "chunk_size": 16})
+    store = STORE.embed_images(images, None, "decoder", TINY, out, **{**KW, "chunk_size": 16})
     assert store.computed == [0, 1, 2] and store.reused == []
 
 
 def test_interrupted_run_leaves_whole_chunks_and_resumes(images, reference, tmp_path, monkeypatch, counts):
-    encode = E.Encoder.encode
+    encode = ENC.Encoder.encode
 
     def dies_on_fifth(self, pixels):
         if counts["encode"] == 4:  # first batch of chunk 2
             raise KeyboardInterrupt
         return encode(self, pixels)
 
-    monkeypatch.setattr(E.Encoder, "encode", dies_on_fifth)
+    monkeypatch.setattr(ENC.Encoder, "encode", dies_on_fifth)
     with pytest.raises(KeyboardInterrupt):
-        E.embed_images(images, None, "decoder", TINY, tmp_path, **KW)
+        STORE.embed_images(images, None, "decoder", TINY, tmp_path, **KW)
     assert _chunks(tmp_path) == ["chunk_00000.safetensors", "chunk_00001.safetensors"] and not _stray(tmp_path)
-    with pytest.raises(E.EmbeddingError, match="chunk_00002"):
-        E.merge(tmp_path, "decoder")
+    with pytest.raises(ENC.EmbeddingError, match="chunk_00002"):
+        STORE.merge(tmp_path, "decoder")
 
     # killed while writing chunk 2: the half-written temp file never becomes a chunk
     import safetensors.torch as st
@@ -150,17 +153,17 @@ def test_interrupted_run_leaves_whole_chunks_and_resumes(images, reference, tmp_
         Path(filename).write_bytes(b"\0" * 100)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(E.Encoder, "encode", encode)
+    monkeypatch.setattr(ENC.Encoder, "encode", encode)
     monkeypatch.setattr(st, "save_file", half_write)
     with pytest.raises(KeyboardInterrupt):
-        E.embed_images(images, None, "decoder", TINY, tmp_path, **KW)
+        STORE.embed_images(images, None, "decoder", TINY, tmp_path, **KW)
     assert len(_chunks(tmp_path)) == 2 and not _stray(tmp_path)
 
     monkeypatch.undo()
-    store = E.embed_images(images, None, "decoder", TINY, tmp_path, **KW)
+    store = STORE.embed_images(images, None, "decoder", TINY, tmp_path, **KW)
     assert store.computed == [2, 3, 4] and store.reused == [0, 1]
     store.merge()
-    assert torch.allclose(E.load_embeddings(tmp_path, "decoder")[1], E.load_embeddings(reference, "decoder")[1],
+    assert torch.allclose(STORE.load_embeddings(tmp_path, "decoder")[1], STORE.load_embeddings(reference, "decoder")[1],
                           atol=1e-6)
 
 
@@ -180,31 +183,31 @@ def broken(images, tmp_path):
 
 def test_corrupt_image_skipped_and_reported_by_name(broken, tmp_path):
     d, bad1, bad2 = broken
-    store = E.embed_images(d, None, "decoder", TINY, tmp_path / "out", on_error="skip", **KW)
+    store = STORE.embed_images(d, None, "decoder", TINY, tmp_path / "out", on_error="skip", **KW)
     assert [f["name"] for f in store.failures] == [bad1, bad2]
     assert "truncated" in store.failures[0]["error"].lower()
     store.merge()
     names, emb = store.load()
     assert len(names) == 38 and bad1 not in names and emb.shape == (38, TINY.decoder_emb_dim)
-    assert [f["name"] for f in E.failures(tmp_path / "out", "decoder")] == [bad1, bad2]
+    assert [f["name"] for f in STORE.failures(tmp_path / "out", "decoder")] == [bad1, bad2]
     # rerun: failures are remembered, no model work; "raise" now refuses the recorded failure
-    assert E.embed_images(d, None, "decoder", TINY, tmp_path / "out", **KW).computed == []
-    with pytest.raises(E.EmbeddingError, match=f"{bad1}: cannot read image"):
-        E.embed_images(d, None, "decoder", TINY, tmp_path / "out", on_error="raise", **KW)
+    assert STORE.embed_images(d, None, "decoder", TINY, tmp_path / "out", **KW).computed == []
+    with pytest.raises(ENC.EmbeddingError, match=f"{bad1}: cannot read image"):
+        STORE.embed_images(d, None, "decoder", TINY, tmp_path / "out", on_error="raise", **KW)
 
 
 def test_corrupt_image_fatal_with_raise(broken, tmp_path):
     d, bad1, _ = broken
-    with pytest.raises(E.EmbeddingError, match=re.escape(f"{d / bad1}: cannot read image: OSError: ")):
-        E.embed_images(d, None, "decoder", TINY, tmp_path, on_error="raise", **KW)
+    with pytest.raises(ENC.EmbeddingError, match=re.escape(f"{d / bad1}: cannot read image: OSError: ")):
+        STORE.embed_images(d, None, "decoder", TINY, tmp_path, on_error="raise", **KW)
     assert _chunks(tmp_path) == [] and not _stray(tmp_path)  # the bad image is in chunk 0
 
 
-class _Fake(E.Encoder):
+class _Fake(ENC.Encoder):
     space = "decoder"
 
     def __init__(self, out):
-        self.out, self.dim, self.fingerprint = out, TINY.decoder_emb_dim, E.fingerprint("decoder", TINY)
+        self.out, self.dim, self.fingerprint = out, TINY.decoder_emb_dim, ENC.fingerprint("decoder", TINY)
         self.transform = lambda im: torch.zeros(3, 4, 4)
 
     def _forward(self, pixels):
@@ -212,20 +215,20 @@ class _Fake(E.Encoder):
 
 
 def test_nan_and_wrong_dim_refused(images, tmp_path):
-    names = list_images(images.parent)
+    names = image_names(images.parent)
 
     def nan_in_row_2(b):
         x = torch.ones(b, TINY.decoder_emb_dim)
         x[min(2, b - 1), 0] = float("nan")
         return x
 
-    with pytest.raises(E.EmbeddingError, match=rf"decoder space: {names[2]}: embedding has NaN"):
-        E.embed_images(images, None, "decoder", TINY, tmp_path, encoder=_Fake(nan_in_row_2), **KW)
-    with pytest.raises(E.EmbeddingError, match=rf"decoder space: {names[0]}, .*shape \(4, 7\), expected \(4, 32\)"):
-        E.embed_images(images, None, "decoder", TINY, tmp_path, encoder=_Fake(lambda b: torch.ones(b, 7)), **KW)
+    with pytest.raises(ENC.EmbeddingError, match=rf"decoder space: {names[2]}: embedding has NaN"):
+        STORE.embed_images(images, None, "decoder", TINY, tmp_path, encoder=_Fake(nan_in_row_2), **KW)
+    with pytest.raises(ENC.EmbeddingError, match=rf"decoder space: {names[0]}, .*shape \(4, 7\), expected \(4, 32\)"):
+        STORE.embed_images(images, None, "decoder", TINY, tmp_path, encoder=_Fake(lambda b: torch.ones(b, 7)), **KW)
     assert _chunks(tmp_path) == []
     with pytest.raises(ValueError, match="valid spaces"):
-        E.embed_images(images, None, "pixels", TINY, tmp_path, **KW)
+        STORE.embed_images(images, None, "pixels", TINY, tmp_path, **KW)
 
 
 # ----------------------------------------------------------------------------------------------- processes
@@ -233,35 +236,37 @@ def test_nan_and_wrong_dim_refused(images, tmp_path):
 
 def _cli_env(kit_cache):
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            C.CACHE_ENV: str(kit_cache), "PYTHONPATH": str(REPO)}
+            RT.CACHE_ENV: str(kit_cache), "PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.slow  # subprocesses
 def test_two_accelerate_processes_merge_equals_one_process(images, reference, tmp_path, kit_cache):
     # `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate's --cpu path is its simple
     # launcher, multi-CPU needs an MPI hostfile); --multi_gpu runs torchrun, and the entry point asks
     # PartialState for CPU (gloo) when there is no GPU.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "rebeca_utils.embeddings", "--image-dir", str(images), "--out-dir", str(tmp_path),
+           "-m", "rebeca_utils.pipeline.embed_cli", "--image-dir", str(images), "--out-dir", str(tmp_path),
            "--space", "decoder", "--profile", "smoke", "--chunk-size", "8", "--batch-size", "4", "--no-progress"]
     r = subprocess.run(cmd, env=_cli_env(kit_cache), capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summaries = sorted((json.loads(s) for s in r.stdout.splitlines() if s.startswith("{")), key=lambda s: s["rank"])
     assert [(s["rank"], s["world_size"], s["computed"]) for s in summaries] == [(0, 2, [0, 2, 4]), (1, 2, [1, 3])]
     assert "merged" in summaries[0]
-    a, b = E.load_embeddings(reference, "decoder"), E.load_embeddings(tmp_path, "decoder")
+    a, b = STORE.load_embeddings(reference, "decoder"), STORE.load_embeddings(tmp_path, "decoder")
     assert a[0] == b[0]
     torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=0)
 
 
-def test_cli_explicit_ranks_then_merge_only(images, reference, tmp_path, counts):
+def test_shares_then_merge_only(images, reference, tmp_path, counts):
     base = ["--image-dir", str(images), "--out-dir", str(tmp_path), "--space", "decoder", "--profile", "smoke",
             "--chunk-size", "8", "--batch-size", "4", "--no-progress", "--device", "cpu"]
-    for rank in (1, 0):
-        assert E.main(base + ["--rank", str(rank), "--world-size", "2"]) == 0
+    for rank in (1, 0):  # each share as accelerate would hand it out, in any order
+        STORE.embed_images(images, None, "decoder", TINY, tmp_path, device="cpu", chunk_size=8, batch_size=4,
+                           rank=rank, world_size=2, progress=False)
     assert not (tmp_path / "decoder" / "embeddings.safetensors").exists()  # no barrier here: merge is explicit
-    assert E.main(base + ["--merge-only"]) == 0
-    a, b = E.load_embeddings(reference, "decoder"), E.load_embeddings(tmp_path, "decoder")
+    assert EMBED_CLI.main(base + ["--merge-only"]) == 0
+    a, b = STORE.load_embeddings(reference, "decoder"), STORE.load_embeddings(tmp_path, "decoder")
     assert a[0] == b[0] and torch.allclose(a[1], b[1], atol=1e-5)
     n = counts["encode"]
-    assert E.main(base) == 0 and counts["encode"] == n  # a full rerun does no model work
+    assert EMBED_CLI.main(base) == 0 and counts["encode"] == n  # a full rerun does no model work

@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from rebeca_utils import flickr as F
 from rebeca_utils.config import FlickrConfig, get_profile
+from rebeca_utils.data import flickr as FL
+from rebeca_utils.data import splits as SP
+from rebeca_utils.data import synthetic as SYN
 
 IMG = ["farm1_10_100_aaaaaaaaaa.jpg", "farm2_20_200_bbbbbbbbbb.jpg", "farm3_30_300_cccccccccc.jpg",
        "farm4_40_400_dddddddddd.jpg"]
@@ -18,24 +20,24 @@ IMG = ["farm1_10_100_aaaaaaaaaa.jpg", "farm2_20_200_bbbbbbbbbb.jpg", "farm3_30_3
 
 @pytest.fixture(scope="module")
 def fixture_root(tmp_path_factory) -> Path:
-    return F.write_synthetic_flickr(tmp_path_factory.mktemp("fx") / "flickr", seed=0)
+    return SYN.write_synthetic_flickr(tmp_path_factory.mktemp("fx") / "flickr", seed=0)
 
 
 @pytest.fixture(scope="module")
 def ratings(fixture_root):
-    return F.load_ratings(fixture_root)[0]
+    return FL.load_ratings(fixture_root)[0]
 
 
 def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _tiny(tmp_path: Path, body: str, header: str = F.CSV_HEADER, images=IMG) -> Path:
+def _tiny(tmp_path: Path, body: str, header: str = FL.CSV_HEADER, images=IMG) -> Path:
     root = tmp_path / "data" / "FLICKR-AES"
     (root / "40K").mkdir(parents=True)
     for n in images:
         (root / "40K" / n).write_bytes(b"")
-    (root / F.CSV_NAME).write_text(header + "\n" + body)
+    (root / FL.CSV_NAME).write_text(header + "\n" + body)
     return root
 
 
@@ -45,7 +47,7 @@ GOOD = f"WB,{IMG[1]},4\nWA,{IMG[0]},2\nWA,{IMG[2]},5\nWB,{IMG[0]},1\n"
 # ---------------------------------------------------------------- synthetic fixture
 
 def test_fixture_format(fixture_root):
-    csv = fixture_root / F.CSV_NAME
+    csv = fixture_root / FL.CSV_NAME
     lines = csv.read_text().splitlines()
     assert lines[0] == "worker, imagePair, score"
     rows = [ln.split(",") for ln in lines[1:]]
@@ -64,7 +66,7 @@ def test_fixture_format(fixture_root):
     files = sorted(p.name for p in (fixture_root / "40K").iterdir())
     assert files == sorted(per_img.index)
     # score.txt: "<image> <mean>" per image, consistent with the CSV
-    score_lines = (fixture_root / F.SCORE_NAME).read_text().splitlines()
+    score_lines = (fixture_root / FL.SCORE_NAME).read_text().splitlines()
     assert len(score_lines) == 400
     means = df.groupby("image")["score"].mean()
     for ln in score_lines:
@@ -77,37 +79,37 @@ def test_fixture_format(fixture_root):
 
 
 def test_fixture_deterministic_and_idempotent(tmp_path, fixture_root, monkeypatch):
-    a = F.write_synthetic_flickr(tmp_path / "a", seed=0)
+    a = SYN.write_synthetic_flickr(tmp_path / "a", seed=0)
     assert _files(a) == _files(fixture_root)
-    b = F.write_synthetic_flickr(tmp_path / "b", seed=1)
-    assert (b / F.CSV_NAME).read_bytes() != (a / F.CSV_NAME).read_bytes()
+    b = SYN.write_synthetic_flickr(tmp_path / "b", seed=1)
+    assert (b / FL.CSV_NAME).read_bytes() != (a / FL.CSV_NAME).read_bytes()
     # complete fixture with the same parameters: no work
-    monkeypatch.setattr(F, "_build_fixture", lambda *a, **k: pytest.fail("rebuilt"))
-    assert F.write_synthetic_flickr(a, seed=0) == a
+    monkeypatch.setattr(SYN, "_build_fixture", lambda *a, **k: pytest.fail("rebuilt"))
+    assert SYN.write_synthetic_flickr(a, seed=0) == a
     monkeypatch.undo()
     # other parameters: replaced; nothing left beside root
-    F.write_synthetic_flickr(a, n_workers=6, n_images=40, image_size=16, seed=0)
-    assert F.synthetic_truth(a)["params"]["n_images"] == 40 and len(list((a / "40K").iterdir())) == 40
+    SYN.write_synthetic_flickr(a, n_workers=6, n_images=40, image_size=16, seed=0)
+    assert SYN.synthetic_truth(a)["params"]["n_images"] == 40 and len(list((a / "40K").iterdir())) == 40
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
     # a folder that is not a fixture is refused
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "mine.txt").write_text("x")
     with pytest.raises(FileExistsError):
-        F.write_synthetic_flickr(tmp_path / "c")
+        SYN.write_synthetic_flickr(tmp_path / "c")
 
 
 def test_fixture_small_sizes_keep_min_ratings(tmp_path):
-    root = F.write_synthetic_flickr(tmp_path / "s", n_workers=30, n_images=150, image_size=16, seed=3)
-    df, _ = F.load_ratings(root)
+    root = SYN.write_synthetic_flickr(tmp_path / "s", n_workers=30, n_images=150, image_size=16, seed=3)
+    df, _ = FL.load_ratings(root)
     assert df.groupby("user_id").size().min() >= 25
     assert (df.groupby("image_id").size() == 5).all()
 
 
 def test_planted_signal(ratings, fixture_root):
-    truth = F.synthetic_truth(fixture_root)
+    truth = SYN.synthetic_truth(fixture_root)
     assert set(truth["preferences"]) == set(ratings["worker"])
     assert all(set(a) == {"hue", "texture", "layout"} for a in truth["attributes"].values())
-    m = np.array([F.match_fraction(truth, w, i) for w, i in zip(ratings["worker"], ratings["image"])])
+    m = np.array([SYN.match_fraction(truth, w, i) for w, i in zip(ratings["worker"], ratings["image"])])
     df = ratings.assign(m=m)
     full = df[df.m == 1].groupby("worker")["like"].mean()
     none = df[df.m == 0].groupby("worker")["like"].mean()
@@ -119,36 +121,36 @@ def test_planted_signal(ratings, fixture_root):
 
 def test_load_ids_sorted_and_stable(tmp_path):
     root = _tiny(tmp_path, GOOD)
-    df, rep = F.load_ratings(root)
+    df, rep = FL.load_ratings(root)
     assert list(df.columns) == ["user_id", "worker", "image_id", "image", "score", "like"]
     assert df[["worker", "user_id"]].drop_duplicates().values.tolist() == [["WA", 0], ["WB", 1]]
     assert dict(zip(df["image"], df["image_id"])) == {IMG[0]: 0, IMG[1]: 1, IMG[2]: 2}  # IMG[3] unrated, id 3
     assert df["like"].tolist() == [False, True, False, True]  # (WA,0)=2 (WA,2)=5 (WB,0)=1 (WB,1)=4
     assert rep["users"] == 2 and rep["ratings"] == 4 and rep["images_in_folder"] == 4 and rep["like_rate"] == 0.5
-    assert F.list_images(root) == IMG
+    assert FL.image_names(root) == IMG
     # file order does not matter; threshold is a parameter
     rev = _tiny(tmp_path / "r", "".join(reversed(GOOD.splitlines(keepends=True))))
-    pd.testing.assert_frame_equal(F.load_ratings(rev)[0], df)
-    assert F.load_ratings(root, like_threshold=5)[0]["like"].sum() == 1
+    pd.testing.assert_frame_equal(FL.load_ratings(rev)[0], df)
+    assert FL.load_ratings(root, like_threshold=5)[0]["like"].sum() == 1
 
 
 def test_stripped_header_spaces_and_blank_lines(tmp_path):
-    ref = F.load_ratings(_tiny(tmp_path / "a", GOOD))[0]
+    ref = FL.load_ratings(_tiny(tmp_path / "a", GOOD))[0]
     spaced = GOOD.replace(",", ", ").replace("\nWA", "\n\nWA", 1)
-    got = F.load_ratings(_tiny(tmp_path / "b", spaced, header="worker,imagePair,score"))[0]
+    got = FL.load_ratings(_tiny(tmp_path / "b", spaced, header="worker,imagePair,score"))[0]
     pd.testing.assert_frame_equal(got, ref)
 
 
-def _check_error(tmp_path, body, message, header=F.CSV_HEADER, **kw):
+def _check_error(tmp_path, body, message, header=FL.CSV_HEADER, **kw):
     root = _tiny(tmp_path, body, header=header)
     before = _files(root.parent)
     out = tmp_path / "out"
-    with pytest.raises(F.DataError) as e:
-        F.load_ratings(root, **kw)
-    assert str(e.value) == message.format(csv=root / F.CSV_NAME, root=root)
+    with pytest.raises(FL.DataError) as e:
+        FL.load_ratings(root, **kw)
+    assert str(e.value) == message.format(csv=root / FL.CSV_NAME, root=root)
     if not kw:  # the notebook entry point (default policies) writes nothing either
-        with pytest.raises(F.DataError):
-            F.prepare_flickr(FlickrConfig(synthetic=False, n_holdout_workers=1), out, data_dir=root.parent)
+        with pytest.raises(FL.DataError):
+            SP.prepare_flickr(FlickrConfig(synthetic=False, n_holdout_workers=1), out, data_dir=root.parent)
     assert _files(root.parent) == before and not out.exists()
 
 
@@ -176,7 +178,7 @@ def test_missing_image_error_or_drop(tmp_path):
     body = GOOD + "WA,farm9_1_1_0000000000.jpg,3\nWC,farm9_1_1_0000000000.jpg,5\n"
     _check_error(tmp_path, body,
                  "{csv}:6: image 'farm9_1_1_0000000000.jpg' not found in {root}/40K (and 1 more such rows)")
-    df, rep = F.load_ratings(_tiny(tmp_path / "d", body), missing_images="drop")
+    df, rep = FL.load_ratings(_tiny(tmp_path / "d", body), missing_images="drop")
     assert len(df) == 4 and rep["missing_image_rows"] == 2 and rep["missing_images"] == 1
     assert rep["users"] == 2  # WC had only the missing image
 
@@ -186,76 +188,76 @@ def test_duplicates_policies(tmp_path):
     _check_error(tmp_path, body, f"{{csv}}:6: duplicate rating of '{IMG[0]}' by worker 'WA' (first at line 3)",
                  duplicates="error")
     root = _tiny(tmp_path / "p", body)
-    first, rep = F.load_ratings(root)
+    first, rep = FL.load_ratings(root)
     assert rep["duplicate_rows"] == 1 and len(first) == 4
     assert first.query("worker == 'WA' and image_id == 0")["score"].item() == 2
-    last, _ = F.load_ratings(root, duplicates="last")
+    last, _ = FL.load_ratings(root, duplicates="last")
     assert last.query("worker == 'WA' and image_id == 0")["score"].item() == 5
 
 
 def test_bad_policy_names(tmp_path):
     root = _tiny(tmp_path, GOOD)
     with pytest.raises(ValueError, match="missing_images"):
-        F.load_ratings(root, missing_images="skip")
+        FL.load_ratings(root, missing_images="skip")
     with pytest.raises(ValueError, match="duplicates"):
-        F.load_ratings(root, duplicates="mean")
+        FL.load_ratings(root, duplicates="mean")
 
 
 # ---------------------------------------------------------------- splits
 
 def test_split_sizes_and_small_users(ratings):
     small = ratings[ratings["user_id"] == 0].head(20)  # user 0 with only 20 ratings -> all train
-    df, holdout = F.make_splits(pd.concat([small, ratings[ratings["user_id"] != 0]]), n_holdout_workers=4)
+    df, holdout = SP.make_splits(pd.concat([small, ratings[ratings["user_id"] != 0]]), n_holdout_workers=4)
     counts = df.groupby(["user_id", "split"]).size().unstack(fill_value=0)
     assert (counts.loc[0] == pd.Series({"test": 0, "train": 20, "val": 0})).all()
     assert (counts.drop(index=0)[["test", "val"]] == 10).all().all()
     assert (counts.drop(index=0)["train"] >= 5).all()
     assert len(holdout) == 4 and small["worker"].iloc[0] not in holdout
     assert set(df.loc[df["holdout"], "worker"]) == set(holdout)
-    rep = F.ratings_report(df)["value"]
+    rep = FL.ratings_report(df)["value"]
     assert rep["users wholly in train (too few ratings)"] == 1 and rep["hold-out workers"] == 4
     assert rep["ratings (test)"] == 230 and rep["users"] == 24
 
 
 def test_splits_seeded(ratings):
-    a, ha = F.make_splits(ratings, n_holdout_workers=4, seed=0)
-    b, hb = F.make_splits(ratings.sample(frac=1, random_state=1), n_holdout_workers=4, seed=0)
+    a, ha = SP.make_splits(ratings, n_holdout_workers=4, seed=0)
+    b, hb = SP.make_splits(ratings.sample(frac=1, random_state=1), n_holdout_workers=4, seed=0)
     pd.testing.assert_frame_equal(a, b)
     assert ha == hb == sorted(ha)
-    c, hc = F.make_splits(ratings, n_holdout_workers=4, seed=1)
+    c, hc = SP.make_splits(ratings, n_holdout_workers=4, seed=1)
     assert not a["split"].equals(c["split"]) and hc != ha
-    assert F.make_splits(ratings, n_holdout_workers=6, seed=0)[0]["split"].equals(a["split"])
+    assert SP.make_splits(ratings, n_holdout_workers=6, seed=0)[0]["split"].equals(a["split"])
     with pytest.raises(ValueError, match="n_holdout_workers=37"):
-        F.make_splits(ratings, n_holdout_workers=37)
+        SP.make_splits(ratings, n_holdout_workers=37)
 
 
 def test_save_load_roundtrip(ratings, tmp_path):
-    df, holdout = F.make_splits(ratings, n_holdout_workers=4, seed=0)
-    p1 = F.save_splits(df, holdout, tmp_path / "a" / "splits.parquet", meta={"seed": 0})
-    p2 = F.save_splits(*F.make_splits(ratings, n_holdout_workers=4, seed=0), tmp_path / "b.parquet", meta={"seed": 0})
+    df, holdout = SP.make_splits(ratings, n_holdout_workers=4, seed=0)
+    p1 = SP.save_splits(df, holdout, tmp_path / "a" / "splits.parquet", meta={"seed": 0})
+    p2 = SP.save_splits(*SP.make_splits(ratings, n_holdout_workers=4, seed=0), tmp_path / "b.parquet", meta={"seed": 0})
     assert p1.read_bytes() == p2.read_bytes()
-    got, got_holdout = F.load_splits(p1)
+    got, got_holdout = SP.load_splits(p1)
     pd.testing.assert_frame_equal(got, df, check_dtype=False)
-    assert got_holdout == holdout and F.split_meta(p1) == {"seed": 0}
+    assert got_holdout == holdout and SP.split_meta(p1) == {"seed": 0}
     assert [p.name for p in p1.parent.iterdir()] == ["splits.parquet"]  # no temp files left
 
 
 def test_prepare_flickr_smoke(tmp_path):
     cfg = get_profile("smoke").flickr
-    df, holdout, rep = F.prepare_flickr(cfg, tmp_path)
+    df, holdout, rep = SP.prepare_flickr(cfg, tmp_path)
     assert (tmp_path / "flickr_splits.parquet").exists() and len(holdout) == cfg.n_holdout_workers
     assert rep["value"]["users"] == 24 and re.fullmatch(r"\d+", str(rep["value"]["ratings"]))
-    df2, holdout2, _ = F.prepare_flickr(cfg, tmp_path)  # reused
+    df2, holdout2, _ = SP.prepare_flickr(cfg, tmp_path)  # reused
     pd.testing.assert_frame_equal(df, df2, check_dtype=False)
     assert holdout == holdout2
     with pytest.raises(ValueError, match="overwrite=True"):
-        F.prepare_flickr(cfg, tmp_path, seed=1)
+        SP.prepare_flickr(cfg, tmp_path, seed=1)
 
 
 def test_prepare_flickr_real_layout(tmp_path):
-    F.write_synthetic_flickr(tmp_path / "data" / "FLICKR-AES", n_workers=8, n_images=80, image_size=16, seed=2)
+    SYN.write_synthetic_flickr(tmp_path / "data" / "FLICKR-AES", n_workers=8, n_images=80, image_size=16, seed=2)
     cfg = FlickrConfig(synthetic=False, n_holdout_workers=2)
-    df, holdout, rep = F.prepare_flickr(cfg, tmp_path / "out", data_dir=tmp_path / "data")
+    df, holdout, rep = SP.prepare_flickr(cfg, tmp_path / "out", data_dir=tmp_path / "data")
     assert len(holdout) == 2 and rep["value"]["ratings"] == 400 and not (tmp_path / "out" / "flickr_synthetic").exists()
     with pytest.raises(ValueError, match="data_dir"):
-        F.prepare_flickr(cfg, tmp_path / "out2")
+        SP.prepare_flickr(cfg, tmp_path / "out2")

@@ -5,10 +5,16 @@ import pytest
 import torch
 from scipy import stats
 
-from rebeca_utils.metrics import (PAPER_TABLE2, cosine_nn, matching_test, permutation_test,
-                                  pr_from_neighbours, precision_recall_at_k, r2_bootstrap, rebeca_label,
-                                  retrieval_metrics, table1, table2, user_scores, wins_and_ranks)
-from rebeca_utils.normalize import fit_normalizer
+from rebeca_utils.evaluate.paper import PAPER_TABLE2, rebeca_label, table1, table2
+from rebeca_utils.evaluate.retrieval import (
+    cosine_nn,
+    pr_from_neighbours,
+    precision_recall_at_k,
+    retrieval_metrics,
+)
+from rebeca_utils.evaluate.scores import user_scores, wins_and_ranks
+from rebeca_utils.evaluate.stats import matching_test, permutation_test, r2_bootstrap
+from rebeca_utils.train.normalize import fit_normalizer
 
 POOL = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], dtype=np.float32)  # four directions
 LIKED = np.array([True, True, False, False])
@@ -219,7 +225,7 @@ def test_permutation_planted_effect_and_never_zero():
 
 def permuted_owners(owner, n_permutations: int, seed: int = 0) -> np.ndarray:
     """(B, n) owners under the test's B reassignments, rebuilt from the same draws as permutation_test."""
-    from rebeca_utils.metrics import _chunk_rows, _permutation_chunks
+    from rebeca_utils.evaluate.stats import _chunk_rows, _permutation_chunks
 
     owner = np.asarray(owner, dtype=np.int64)
     order = np.argsort(owner, kind="stable")

@@ -1,6 +1,7 @@
 """Every notebook, headless through the runner in the smoke profile, and the hygiene of committed notebooks."""
 import json
 import re
+from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -9,9 +10,23 @@ import pytest
 import torch
 
 from rebeca_utils import run as runner
-from rebeca_utils.metrics import table1
+from rebeca_utils.data import splits as SP
+from rebeca_utils.evaluate import methods as METHODS
+from rebeca_utils.evaluate import paper as PAPER
+from rebeca_utils.evaluate import retrieval as RET
+from rebeca_utils.evaluate import scores as SCORES
+from rebeca_utils.evaluate import stats as STATS
+from rebeca_utils.evaluate.paper import table1
+from rebeca_utils.models import decoder as DEC
+from rebeca_utils.models import encoders as ENC
+from rebeca_utils.models import nmf as NMF
+from rebeca_utils.pipeline import decoding as DECODE
+from rebeca_utils.pipeline import embeddings as STORE
+from rebeca_utils.pipeline import plan as PLAN
+from rebeca_utils.train import verifier as TV
 
-NOTEBOOKS = runner.discover(runner.REPO / "notebooks")
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = runner.discover(REPO / "notebooks")
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +56,7 @@ def test_committed_notebook_is_clean(nb):
     assert re.match(r"^\d\d_[a-z0-9_]+$", nb.stem)
 
 
+@pytest.mark.slow  # executes notebooks
 def test_every_notebook_wrote_a_manifest(smoke_run):
     for nb in NOTEBOOKS:
         m = manifest(smoke_run, nb.stem)
@@ -50,18 +66,21 @@ def test_every_notebook_wrote_a_manifest(smoke_run):
         assert (smoke_run / "notebooks" / nb.name).exists()
 
 
+@pytest.mark.slow  # executes notebooks
 def test_00_setup_reports_offline(smoke_run):
     m = manifest(smoke_run, "00_setup")["metrics"]
     assert m["hub_reachable"] is False and m["weights_total"] == 8
     assert set(m["datasets_present"]) == {"dSprites", "FLICKR-AES"}
 
 
+@pytest.mark.slow  # executes notebooks
 def test_00_setup_paper_profile_offline(tmp_path):
-    runner.run_notebooks("paper", [runner.REPO / "notebooks/00_setup.ipynb"], {}, tmp_path, log=lambda *a, **k: None)
+    runner.run_notebooks("paper", [REPO / "notebooks/00_setup.ipynb"], {}, tmp_path, log=lambda *a, **k: None)
     m = manifest(tmp_path / "paper", "00_setup")
     assert m["metrics"]["hub_reachable"] is False and m["config"]["models"]["builder"] == "hub"
 
 
+@pytest.mark.slow  # executes notebooks
 def test_01_dsprites_table1(smoke_run):
     d = smoke_run / "01_simulate_dsprites"
     m = manifest(smoke_run, "01_simulate_dsprites")["metrics"]
@@ -86,8 +105,8 @@ def test_01_dsprites_table1(smoke_run):
         assert (d / f"{fig}.png").exists() and (d / f"{fig}.pdf").exists()
 
 
+@pytest.mark.slow  # executes notebooks
 def test_02_flickr_ratings_and_embeddings(smoke_run):
-    from rebeca_utils import embeddings, flickr
     from rebeca_utils.config import get_profile
 
     d = smoke_run / "02_embed_flickr"
@@ -98,17 +117,18 @@ def test_02_flickr_ratings_and_embeddings(smoke_run):
     assert m["split_sizes"]["test"] == m["split_sizes"]["val"] == 10 * m["users"]
     assert m["holdout_workers"] == smoke.flickr.n_holdout_workers
     assert m["embedding_dims"] == {"decoder": smoke.models.decoder_emb_dim, "verifier": smoke.models.verifier_emb_dim}
-    splits, holdout = flickr.load_splits(d / "flickr_splits.parquet")
-    names, emb = embeddings.load_embeddings(d / "embeddings", "decoder", smoke.models)
+    splits, holdout = SP.load_splits(d / "flickr_splits.parquet")
+    names, emb = STORE.load_embeddings(d / "embeddings", "decoder", smoke.models)
     assert names == sorted(splits["image"].unique()) and emb.shape == (len(names), smoke.models.decoder_emb_dim)
     # a rerun with everything present does no model work
-    store = embeddings.embed_images(d / "flickr_synthetic/40K", names, "decoder", smoke.models, d / "embeddings",
+    store = STORE.embed_images(d / "flickr_synthetic/40K", names, "decoder", smoke.models, d / "embeddings",
                                     device="cpu", progress=False)
     assert store.computed == [] and store.reused
 
 
+@pytest.mark.slow  # executes notebooks
 def test_03_prior_trained_with_signal(smoke_run):
-    from rebeca_utils.prior import RebecaPrior
+    from rebeca_utils.models.prior import RebecaPrior
 
     d = smoke_run / "03_train_prior"
     m = manifest(smoke_run, "03_train_prior")["metrics"]
@@ -120,6 +140,7 @@ def test_03_prior_trained_with_signal(smoke_run):
     assert (d / "loss_curves.png").exists() and (d / "loss_curves.pdf").exists()
 
 
+@pytest.mark.slow  # executes notebooks
 def test_03_grid_records_failures(smoke_run, tmp_path):
     """A tiny grid (with one impossible configuration) runs, and the failure is recorded with its error."""
     import shutil
@@ -138,8 +159,8 @@ def test_03_grid_records_failures(smoke_run, tmp_path):
     assert (grid[grid["n_heads"] == 2]["status"] == "ok").all() and grid["best_val_loss"].notna().sum() == 2
 
 
+@pytest.mark.slow  # executes notebooks
 def test_04_generation_layout_manifest_and_resume(smoke_run):
-    from rebeca_utils import decoding, embeddings
     from rebeca_utils.config import get_profile
 
     d = smoke_run / "04_generate_images"
@@ -147,21 +168,21 @@ def test_04_generation_layout_manifest_and_resume(smoke_run):
     gen = get_profile("smoke").generation
     n_settings = len(gen.prior_cfg_scales)
     assert m["images_planned"] == m["images_ok"] == m["users"] * gen.n_per_user * n_settings and m["images_failed"] == 0
-    table = pd.read_csv(d / decoding.MANIFEST_NAME, keep_default_na=False)
-    assert list(table.columns) == decoding.MANIFEST_COLUMNS and (table["status"] == "ok").all()
+    table = pd.read_csv(d / PLAN.MANIFEST_NAME, keep_default_na=False)
+    assert list(table.columns) == PLAN.MANIFEST_COLUMNS and (table["status"] == "ok").all()
     assert (table["seed"] == 42 + 10_000 * table["user_id"] + table["index"]).all()
     assert all((d / p).is_file() for p in table["path"])
     assert set(table["path"].str.extract(r"^rebeca/(prior_cfg\d+)/u\d{3}/\d{2}\.png$")[0]) == {
         f"prior_cfg{w:g}" for w in gen.prior_cfg_scales}
     for fig in ("fig13_samples_prior_cfg5", "fig14_samples_prior_cfg7", "fig15_samples_prior_cfg9"):
         assert (d / f"{fig}.png").exists() and (d / f"{fig}.pdf").exists()
-    for space in embeddings.SPACES:  # re-encoded for notebooks 08 and 10
-        names, emb = embeddings.load_embeddings(d / "embeddings", space)
+    for space in ENC.SPACES:  # re-encoded for notebooks 08 and 10
+        names, emb = STORE.load_embeddings(d / "embeddings", space)
         assert names == sorted(table["path"]) and torch.isfinite(emb).all()
     # everything done: decoding the saved plan again writes nothing and never calls the pipeline
-    items, gcfg, models = decoding.load_plan(d)
-    pipe = _NeverCalled(decoding.build_decoder(models, gcfg))
-    rep = decoding.decode(pipe, items, d, gcfg, models=models, progress=False)
+    items, gcfg, models = PLAN.load_plan(d)
+    pipe = _NeverCalled(DEC.build_decoder(models, gcfg))
+    rep = DECODE.decode(pipe, items, d, gcfg, models=models, progress=False)
     assert rep.written == 0 and rep.skipped == len(items) and rep.batches == 0
 
 
@@ -178,8 +199,8 @@ class _NeverCalled:
         raise AssertionError("the pipeline was called although every image exists")
 
 
+@pytest.mark.slow  # executes notebooks
 def test_05_verifier_beats_chance_on_planted_tastes(smoke_run):
-    from rebeca_utils import embeddings, flickr, verifier
     from rebeca_utils.config import get_profile
 
     d = smoke_run / "05_train_verifier"
@@ -187,36 +208,36 @@ def test_05_verifier_beats_chance_on_planted_tastes(smoke_run):
     assert m["auc_test"] > 0.55 and m["auc_test_ci"][0] < m["auc_test"] < m["auc_test_ci"][1] and m["auc_test_se"] > 0
     # the reported AUC is reproduced from the saved verifier and 02's artifacts alone
     src = smoke_run / "02_embed_flickr"
-    splits, _ = flickr.load_splits(src / "flickr_splits.parquet")
-    test = verifier.interactions(splits, embeddings.load_embeddings(src / "embeddings", "verifier",
+    splits, _ = SP.load_splits(src / "flickr_splits.parquet")
+    test = TV.interactions(splits, STORE.load_embeddings(src / "embeddings", "verifier",
                                                                     get_profile("smoke").models), "test")
-    model = verifier.load_verifier(d / "verifier")
-    assert verifier.roc_auc(test.like, verifier.predict(model, test.user_id, test.img_emb)) == pytest.approx(m["auc_test"])
+    model = NMF.load_verifier(d / "verifier")
+    assert STATS.roc_auc(test.like, SCORES.predict(model, test.user_id, test.img_emb)) == pytest.approx(m["auc_test"])
     assert (d / "fig9_verifier_roc.png").exists() and (d / "fig9_verifier_roc.pdf").exists()
 
 
+@pytest.mark.slow  # executes notebooks
 def test_08_evaluation_tables_recomputable(smoke_run):
-    from rebeca_utils import embeddings, evaluation, flickr, metrics, verifier
     from rebeca_utils.config import get_profile
 
     d = smoke_run / "08_evaluate_methods"
     m = manifest(smoke_run, "08_evaluate_methods")["metrics"]
     gen = get_profile("smoke").generation
-    assert m["methods"] == [metrics.rebeca_label(w) for w in gen.prior_cfg_scales]
+    assert m["methods"] == [PAPER.rebeca_label(w) for w in gen.prior_cfg_scales]
     assert m["folders_missing"] == ["06_lora_baselines", "07_vlm_personas"]  # evaluated whatever exists
     # per-user P/R agree with the single-user function on the same embeddings (both definitions)
-    images, _ = evaluation.find_generated(smoke_run, ["04_generate_images"])
+    images, _ = METHODS.find_generated(smoke_run, ["04_generate_images"])
     models = get_profile("smoke").models
-    gen_emb = evaluation.generated_embeddings(images, smoke_run, "verifier", models).numpy()
-    splits, _ = flickr.load_splits(smoke_run / "02_embed_flickr/flickr_splits.parquet")
-    names, real = embeddings.load_embeddings(smoke_run / "02_embed_flickr/embeddings", "verifier", models)
-    pool = evaluation.heldout_pool(splits, names, real, ("test",))
+    gen_emb = METHODS.generated_embeddings(images, smoke_run, "verifier", models).numpy()
+    splits, _ = SP.load_splits(smoke_run / "02_embed_flickr/flickr_splits.parquet")
+    names, real = STORE.load_embeddings(smoke_run / "02_embed_flickr/embeddings", "verifier", models)
+    pool = METHODS.heldout_pool(splits, names, real, ("test",))
     pr = pd.read_csv(d / "precision_recall_per_user.csv")
     assert set(pr["definition"]) == {"paper", "reference"} and pr["user_id"].nunique() > 1
     for _, r in pr.sample(12, random_state=0).iterrows():
         g = (images["label"] == r["label"]).to_numpy() & (images["user_id"] == r["user_id"]).to_numpy()
         p = pool["user_id"] == r["user_id"]
-        exp = metrics.precision_recall_at_k(gen_emb[g], pool["img_emb"].numpy()[p], pool["liked"][p], int(r["k"]),
+        exp = RET.precision_recall_at_k(gen_emb[g], pool["img_emb"].numpy()[p], pool["liked"][p], int(r["k"]),
                                             r["definition"])
         assert (r["precision"], r["recall"]) == pytest.approx(exp)
     t = pd.read_csv(d / "table2_paper.csv", header=[0, 1], index_col=0)
@@ -225,10 +246,10 @@ def test_08_evaluation_tables_recomputable(smoke_run):
     assert t.loc[label, ("@1", "P")] == pytest.approx(sub["precision"].mean())
     # eq. 5 per user from the saved verifier
     v = pd.read_csv(d / "verifier_per_user.csv")
-    model = verifier.load_verifier(smoke_run / "05_train_verifier/verifier")
+    model = NMF.load_verifier(smoke_run / "05_train_verifier/verifier")
     g = (images["label"] == label).to_numpy() & (images["user_id"] == v["user_id"][0]).to_numpy()
     assert v[v["method"] == label]["score"].iloc[0] == pytest.approx(
-        verifier.predict(model, int(v["user_id"][0]), gen_emb[g]).mean())
+        SCORES.predict(model, int(v["user_id"][0]), gen_emb[g]).mean())
     q = pd.read_csv(d / "quality_per_image.csv")
     cols = ["LAION aesthetic", "HPSv2 (generic prompt)", "HPSv2 (empty prompt)"]
     assert len(q) == len(images) and np.isfinite(q[cols].to_numpy()).all()
@@ -238,11 +259,12 @@ def test_08_evaluation_tables_recomputable(smoke_run):
         assert (d / f"{fig}.png").exists() and (d / f"{fig}.pdf").exists()
     # cached per-image scores: a second pass scores nothing new
     calls = []
-    evaluation.cached_scores(smoke_run / "cache/laion_aesthetic.parquet", images["sha256"], images["file"],
+    METHODS.cached_scores(smoke_run / "cache/laion_aesthetic.parquet", images["sha256"], images["file"],
                              lambda f: calls.append(f) or np.zeros(len(f)))
     assert calls == []
 
 
+@pytest.mark.slow  # executes notebooks
 def test_10_personalization_tests(smoke_run):
     d = smoke_run / "10_test_personalization"
     m = manifest(smoke_run, "10_test_personalization")["metrics"]
@@ -256,28 +278,28 @@ def test_10_personalization_tests(smoke_run):
         assert (d / f"{fig}.png").exists() and (d / f"{fig}.pdf").exists()
 
 
+@pytest.mark.slow  # executes notebooks
 def test_10_algorithm2_recomputed_from_saved_artifacts(smoke_run):
-    from rebeca_utils import evaluation, metrics, verifier
     from rebeca_utils.config import get_profile
 
     m = manifest(smoke_run, "10_test_personalization")["metrics"]
-    images, _ = evaluation.find_generated(smoke_run, ["04_generate_images"])
+    images, _ = METHODS.find_generated(smoke_run, ["04_generate_images"])
     images = images[images["setting"] == "prior_cfg5"]  # the notebook's default setting, in manifest order
-    emb = evaluation.generated_embeddings(images, smoke_run, "verifier", get_profile("smoke").models)
-    rev = evaluation.generated_embeddings(images.iloc[::-1], smoke_run, "verifier", get_profile("smoke").models)
+    emb = METHODS.generated_embeddings(images, smoke_run, "verifier", get_profile("smoke").models)
+    rev = METHODS.generated_embeddings(images.iloc[::-1], smoke_run, "verifier", get_profile("smoke").models)
     assert torch.equal(rev, emb.flip(0))  # rows follow positions, whatever the index
-    model = verifier.load_verifier(smoke_run / "05_train_verifier/verifier")
+    model = NMF.load_verifier(smoke_run / "05_train_verifier/verifier")
     users = np.sort(images["user_id"].unique())
     owner = np.searchsorted(users, images["user_id"].to_numpy())
-    scores = np.stack([verifier.predict(model, int(u), emb) for u in users])
-    res = metrics.permutation_test(scores, owner, m["n_permutations"], 0)
+    scores = np.stack([SCORES.predict(model, int(u), emb) for u in users])
+    res = STATS.permutation_test(scores, owner, m["n_permutations"], 0)
     assert res.statistic == pytest.approx(m["alg2"]["statistic"]) and res.p_value == pytest.approx(m["alg2"]["p_value"])
 
 
+@pytest.mark.slow  # executes notebooks
 def test_08_picks_up_any_method_folder(smoke_run, tmp_path):
     import shutil
 
-    from rebeca_utils import decoding
 
     root = tmp_path / "out" / "smoke"
     for nb in ("02_embed_flickr", "04_generate_images", "05_train_verifier"):
@@ -285,9 +307,9 @@ def test_08_picks_up_any_method_folder(smoke_run, tmp_path):
     # a stand-in baseline folder in the shared layout: REBECA's CFG-5 images relabelled as a shared LoRA
     base = root / "06_lora_baselines"
     shutil.copytree(smoke_run / "04_generate_images", base)
-    table = pd.read_csv(base / decoding.MANIFEST_NAME, keep_default_na=False)
+    table = pd.read_csv(base / PLAN.MANIFEST_NAME, keep_default_na=False)
     table[table["setting"] == "prior_cfg5"].assign(method="lora", setting="shared").to_csv(
-        base / decoding.MANIFEST_NAME, index=False)
+        base / PLAN.MANIFEST_NAME, index=False)
     runner.run_notebooks("smoke", [runner.REPO / "notebooks/08_evaluate_methods.ipynb"], {"score_quality": False},
                          tmp_path / "out", log=lambda *a, **k: None)
     m = manifest(root, "08_evaluate_methods")["metrics"]

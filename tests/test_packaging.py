@@ -1,7 +1,8 @@
 """Install metadata: pyproject.toml and environment.yml list the same dependencies."""
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,9 +2,20 @@
 import torch
 
 from rebeca_utils.config import DiffusionConfig, PriorConfig, TrainConfig
-from rebeca_utils.diffusion import (Triplets, diffusion_target, epoch_indices, make_sampler, make_scheduler,
-                                    sample_prior, sample_users, sample_seed, train_prior)
-from rebeca_utils.prior import RebecaPrior, count_parameters
+from rebeca_utils.models.prior import RebecaPrior, count_parameters
+from rebeca_utils.pipeline.sampling import (
+    make_sampler,
+    sample_prior,
+    sample_seed,
+    sample_users,
+)
+from rebeca_utils.train.diffusion import (
+    Triplets,
+    diffusion_target,
+    epoch_indices,
+    make_scheduler,
+    train_prior,
+)
 
 TINY = dict(emb_dim=16, n_tokens=4, hidden_dim=16, n_heads=2, n_layers=2, n_users=4, n_ratings=2)
 
@@ -116,7 +127,7 @@ def test_training_learns_user_conditional_means_and_restores_best_state():
     losses = [h["val_loss"] for h in res.history]
     assert losses[-1] < 0.5 * losses[0]
     assert res.best_val_loss == min(losses)
-    from rebeca_utils.diffusion import validation_loss
+    from rebeca_utils.train.diffusion import validation_loss
     assert abs(validation_loss(m, sched, val.to("cpu")) - res.best_val_loss) < 1e-6  # best state restored
     x = sample_users(m, sched, [0, 1, 2, 3], 16, rating=1, sampler="ddim", steps=25, cfg_scale=1.0, progress=False)
     # each user's samples are nearest to its own planted liked centre
@@ -133,7 +144,7 @@ def test_early_stopping_stops():
 
 
 def test_cfg_dropout_rates():
-    from rebeca_utils.diffusion import drop_conditioning
+    from rebeca_utils.train.diffusion import drop_conditioning
 
     m = tiny()
     u, r = torch.zeros(20000, dtype=torch.long), torch.ones(20000, dtype=torch.long)

@@ -1,5 +1,6 @@
 """The headless runner: selection, parameters, failures, manifests."""
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -7,7 +8,7 @@ from nbformat.v4 import new_code_cell, new_notebook
 
 from rebeca_utils import run as runner
 
-ROOT = runner.REPO
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _nb(path, body, params='profile = "smoke"\noutput_dir = "out"\nseed = 0\nx: int = 1  # why: test'):
@@ -20,9 +21,9 @@ def _nb(path, body, params='profile = "smoke"\noutput_dir = "out"\nseed = 0\nx: 
 
 
 WRITE_MANIFEST = """
-from rebeca_utils.artifacts import start_run
-run = start_run(output_dir, profile, NAME, seed)
-run.finish(parameters={"x": x}, metrics={"x_squared": x * x}, device="cpu")
+from rebeca_utils.notebook.runs import start_run
+run = start_run(NAME, globals())
+run.finish(metrics={"x_squared": x * x}, device="cpu")
 """
 
 
@@ -37,6 +38,7 @@ def test_select_and_params():
         runner.parse_params(["novalue"])
 
 
+@pytest.mark.slow  # executes notebooks
 def test_runs_in_order_writes_executed_copies_and_manifests(tmp_path):
     nbdir = tmp_path / "nbs"
     nbdir.mkdir()
@@ -48,9 +50,13 @@ def test_runs_in_order_writes_executed_copies_and_manifests(tmp_path):
     assert (tmp_path / "out/smoke/notebooks/02_second.ipynb").exists()
     man = json.loads((tmp_path / "out/smoke/01_first/manifest.json").read_text())
     assert man["metrics"] == {"x_squared": 49} and man["seed"] == 0 and man["packages"]["torch"]
+    # the parameters cell is recorded once, with the runner's values, and the resolved device beside it
+    assert man["parameters"] == {"profile": "smoke", "output_dir": str(tmp_path / "out"), "seed": 0, "x": 7}
+    assert man["device"] == "cpu"
     assert sum("ok in" in line for line in lines) == 2
 
 
+@pytest.mark.slow  # executes notebooks
 def test_failure_names_notebook_cell_and_error(tmp_path):
     nbdir = tmp_path / "nbs"
     nbdir.mkdir()
@@ -64,6 +70,7 @@ def test_failure_names_notebook_cell_and_error(tmp_path):
     assert not (tmp_path / "out/smoke/02_never").exists()  # stopped at the first failure
 
 
+@pytest.mark.slow  # executes notebooks
 def test_missing_manifest_is_a_failure(tmp_path):
     nbdir = tmp_path / "nbs"
     nbdir.mkdir()

@@ -14,10 +14,17 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from rebeca_utils import embeddings as E
-from rebeca_utils import flickr
-from rebeca_utils import verifier as V
 from rebeca_utils.config import VerifierConfig, get_profile
+from rebeca_utils.data import flickr as FL
+from rebeca_utils.data import splits as SP
+from rebeca_utils.data import synthetic as SYN
+from rebeca_utils.evaluate import scores as SCORES
+from rebeca_utils.evaluate import stats as STATS
+from rebeca_utils.models import encoders as ENC
+from rebeca_utils.models import nmf as NMF
+from rebeca_utils.notebook import plots as PLOTS
+from rebeca_utils.pipeline import embeddings as STORE
+from rebeca_utils.train import verifier as TV
 
 SMOKE = get_profile("smoke")
 CFG = SMOKE.verifier
@@ -52,7 +59,7 @@ def planted(seed: int = 0, n_users: int = 20, n_items: int = 1000, rank: int = 4
     a, b = int(0.7 * len(u)), int(0.85 * len(u))
 
     def take(r):
-        return V.Interactions(torch.as_tensor(u[r]), torch.as_tensor(emb[i[r]], dtype=torch.float32),
+        return TV.Interactions(torch.as_tensor(u[r]), torch.as_tensor(emb[i[r]], dtype=torch.float32),
                               torch.as_tensor(like[r], dtype=torch.float32), rows=r)
 
     return take(part[:a]), take(part[a:b]), take(part[b:]), roc_auc_score(like[part[b:]], logit[part[b:]])
@@ -64,14 +71,14 @@ def within_user_auc(data, p) -> float:
     for u in data.user_id.unique():
         m = (data.user_id == u).numpy()
         if 0 < data.like[m].sum() < m.sum():
-            aucs.append(V.roc_auc(data.like[m], p[m]))
+            aucs.append(STATS.roc_auc(data.like[m], p[m]))
     return float(np.mean(aucs))
 
 
 def fit(train, val, cfg: VerifierConfig = CFG, seed: int = 0, n_users: int = 20):
     torch.manual_seed(seed)
-    model = V.NMFVerifier.from_config(cfg, n_users, train.img_emb.shape[1])
-    return model, V.train_verifier(model, train, val, cfg, seed=seed, progress=False)
+    model = NMF.NMFVerifier.from_config(cfg, n_users, train.img_emb.shape[1])
+    return model, TV.train_verifier(model, train, val, cfg, seed=seed, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +94,7 @@ def trained(planted_data):
 
 @pytest.fixture(scope="module")
 def encoder():
-    return E.build_encoder("verifier", SMOKE.models)
+    return ENC.build_encoder("verifier", SMOKE.models)
 
 
 # ----------------------------------------------------------------------------------------------- 1. planted tastes
@@ -97,7 +104,7 @@ def test_planted_tastes_are_recovered_and_shuffled_labels_are_not(planted_data, 
     train, val, test, oracle = planted_data
     model, res = trained
     assert 0.25 < float(train.like.mean()) < 0.35 and oracle > 0.85
-    auc = V.roc_auc(test.like, V.predict(model, test.user_id, test.img_emb))
+    auc = STATS.roc_auc(test.like, SCORES.predict(model, test.user_id, test.img_emb))
     print(f"planted: test AUC {auc:.3f} (oracle {oracle:.3f}), {res.epochs} epochs")
     assert auc > 0.78, auc  # measured 0.853 (oracle 0.904); training seeds 0-4: 0.853-0.866
     assert res.best_val_auc > 0.78 and res.history[res.best_epoch]["val_loss"] == res.best_val_loss
@@ -106,7 +113,7 @@ def test_planted_tastes_are_recovered_and_shuffled_labels_are_not(planted_data, 
 
     train_s, val_s, test_s, _ = planted(shuffle=True)
     model_s, res_s = fit(train_s, val_s)
-    auc_s = V.roc_auc(test_s.like, V.predict(model_s, test_s.user_id, test_s.img_emb))
+    auc_s = STATS.roc_auc(test_s.like, SCORES.predict(model_s, test_s.user_id, test_s.img_emb))
     print(f"planted, shuffled likes: test AUC {auc_s:.3f}, {res_s.epochs} epochs")
     assert abs(auc_s - 0.5) < 0.08, auc_s  # measured 0.482; training seeds 0-4: 0.478-0.515
     assert res_s.stopped_early and res_s.best_epoch < res.best_epoch
@@ -117,15 +124,15 @@ def test_planted_tastes_are_recovered_and_shuffled_labels_are_not(planted_data, 
 
 def test_same_seed_same_weights_other_weighting_other_weights(planted_data):
     train, val, _, _ = planted_data
-    train, val = (V.Interactions(d.user_id[:1500], d.img_emb[:1500], d.like[:1500]) for d in (train, val))
+    train, val = (TV.Interactions(d.user_id[:1500], d.img_emb[:1500], d.like[:1500]) for d in (train, val))
     cfg = replace(CFG, max_epochs=4, patience=10)
     a, _ = fit(train, val, cfg)
     torch.manual_seed(0)
-    b = V.NMFVerifier.from_config(cfg, 20, D)  # same init as `a`; now scramble the global RNG before training
+    b = NMF.NMFVerifier.from_config(cfg, 20, D)  # same init as `a`; now scramble the global RNG before training
     torch.manual_seed(123)
     before = torch.rand(3)
     torch.manual_seed(123)
-    V.train_verifier(b, train, val, cfg, seed=0, progress=False)
+    TV.train_verifier(b, train, val, cfg, seed=0, progress=False)
     assert torch.equal(torch.rand(3), before)  # dropout and shuffling draw from `seed`, not the caller's RNG
     sa, sb = a.state_dict(), b.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -134,10 +141,10 @@ def test_same_seed_same_weights_other_weighting_other_weights(planted_data):
     w, _ = fit(train, val, replace(cfg, user_weighting="inverse_frequency"))
     assert not torch.equal(sa["user_gmf.weight"], w.state_dict()["user_gmf.weight"])
 
-    weights = V.user_weights(torch.tensor([0, 0, 0, 1]), "inverse_frequency")
+    weights = TV.user_weights(torch.tensor([0, 0, 0, 1]), "inverse_frequency")
     assert torch.allclose(weights, torch.tensor([2 / 3, 2 / 3, 2 / 3, 2.0])) and weights.mean() == 1  # users weigh equally
     with pytest.raises(ValueError, match=r"user_weighting='per_user'.*none, inverse_frequency"):
-        V.train_verifier(a, train, val, replace(cfg, user_weighting="per_user"), progress=False)
+        TV.train_verifier(a, train, val, replace(cfg, user_weighting="per_user"), progress=False)
 
 
 # ----------------------------------------------------------------------------------------------- 3. model, scoring, save/load
@@ -148,25 +155,25 @@ def test_forward_shape_save_load_round_trip_and_score_broadcast(trained, planted
     _, _, test, _ = planted_data
     x = test.img_emb[:50]
     assert model(test.user_id[:50], x).shape == (50,)
-    p = V.predict(model, test.user_id, test.img_emb, batch_size=64)
+    p = SCORES.predict(model, test.user_id, test.img_emb, batch_size=64)
     assert p.shape == (len(test),) and ((p > 0) & (p < 1)).all()
 
-    folder = V.save_verifier(model, tmp_path / "verifier")
+    folder = NMF.save_verifier(model, tmp_path / "verifier")
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temp folders left behind
-    V.save_verifier(model, folder)  # overwriting an existing save works
-    loaded = V.load_verifier(folder)
+    NMF.save_verifier(model, folder)  # overwriting an existing save works
+    loaded = NMF.load_verifier(folder)
     assert not loaded.training and loaded.mlp_dims == CFG.mlp_dims and loaded.n_users == 20
-    assert np.array_equal(V.predict(loaded, test.user_id, test.img_emb), p)  # standardizer buffers included
+    assert np.array_equal(SCORES.predict(loaded, test.user_id, test.img_emb), p)  # standardizer buffers included
     with pytest.raises(FileNotFoundError, match="config.json"):
-        V.load_verifier(tmp_path / "nothing")
+        NMF.load_verifier(tmp_path / "nothing")
 
-    per_row = V.score(model, torch.full((50,), 7), x)
-    assert np.array_equal(V.score(model, 7, x), per_row)
-    assert np.array_equal(V.score(model, 7, x.numpy()), per_row)
+    per_row = SCORES.score(model, torch.full((50,), 7), x)
+    assert np.array_equal(SCORES.score(model, 7, x), per_row)
+    assert np.array_equal(SCORES.score(model, 7, x.numpy()), per_row)
     with pytest.raises(ValueError, match="user_ids has 3 entries but there are 50"):
-        V.score(model, [1, 2, 3], x)
+        SCORES.score(model, [1, 2, 3], x)
     with pytest.raises(ValueError, match=r"img_emb has shape \(50, 47\).*\(N, 48\)"):
-        V.score(model, 7, x[:, :47])
+        SCORES.score(model, 7, x[:, :47])
 
 
 def test_score_images_through_the_encoder_equals_predict_on_its_embeddings(trained, encoder, tmp_path):
@@ -178,13 +185,13 @@ def test_score_images_through_the_encoder_equals_predict_on_its_embeddings(train
     images[2].save(tmp_path / "img2.png")
     emb = encoder.encode(torch.stack([encoder.transform(im) for im in images]))
     users = [0, 3, 5, 5, 19]
-    expected = V.predict(model, users, emb)
-    got = V.score(model, users, images, encoder=encoder, batch_size=2)
+    expected = SCORES.predict(model, users, emb)
+    got = SCORES.score(model, users, images, encoder=encoder, batch_size=2)
     assert np.allclose(got, expected, atol=1e-6)
     mixed = images[:2] + [tmp_path / "img2.png"] + images[3:]  # paths are read as RGB
-    assert np.allclose(V.score(model, users, mixed, encoder=encoder), expected, atol=1e-6)
+    assert np.allclose(SCORES.score(model, users, mixed, encoder=encoder), expected, atol=1e-6)
     with pytest.raises(ValueError, match="encoder is required"):
-        V.score(model, 0, images)
+        SCORES.score(model, 0, images)
 
 
 # ----------------------------------------------------------------------------------------------- 4. ROC-AUC bootstrap
@@ -195,37 +202,36 @@ def test_bootstrap_auc_matches_sklearn_and_is_seeded():
     y = rng.random(2000) < 0.3
     p = np.round(rng.normal(size=2000) + 1.2 * y, 1)  # rounded: many ties
     t0 = time.perf_counter()
-    boot = V.bootstrap_auc(y, p, n_bootstrap=1000, seed=0)
+    boot = STATS.bootstrap_auc(y, p, n_bootstrap=1000, seed=0)
     assert time.perf_counter() - t0 < 3.0
-    assert boot["auc"] == V.roc_auc(y, p) == pytest.approx(roc_auc_score(y, p))
+    assert boot["auc"] == STATS.roc_auc(y, p) == pytest.approx(roc_auc_score(y, p))
     assert boot["samples"].shape == (1000,) and boot["se"] > 0
     assert boot["ci_low"] < boot["auc"] < boot["ci_high"]
     assert 0.005 < boot["se"] < 0.03  # ~ Hanley-McNeil SE for n = 2000
-    assert np.array_equal(V.bootstrap_auc(y, p, 1000, seed=0)["samples"], boot["samples"])
-    assert not np.array_equal(V.bootstrap_auc(y, p, 1000, seed=1)["samples"], boot["samples"])
+    assert np.array_equal(STATS.bootstrap_auc(y, p, 1000, seed=0)["samples"], boot["samples"])
+    assert not np.array_equal(STATS.bootstrap_auc(y, p, 1000, seed=1)["samples"], boot["samples"])
 
     idx = rng.integers(0, 2000, size=(6, 2000))  # the vectorised AUC is sklearn's on each resample (ties too)
     _, group = np.unique(p, return_inverse=True)
-    assert np.allclose(V._resample_aucs(y, group, group.max() + 1, idx), [roc_auc_score(y[r], p[r]) for r in idx])
+    assert np.allclose(STATS._resample_aucs(y, group, group.max() + 1, idx), [roc_auc_score(y[r], p[r]) for r in idx])
 
     y_sep = np.array([0, 0, 0, 1, 1, 0, 1, 0])  # perfectly separable; small, so single-class resamples get redrawn
     p_sep = np.where(y_sep == 1, 0.9, 0.1) + np.arange(8) * 1e-3
-    sep = V.bootstrap_auc(y_sep, p_sep, n_bootstrap=500, seed=0)
+    sep = STATS.bootstrap_auc(y_sep, p_sep, n_bootstrap=500, seed=0)
     assert np.all(sep["samples"] == 1.0) and sep["se"] == 0 and sep["auc"] == 1.0
     with pytest.raises(ValueError, match="both classes"):
-        V.bootstrap_auc(np.ones(10), np.arange(10), 100)
+        STATS.bootstrap_auc(np.ones(10), np.arange(10), 100)
     with pytest.raises(ValueError, match="y has 3 entries but p has 2"):
-        V.bootstrap_auc([0, 1, 1], [0.1, 0.2], 100)
+        STATS.bootstrap_auc([0, 1, 1], [0.1, 0.2], 100)
 
 
 def test_verifier_diagnostics_figure():
-    from rebeca_utils import plots
 
     rng = np.random.default_rng(0)
     y = rng.random(400) < 0.3
     p = rng.normal(size=400) + y
-    boot = V.bootstrap_auc(y[200:], p[200:], 200)
-    fig = plots.verifier_diagnostics(y[:200], p[:200], y[200:], p[200:], boot)
+    boot = STATS.bootstrap_auc(y[200:], p[200:], 200)
+    fig = PLOTS.verifier_diagnostics(y[:200], p[:200], y[200:], p[200:], boot)
     roc, hist = fig.axes
     labels = [t.get_text() for t in roc.get_legend().get_texts()]
     assert labels[0].startswith("train (AUC = ") and labels[1] == f"test (AUC = {boot['auc']:.3f})"
@@ -240,24 +246,24 @@ def fixture_data(tmp_path_factory, encoder):
     """The pipeline's smoke data: synthetic FLICKR-AES -> validated ratings -> splits -> tiny-bigG embeddings."""
     tmp = tmp_path_factory.mktemp("verifier_flickr")
     fl = SMOKE.flickr
-    root = flickr.write_synthetic_flickr(tmp / "fl", fl.n_workers, fl.n_images, fl.image_size, fl.ratings_per_image)
-    ratings, _ = flickr.load_ratings(root, like_threshold=fl.like_threshold)
-    splits, _ = flickr.make_splits(ratings, fl.n_test, fl.n_val, fl.n_holdout_workers, seed=0)
-    E.embed_images(root / "40K", None, "verifier", SMOKE.models, tmp / "emb", device="cpu", progress=False,
+    root = SYN.write_synthetic_flickr(tmp / "fl", fl.n_workers, fl.n_images, fl.image_size, fl.ratings_per_image)
+    ratings, _ = FL.load_ratings(root, like_threshold=fl.like_threshold)
+    splits, _ = SP.make_splits(ratings, fl.n_test, fl.n_val, fl.n_holdout_workers, seed=0)
+    STORE.embed_images(root / "40K", None, "verifier", SMOKE.models, tmp / "emb", device="cpu", progress=False,
                    encoder=encoder).merge()
-    return root, splits, E.load_embeddings(tmp / "emb", "verifier", SMOKE.models)
+    return root, splits, STORE.load_embeddings(tmp / "emb", "verifier", SMOKE.models)
 
 
 def test_interactions_from_the_split_table(fixture_data):
     _, splits, (names, emb) = fixture_data
-    train = V.interactions(splits, (names, emb), "train")
+    train = TV.interactions(splits, (names, emb), "train")
     ref = splits[(splits["split"] == "train") & ~splits["holdout"]]
     assert len(train) == len(ref) and train.n_dropped == 0
     assert np.array_equal(train.user_id.numpy(), ref["user_id"].to_numpy())
     assert np.array_equal(train.like.numpy(), ref["like"].to_numpy().astype(np.float32))
     row = {n: i for i, n in enumerate(names)}
     assert torch.equal(train.img_emb[5], emb[row[ref["image"].iloc[5]]])
-    both = V.interactions(splits, (names, emb), ("val", "test"), include_holdout=True)
+    both = TV.interactions(splits, (names, emb), ("val", "test"), include_holdout=True)
     assert len(both) == int(splits["split"].isin(["val", "test"]).sum())
 
     lookup = {n: e for n, e in zip(names, emb)}
@@ -269,30 +275,30 @@ def test_interactions_from_the_split_table(fixture_data):
             raise KeyError(f"no embedding for {missing}")
         return torch.stack([lookup[n] for n in batch])
 
-    part = V.interactions(splits, store, "train")
+    part = TV.interactions(splits, store, "train")
     n_gone = int(ref["image"].isin(gone).sum())
     assert part.n_dropped == n_gone and len(part) == len(ref) - n_gone
     kept = ~ref["image"].isin(gone).to_numpy()
     assert torch.equal(part.img_emb, train.img_emb[torch.as_tensor(kept)])
     with pytest.raises(ValueError, match="split='dev'"):
-        V.interactions(splits, (names, emb), "dev")
+        TV.interactions(splits, (names, emb), "dev")
 
 
 def test_fixture_test_auc_clearly_above_chance(fixture_data):
     root, splits, (names, emb) = fixture_data
-    data = {s: V.interactions(splits, (names, emb), s) for s in V.SPLITS}
+    data = {s: TV.interactions(splits, (names, emb), s) for s in TV.SPLITS}
     n_users = int(splits["user_id"].max()) + 1
     model, res = fit(data["train"], data["val"], n_users=n_users)
-    p = {s: V.predict(model, d.user_id, d.img_emb) for s, d in data.items()}
-    auc = {s: V.roc_auc(data[s].like, p[s]) for s in data}
-    boot = V.bootstrap_auc(data["test"].like.numpy(), p["test"], CFG.n_bootstrap, seed=0)
+    p = {s: SCORES.predict(model, d.user_id, d.img_emb) for s, d in data.items()}
+    auc = {s: STATS.roc_auc(data[s].like, p[s]) for s in data}
+    boot = STATS.bootstrap_auc(data["test"].like.numpy(), p["test"], CFG.n_bootstrap, seed=0)
 
     # the planted preferences bound what any model can reach on these rows
-    truth = flickr.synthetic_truth(root)
+    truth = SYN.synthetic_truth(root)
     test_rows = splits.iloc[data["test"].rows]
     lo_hi = np.array([truth["p_like"][w] for w in test_rows["worker"]])
-    f = np.array([flickr.match_fraction(truth, w, im) for w, im in zip(test_rows["worker"], test_rows["image"])])
-    oracle = V.roc_auc(data["test"].like, lo_hi[:, 0] + (lo_hi[:, 1] - lo_hi[:, 0]) * f ** 2)
+    f = np.array([SYN.match_fraction(truth, w, im) for w, im in zip(test_rows["worker"], test_rows["image"])])
+    oracle = STATS.roc_auc(data["test"].like, lo_hi[:, 0] + (lo_hi[:, 1] - lo_hi[:, 0]) * f ** 2)
     within = within_user_auc(data["test"], p["test"])
     print(f"fixture verifier AUC train {auc['train']:.3f} val {auc['val']:.3f} test {auc['test']:.3f} "
           f"(SE {boot['se']:.3f}, CI {boot['ci_low']:.3f}-{boot['ci_high']:.3f}), mean within-user test AUC "

@@ -2,25 +2,37 @@
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Sequence, Union
 
 import numpy as np
+import open_clip
 import torch
+import torchvision.transforms.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from torch import nn
+from torchvision import transforms as T
+from tqdm.auto import tqdm
 
-from . import components as C
-from .config import ModelsConfig
+from ..config import ModelsConfig
+from ..models.encoders import AESTHETIC_EMB_DIM, build_clip, tiny_clip_name
+from ..models.weights import (
+    aesthetic_head_entry,
+    check_builder,
+    hps_entry,
+    require_weights,
+)
+from ..runtime import seeded
 
 ImageLike = Union[Image.Image, str, os.PathLike]
+
 # improved-aesthetic-predictor's MLP: Linear layers at these Sequential indices, Dropouts in between
-HEAD_SHAPES = {0: (1024, C.AESTHETIC_EMB_DIM), 2: (128, 1024), 4: (64, 128), 6: (16, 64), 7: (1, 16)}
+HEAD_SHAPES = {0: (1024, AESTHETIC_EMB_DIM), 2: (128, 1024), 4: (64, 128), 6: (16, 64), 7: (1, 16)}
+
 HEAD_KEYS = frozenset(f"layers.{i}.{p}" for i in HEAD_SHAPES for p in ("weight", "bias"))
+
 HPS_TINY_SEED_OFFSET = {"v2.0": 0, "v2.1": 1}  # the tiny v2.1 differs from v2.0, as the real checkpoints do
-
-
-# ----------------------------------------------------------------------------------------------- shared
-
 
 def _rgb(image: ImageLike) -> Image.Image:
     if isinstance(image, Image.Image):
@@ -28,9 +40,7 @@ def _rgb(image: ImageLike) -> Image.Image:
     with Image.open(image) as im:  # opened per batch, so long lists never hold every file open
         return im.convert("RGB")
 
-
 def _batches(n: int, batch_size: int, desc: str, progress: bool | None):
-    from tqdm.auto import tqdm
 
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be >= 1")
@@ -40,21 +50,16 @@ def _batches(n: int, batch_size: int, desc: str, progress: bool | None):
         bar.update(min(batch_size, n - start))
     bar.close()
 
-
 def _unit(x: torch.Tensor) -> torch.Tensor:
     # float32 and a zero norm left as is, as the predictor's `normalized` helper (l2[l2 == 0] = 1)
     x = x.float()
     norm = x.norm(dim=-1, keepdim=True)
     return x / torch.where(norm == 0, torch.ones_like(norm), norm)
 
-
-# ----------------------------------------------------------------------------------------------- LAION aesthetic
-
-
 class LaionAestheticHead(nn.Module):
     """improved-aesthetic-predictor's MLP (sac+logos+ava1-l14-linearMSE): linear layers, no activations."""
 
-    def __init__(self, input_size: int = C.AESTHETIC_EMB_DIM):
+    def __init__(self, input_size: int = AESTHETIC_EMB_DIM):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
@@ -67,7 +72,6 @@ class LaionAestheticHead(nn.Module):
     def score(self, emb: torch.Tensor) -> torch.Tensor:
         """Aesthetic scores (n,) of CLIP image embeddings, L2-normalised first as the predictor was trained."""
         return self.layers(_unit(emb.to(self.layers[0].weight.device)))[:, 0]
-
 
 def load_aesthetic_head(path: str | os.PathLike) -> LaionAestheticHead:
     """The LAION head from an official-layout checkpoint (keys layers.{0,2,4,6,7}.{weight,bias}), on CPU, eval."""
@@ -85,19 +89,17 @@ def load_aesthetic_head(path: str | os.PathLike) -> LaionAestheticHead:
     head.load_state_dict({k: v.float() for k, v in state.items()})
     return head.eval().requires_grad_(False)
 
-
 def build_aesthetic_head(models: ModelsConfig, head_path: str | os.PathLike | None = None) -> LaionAestheticHead:
     """The official head (hub, or any profile given head_path) or, tiny without head_path, the same MLP seeded."""
     if models.builder == "tiny" and head_path is None:
         # seeded random weights, not the official head: the tiny profile must run with nothing downloaded, and
         # the real head on a random tiny CLIP would only look meaningful
-        with C._seeded(models.seed):
+        with seeded(models.seed):
             return LaionAestheticHead().eval().requires_grad_(False)
-    C._check_builder(models)
+    check_builder(models)
     # head_path, else $REBECA_AESTHETIC_HEAD, else the kit cache; fetched from its GitHub URL when missing and online
-    path = C.require_weights(C.aesthetic_head_entry(models, head_path))[0]
+    path = require_weights(aesthetic_head_entry(models, head_path))[0]
     return load_aesthetic_head(path)
-
 
 class AestheticScorer:
     """LAION aesthetic predictor: OpenAI CLIP ViT-L/14 image embedding, L2-normalised, through the linear MLP."""
@@ -112,7 +114,7 @@ class AestheticScorer:
                     head_path: str | os.PathLike | None = None) -> "AestheticScorer":
         """Builds CLIP (models.aesthetic_clip, or the tiny 768-d one) and the head once."""
         head = build_aesthetic_head(models, head_path)  # first: a missing 4 MB head fails before a 1.7 GB CLIP loads
-        clip, preprocess, _ = C.build_clip(models, "aesthetic", device=device, dtype=dtype)
+        clip, preprocess, _ = build_clip(models, "aesthetic", device=device, dtype=dtype)
         return cls(clip, preprocess, head, device, dtype)
 
     def embed(self, images: Sequence[ImageLike], batch_size: int = 32, progress: bool | None = None) -> torch.Tensor:
@@ -122,7 +124,7 @@ class AestheticScorer:
             for sl in _batches(len(images), batch_size, "LAION aesthetic", progress):
                 pixels = torch.stack([self.preprocess(_rgb(im)) for im in images[sl]])
                 out.append(self.clip.encode_image(pixels.to(self.device, self.dtype)).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, C.AESTHETIC_EMB_DIM)
+        return torch.cat(out) if out else torch.empty(0, AESTHETIC_EMB_DIM)
 
     def score_embeddings(self, emb: torch.Tensor) -> np.ndarray:
         """Scores of precomputed CLIP ViT-L/14 image embeddings (normalised here)."""
@@ -133,10 +135,6 @@ class AestheticScorer:
         """Aesthetic scores (n,) of PIL images or image paths; progress None = a bar when there is more than a batch."""
         return self.score_embeddings(self.embed(list(images), batch_size, progress))
 
-
-# ----------------------------------------------------------------------------------------------- HPSv2
-
-
 class _ResizeMaxSize(nn.Module):
     # HPSv2's eval resize (hpsv2/src/open_clip/transform.py ResizeMaxSize): longest side to `size` (bicubic, on the
     # tensor, antialiased as current torchvision does by default), then zero-pad to a square; unlike the original it
@@ -146,7 +144,6 @@ class _ResizeMaxSize(nn.Module):
         self.size = size
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        import torchvision.transforms.functional as F
 
         h, w = img.shape[-2:]
         scale = self.size / max(h, w)
@@ -156,19 +153,14 @@ class _ResizeMaxSize(nn.Module):
         pad_h, pad_w = self.size - h, self.size - w
         return F.pad(img, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
 
-
 def hps_transform(image_size: int):
     """HPSv2's preprocess_val: RGB, ToTensor, longest side to image_size + zero pad, OpenAI mean/std."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    from torchvision import transforms as T
 
     return T.Compose([_rgb, T.ToTensor(), _ResizeMaxSize(image_size),
                       T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)])
 
-
 def load_hps_state(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Loads an HPS checkpoint ({"state_dict": ...}, keys optionally "module."-prefixed) into an open_clip CLIP."""
-    import pickle
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -187,24 +179,21 @@ def load_hps_state(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                          f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}")
     return model
 
-
 def build_hps(models: ModelsConfig, version: str = "v2.0", device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, preprocess, tokenizer): HPS's fine-tuned OpenCLIP (hub) or a seeded tiny one, with HPS's transform."""
-    import open_clip
 
-    entry = C.hps_entry(models, version)  # validates version
-    if C._check_builder(models) == "tiny":
-        name = C._tiny_clip_name(models, "hps")
-        with C._seeded(models.seed + HPS_TINY_SEED_OFFSET[version]):
+    entry = hps_entry(models, version)  # validates version
+    if check_builder(models) == "tiny":
+        name = tiny_clip_name(models, "hps")
+        with seeded(models.seed + HPS_TINY_SEED_OFFSET[version]):
             model = open_clip.create_model(name, pretrained=None)
     else:
         name = models.hps_clip[0]
-        path = C.require_weights(entry)[0]
+        path = require_weights(entry)[0]
         # the architecture only: the HPS checkpoint holds both towers, so the base laion2b weights are not needed
         model = load_hps_state(open_clip.create_model(name, pretrained=None, device=device), path)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, hps_transform(model.visual.image_size[0]), open_clip.get_tokenizer(name)
-
 
 class HPSScorer:
     """HPSv2: 100 x cosine(image features, prompt features) of HPS's fine-tuned OpenCLIP ViT-H-14."""
@@ -247,4 +236,3 @@ class HPSScorer:
                 img = _unit(self.model.encode_image(pixels.to(self.device, self.dtype)))
                 out.append((100.0 * (img * text[index[sl]]).sum(-1)).cpu())
         return torch.cat(out).numpy().astype(np.float32) if out else np.empty(0, np.float32)
-

@@ -21,19 +21,21 @@ Images may be uint8 in {0..255} or float in [0, 1].
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
+from tqdm.auto import tqdm
+
+from ..io import atomic_dir
 
 POS_SCALE = 10.0  # pixels per latent unit on the position dims
 
-
-class ConvVAE(nn.Module):
+class ConvVAE(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", repo_url=None):
     """Where/what conv VAE for (C, S, S) images with a ``latent_dim``-d Gaussian latent (dims 0-1 = position)."""
 
     def __init__(self, latent_dim: int = 32, channels: tuple[int, int, int] = (16, 32, 64), hidden: int = 256,
@@ -122,15 +124,12 @@ class ConvVAE(nn.Module):
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         return self.decode_logits(z), mu, logvar
 
-
 def _as_float(x: torch.Tensor, device) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
-
 def _as_tensor(images) -> torch.Tensor:
     return images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
-
 
 def vae_loss(model: ConvVAE, x: torch.Tensor, beta: float = 1.0):
     """(loss, recon, kl) per image: summed-pixel BCE + beta * KL(q(z|x) || N(0, I))."""
@@ -138,7 +137,6 @@ def vae_loss(model: ConvVAE, x: torch.Tensor, beta: float = 1.0):
     recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1).mean()
     return recon + beta * kl, recon, kl
-
 
 def train_vae(model: ConvVAE, images, epochs: int = 8, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
               device: str = "cpu", beta: float = 1.0, progress: bool = True, callback=None) -> dict:
@@ -149,7 +147,6 @@ def train_vae(model: ConvVAE, images, epochs: int = 8, batch_size: int = 128, lr
     (per image) and total ``seconds``. ``callback(epoch, model, history)``, if given, runs after each epoch
     (e.g. to monitor latent quality). The model is left in eval mode.
     """
-    from tqdm.auto import tqdm
 
     data = _as_tensor(images)
     n = data.shape[0]
@@ -185,7 +182,6 @@ def train_vae(model: ConvVAE, images, epochs: int = 8, batch_size: int = 128, lr
     model.eval()
     return hist
 
-
 @torch.no_grad()
 def encode_mean(model: ConvVAE, images, batch_size: int = 1024) -> torch.Tensor:
     """Posterior means, float32 (n, latent_dim) on the CPU."""
@@ -194,7 +190,6 @@ def encode_mean(model: ConvVAE, images, batch_size: int = 1024) -> torch.Tensor:
     data = _as_tensor(images)
     out = [model.encode(_as_float(data[s:s + batch_size], device))[0].cpu() for s in range(0, data.shape[0], batch_size)]
     return torch.cat(out) if out else torch.zeros(0, model.latent_dim)
-
 
 @torch.no_grad()
 def decode(model: ConvVAE, z, batch_size: int = 1024) -> torch.Tensor:
@@ -205,50 +200,18 @@ def decode(model: ConvVAE, z, batch_size: int = 1024) -> torch.Tensor:
     out = [torch.sigmoid(model.decode_logits(z[s:s + batch_size].to(device))).cpu() for s in range(0, z.shape[0], batch_size)]
     return torch.cat(out) if out else torch.zeros(0, model.config["in_channels"], model.image_size, model.image_size)
 
-
-@torch.no_grad()
-def nn_label_agreement(z, labels, metric: str = "cosine", batch_size: int = 2048) -> float:
-    """Fraction of points whose nearest other point (cosine or euclidean) has the same label."""
-    z = _as_tensor(z).float()
-    labels = torch.as_tensor(np.asarray(labels))
-    if metric == "cosine":
-        z = F.normalize(z, dim=1)
-    elif metric != "euclidean":
-        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
-    hits = 0
-    for s in range(0, z.shape[0], batch_size):
-        q = z[s:s + batch_size]
-        d = -(q @ z.T) if metric == "cosine" else torch.cdist(q, z)
-        d[torch.arange(q.shape[0]), torch.arange(s, s + q.shape[0])] = float("inf")
-        hits += int((labels[d.argmin(1)] == labels[s:s + q.shape[0]]).sum())
-    return hits / max(1, z.shape[0])
+def save_vae(model: ConvVAE, folder: str | Path) -> Path:
+    """`save_pretrained` (safetensors + config.json, as the prior) into a temp folder, then swapped into place."""
+    with atomic_dir(folder) as tmp:  # a killed run never leaves a half-written VAE
+        model.save_pretrained(tmp)
+    return Path(folder)
 
 
-def save_vae(model: ConvVAE, path: str | Path) -> Path:
-    """Save weights (safetensors) with the constructor config in the file's metadata."""
-    from safetensors.torch import save_file
-
-    from .artifacts import atomic_path
-
-    path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:  # a killed run never leaves a half-written VAE
-        save_file(state, str(tmp), metadata={"config": json.dumps(model.config)})
-    return path
-
-
-def load_vae(path: str | Path, device: str = "cpu") -> ConvVAE:
-    """Rebuild a :class:`ConvVAE` saved by :func:`save_vae`; returned frozen (eval, no grad)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(str(path), framework="pt") as f:
-        config = json.loads((f.metadata() or {}).get("config", "{}"))
-    if "channels" in config:
-        config["channels"] = tuple(config["channels"])
-    model = ConvVAE(**config)
-    model.load_state_dict(load_file(str(path)))
-    return freeze(model.to(device))
+def load_vae(folder: str | Path, device: str = "cpu") -> ConvVAE:
+    """A :class:`ConvVAE` saved by :func:`save_vae`, frozen (eval, no grad)."""
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no saved VAE (config.json missing)")
+    return freeze(ConvVAE.from_pretrained(folder).to(device))
 
 
 def freeze(model: nn.Module) -> nn.Module:

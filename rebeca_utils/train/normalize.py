@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("none", "standardize", "l2", "clamp")
+from ..io import write_json
 
+KINDS = ("none", "standardize", "l2", "clamp")
 
 @dataclass(frozen=True)
 class Normalizer:
@@ -36,14 +37,12 @@ class Normalizer:
         return x
 
     def save(self, path: str | Path) -> None:
-        from .artifacts import write_json
 
         write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> "Normalizer":
         return cls(**json.loads(Path(path).read_text()))
-
 
 def fit_normalizer(kind: str, emb: torch.Tensor, clamp_quantile: float = 0.999) -> Normalizer:
     """Fit on training embeddings (N, d)."""

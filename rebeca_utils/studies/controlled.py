@@ -1,17 +1,21 @@
 """The controlled dSprites study (§3): glue between the data, the frozen VAE, the prior and Table 1."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
-from .artifacts import atomic_path, write_json
-from .config import DSpritesConfig
-from .diffusion import Triplets, sample_users
-from .dsprites import DSpritesStudy
-from .vae import ConvVAE, freeze, load_vae, save_vae, train_vae
+from ..config import DSpritesConfig
+from ..data.dsprites import DSPRITES_FILENAME, DSpritesStudy
+from ..evaluate.paper import section33_pr
+from ..io import atomic_path, write_json
+from ..models.vae import ConvVAE, freeze, load_vae, save_vae, train_vae
+from ..pipeline.sampling import sample_users
+from ..train.diffusion import Triplets
 
 
 def fit_or_load_vae(study: DSpritesStudy, cfg: DSpritesConfig, folder: Path, seed: int, device: str = "cpu"):
@@ -21,7 +25,6 @@ def fit_or_load_vae(study: DSpritesStudy, cfg: DSpritesConfig, folder: Path, see
            "data_seed": study.seed}
     weights, meta = Path(folder) / "vae.safetensors", Path(folder) / "vae.json"
     if weights.exists() and meta.exists():
-        import json
 
         saved = json.loads(meta.read_text())
         if saved.get("key") == key:
@@ -34,7 +37,6 @@ def fit_or_load_vae(study: DSpritesStudy, cfg: DSpritesConfig, folder: Path, see
     save_vae(model, weights)
     write_json(meta, {"key": key, "history": history})  # written last: marks the VAE complete
     return model, history
-
 
 def study_triplets(study: DSpritesStudy, latents: torch.Tensor, val_frac: float = 0.1, seed: int = 0):
     """(user, rating, latent) triplets for train and a validation slice carved from training images.
@@ -53,7 +55,6 @@ def study_triplets(study: DSpritesStudy, latents: torch.Tensor, val_frac: float 
         out[name] = Triplets(latents[images].float(), torch.as_tensor(users), torch.as_tensor(ratings.astype(np.int64)))
     return out["train"], out["val"]
 
-
 def baseline_samples(study: DSpritesStudy, latents: torch.Tensor, reps: int, k: int, seed: int):
     """Random (uniform draws from training latents, (reps, U, k, d)) and Mean (mean liked latent, (U, d))."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 202]))
@@ -63,14 +64,12 @@ def baseline_samples(study: DSpritesStudy, latents: torch.Tensor, reps: int, k: 
     mean = np.stack([train_lat[liked[u]].mean(0) for u in range(study.n_users)])
     return random.astype(np.float32), mean.astype(np.float32)
 
-
 def rebeca_samples(prior, sched, n_users: int, reps: int, k: int, normalizer=None, **kw) -> np.ndarray:
     """(reps, U, k, d) latents with R = 1; repetition r uses sample indices r*k .. r*k + k - 1."""
     x = sample_users(prior, sched, list(range(n_users)), reps * k, rating=1, **kw)  # (U, reps*k, d)
     if normalizer is not None:
         x = normalizer.inverse(x)  # back from the prior's space to VAE latents
     return x.view(n_users, reps, k, -1).permute(1, 0, 2, 3).contiguous().numpy()
-
 
 @dataclass(frozen=True)
 class Table1Inputs:
@@ -91,26 +90,18 @@ class Table1Inputs:
                 np.savez(f, **arrays)
         return Path(path)
 
-
 def find_dsprites_npz(data_dir: str | Path) -> Path | None:
     """The official npz under `<data_dir>/dsprites/` when 00_setup put it there, else None (renderer)."""
-    from .dsprites import DSPRITES_FILENAME
 
     path = Path(data_dir) / "dsprites" / DSPRITES_FILENAME
     return path if path.exists() else None
 
-
 def precision_table(samples: dict[str, np.ndarray], test_latents, test_likes, ks):
     """P@k (mean, std over repetitions) for several sample sets of shape (reps, U, K, d)."""
-    import pandas as pd
-
-    from .metrics import cosine_nn, pr_from_neighbours
-
     rows = []
     for name, x in samples.items():
-        nn_idx = cosine_nn(x, test_latents)
         for k in ks:
-            p, r = pr_from_neighbours(nn_idx, test_likes, k)
+            p, r = section33_pr(x, test_latents, test_likes, k)
             rows.append(dict(setting=name, k=k, precision=p.mean(-1).mean(), precision_std=p.mean(-1).std(),
                              recall=r.mean(-1).mean()))
     return pd.DataFrame(rows)

@@ -8,15 +8,14 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from .artifacts import write_json
-from .config import Profile
-from .diffusion import Triplets, make_scheduler, sample_users, train_prior
-from .metrics import cosine_nn
-from .prior import RebecaPrior, count_parameters
+from ..config import Profile
+from ..io import write_json
+from ..models.prior import RebecaPrior, count_parameters
+from .diffusion import Triplets, make_scheduler, train_prior
 
 GRID_AXES = {  # App E.1
     "n_layers": (6, 8, 12),
@@ -27,45 +26,6 @@ GRID_AXES = {  # App E.1
     "beta_schedule": ("laplace", "squaredcos_cap_v2"),
 }
 
-
-def flickr_triplets(splits: pd.DataFrame, img_emb: torch.Tensor, split: str, include_holdout: bool = False) -> Triplets:
-    """(img_emb, user_id, like) rows of one split; `img_emb` is indexed by the splits' row order."""
-    keep = (splits["split"] == split).to_numpy().copy()  # pandas 3 hands out read-only views
-    if not include_holdout:
-        keep &= ~splits["holdout"].to_numpy()
-    rows = np.flatnonzero(keep)
-    return Triplets(img_emb[rows].float(), torch.as_tensor(splits["user_id"].to_numpy()[rows]),
-                    torch.as_tensor(splits["like"].to_numpy()[rows].astype(np.int64)))
-
-
-def personalization_score(prior, sched, splits: pd.DataFrame, pool_emb: torch.Tensor, train_emb: torch.Tensor,
-                          users, n_samples: int = 10, pool_split=("val",), cfg_scale: float = 3.0,
-                          normalizer=None, seed: int = 0, **sample_kw) -> dict:
-    """Precision@1-style signal: how often a sample's nearest held-out item is one the user liked, vs random draws.
-
-    Comparable across objectives (unlike validation losses). `pool_emb` is indexed like `splits` (any space in
-    which samples live); random draws come from `train_emb`.
-    """
-    users = [int(u) for u in users]
-    x = sample_users(prior, sched, users, n_samples, rating=1, cfg_scale=cfg_scale, seed=seed, **sample_kw)
-    if normalizer is not None:
-        x = normalizer.inverse(x)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 303]))
-    rand = train_emb[rng.integers(0, len(train_emb), size=(len(users), n_samples))]
-    prec, prec_rand, n_pool = [], [], []
-    for i, u in enumerate(users):
-        rows = np.flatnonzero((splits["user_id"].to_numpy() == u) & splits["split"].isin(pool_split).to_numpy())
-        if len(rows) == 0:
-            continue
-        liked = splits["like"].to_numpy()[rows]
-        pool = pool_emb[rows].numpy()
-        prec.append(liked[cosine_nn(x[i].numpy(), pool)].mean())
-        prec_rand.append(liked[cosine_nn(rand[i].numpy(), pool)].mean())
-        n_pool.append(len(rows))
-    return {"precision": float(np.mean(prec)), "random_precision": float(np.mean(prec_rand)),
-            "users": len(prec), "pool_size": float(np.mean(n_pool))}
-
-
 def grid_configs(**axes) -> list[dict]:
     """Cartesian product over the App E.1 axes; each axis defaults to the paper's list, any subset by keyword."""
     unknown = set(axes) - set(GRID_AXES)
@@ -74,16 +34,13 @@ def grid_configs(**axes) -> list[dict]:
     values = {k: tuple(axes.get(k, v)) for k, v in GRID_AXES.items()}
     return [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
 
-
 def config_name(c: dict) -> str:
     """Readable, file-safe name of one grid point."""
     return "_".join(f"{k}{v}" for k, v in c.items())
 
-
 def run_grid(configs: list[dict], profile: Profile, train: Triplets, val: Triplets, folder: Path,
              score_fn=None, seed: int = 0, device: str = "cpu") -> pd.DataFrame:
     """Train every configuration; a failure is recorded with its error (never swallowed); finished ones are skipped."""
-    from tqdm.auto import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -112,9 +69,3 @@ def run_grid(configs: list[dict], profile: Profile, train: Triplets, val: Triple
             write_json(out, row)  # only successes are cached: a failed point is retried on the next run
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def training_log(result, model, extra: dict | None = None) -> dict:
-    """What notebook 03 records about a run: epochs, wall time, best val loss, params, learning-rate drops."""
-    return {**result.summary(), "params": count_parameters(model), "config": getattr(model, "_hub_mixin_config", None),
-            **(extra or {})}

@@ -5,15 +5,16 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from .config import DiffusionConfig, TrainConfig
+from ..config import DiffusionConfig, TrainConfig
+from ..data.splits import split_mask
+from ..models.prior import count_parameters
 from .early_stopping import EarlyStopping
-
-SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 
 
 def make_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
@@ -25,27 +26,6 @@ def make_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
         prediction_type=cfg.prediction_type,
     )
 
-
-def make_sampler(train_sched: DDPMScheduler, sampler: str, steps: int):
-    """A sampling scheduler sharing the training betas; 'ddpm' is the paper's ancestral sampler."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r}: valid samplers are {', '.join(SAMPLERS)}")
-    betas = train_sched.betas.numpy()  # trained_betas: the fast samplers reuse the exact schedule (incl. laplace)
-    if sampler == "ddpm":
-        sched = DDPMScheduler.from_config(train_sched.config)
-        sched.set_timesteps(steps)
-        return sched
-    common = dict(trained_betas=betas, timestep_spacing="trailing")  # trailing: the first step starts at pure noise
-    if sampler == "ddim":
-        sched = DDIMScheduler.from_config(train_sched.config, **common, set_alpha_to_one=True)
-    else:
-        sched = DPMSolverMultistepScheduler.from_config(
-            train_sched.config, **common, algorithm_type="dpmsolver++", solver_order=2
-        )
-    sched.set_timesteps(steps)
-    return sched
-
-
 def diffusion_target(sched: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """What the network regresses: x0 (eq. 3), epsilon, or v."""
     kind = sched.config.prediction_type
@@ -54,10 +34,6 @@ def diffusion_target(sched: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor
     if kind == "epsilon":
         return noise
     return sched.get_velocity(x0, noise, t)
-
-
-# ----------------------------------------------------------------------------- data in memory
-
 
 @dataclass
 class Triplets:
@@ -82,7 +58,6 @@ class Triplets:
     def to(self, device) -> "Triplets":
         return Triplets(self.img_emb.to(device), self.user_id.to(device), self.rating.to(device))
 
-
 def epoch_indices(data: Triplets, samples_per_user: int, gen: torch.Generator) -> torch.Tensor:
     """An epoch: `samples_per_user` rows drawn uniformly (with replacement) per user, shuffled."""
     users, counts = torch.unique_consecutive(data.user_id, return_counts=True)
@@ -91,7 +66,6 @@ def epoch_indices(data: Triplets, samples_per_user: int, gen: torch.Generator) -
     offs = (torch.rand(len(u), generator=gen, device=counts.device) * counts[u]).long()
     idx = starts[u] + offs
     return idx[torch.randperm(len(idx), generator=gen, device=counts.device)]
-
 
 def drop_conditioning(user_id, rating, model, cfg: TrainConfig, gen: torch.Generator):
     """Classifier-free-guidance dropout: joint drop with p_uncond, plus independent user/rating drops."""
@@ -102,7 +76,6 @@ def drop_conditioning(user_id, rating, model, cfg: TrainConfig, gen: torch.Gener
     drop_r = joint | (r[2] < cfg.p_drop_rating)
     return user_id.masked_fill(drop_u, model.null_user), rating.masked_fill(drop_r, model.null_rating)
 
-
 def diffusion_loss(model, sched, x0, user_id, rating, gen: torch.Generator) -> torch.Tensor:
     """MSE between the network output and the objective's target at uniform t (eq. 3 for `sample`)."""
     B = x0.shape[0]
@@ -110,7 +83,6 @@ def diffusion_loss(model, sched, x0, user_id, rating, gen: torch.Generator) -> t
     noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
     x_t = sched.add_noise(x0, noise, t)
     return F.mse_loss(model(x_t, t, user_id, rating), diffusion_target(sched, x0, noise, t))
-
 
 @torch.no_grad()
 def validation_loss(model, sched, data: Triplets, batch_size: int = 1024, seed: int = 1234) -> float:
@@ -124,7 +96,6 @@ def validation_loss(model, sched, data: Triplets, batch_size: int = 1024, seed: 
         total += loss * len(data.img_emb[sl])
     model.train()
     return float(total) / len(data)
-
 
 @dataclass
 class TrainResult:
@@ -140,7 +111,6 @@ class TrainResult:
 
     def summary(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "history"}
-
 
 def train_prior(model, sched, train: Triplets, val: Triplets, cfg: TrainConfig, seed: int = 0,
                 device: str = "cpu", progress: bool = True) -> TrainResult:
@@ -181,65 +151,13 @@ def train_prior(model, sched, train: Triplets, val: Triplets, cfg: TrainConfig, 
     model.eval()
     return res
 
+def flickr_triplets(splits: pd.DataFrame, img_emb: torch.Tensor, split: str, include_holdout: bool = False) -> Triplets:
+    """(img_emb, user_id, like) rows of one split; `img_emb` is aligned with the rows of `splits` (join_embeddings)."""
+    rows = np.flatnonzero(split_mask(splits, split, include_holdout))
+    return Triplets(img_emb[rows].float(), torch.as_tensor(splits["user_id"].to_numpy()[rows]),
+                    torch.as_tensor(splits["like"].to_numpy()[rows].astype(np.int64)))
 
-# ----------------------------------------------------------------------------- sampling
-
-
-def sample_seed(seed: int, user_id: int, index: int) -> int:
-    """Per-sample seed from (seed, user, sample index): independent of batching and of other users."""
-    return int(np.random.SeedSequence([seed, user_id, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def _generators(seed, user_ids, indices, device):
-    return [torch.Generator(device).manual_seed(sample_seed(seed, int(u), int(j))) for u, j in zip(user_ids, indices)]
-
-
-@torch.no_grad()
-def _sample_batch(model, sched, user_id, rating, gens, cfg_scale):
-    device = user_id.device
-    x = torch.stack([torch.randn(model.emb_dim, generator=g, device=device) for g in gens])
-    x = x * sched.init_noise_sigma
-    guided = cfg_scale != 1.0  # at omega = 1, eq. 4 is the conditional branch alone
-    if guided:
-        u_in = torch.cat([user_id, torch.full_like(user_id, model.null_user)])
-        r_in = torch.cat([rating, torch.full_like(rating, model.null_rating)])
-    for t in sched.timesteps:
-        x_in = sched.scale_model_input(x, t)
-        tt = torch.full((len(x),), int(t), device=device, dtype=torch.long)
-        if guided:
-            cond, uncond = model(torch.cat([x_in, x_in]), torch.cat([tt, tt]), u_in, r_in).chunk(2)
-            out = uncond + cfg_scale * (cond - uncond)  # eq. 4, both branches in one forward
-        else:
-            out = model(x_in, tt, user_id, rating)
-        x = sched.step(out, t, x, generator=gens).prev_sample
-    return x
-
-
-@torch.no_grad()
-def sample_prior(model, train_sched: DDPMScheduler, user_ids, ratings, indices, *, cfg_scale: float = 1.0,
-                 sampler: str = "ddim", steps: int = 50, seed: int = 0, batch_size: int = 512,
-                 device: str = "cpu", progress: bool = True) -> torch.Tensor:
-    """Sample embeddings for items (user_ids[i], ratings[i], indices[i]); each item has its own generator."""
-    user_ids, ratings, indices = (torch.as_tensor(a).long().reshape(-1) for a in (user_ids, ratings, indices))
-    if not (len(user_ids) == len(ratings) == len(indices)):
-        raise ValueError("sample_prior: user_ids, ratings and indices must have the same length")
-    if sampler == "ddpm":
-        steps = train_sched.config.num_train_timesteps  # the paper's full ancestral chain
-    model.to(device).eval()
-    out = []
-    n_batches = (len(user_ids) + batch_size - 1) // batch_size
-    for s in tqdm(range(0, len(user_ids), batch_size), total=n_batches, desc=f"sample {sampler}", disable=not progress):
-        sched = make_sampler(train_sched, sampler, steps)  # fresh state per batch (multistep solvers keep history)
-        u, r = user_ids[s : s + batch_size].to(device), ratings[s : s + batch_size].to(device)
-        gens = _generators(seed, u.tolist(), indices[s : s + batch_size].tolist(), device)
-        out.append(_sample_batch(model, sched, u, r, gens, cfg_scale).float().cpu())
-    return torch.cat(out) if out else torch.empty(0, model.emb_dim)
-
-
-def sample_users(model, train_sched, users, n_per_user: int, rating: int = 1, **kw) -> torch.Tensor:
-    """(len(users), n_per_user, d) samples with R = rating, sample j of user u seeded by (seed, u, j)."""
-    users = torch.as_tensor(users).long()
-    u = users.repeat_interleave(n_per_user)
-    j = torch.arange(n_per_user).repeat(len(users))
-    x = sample_prior(model, train_sched, u, torch.full_like(u, rating), j, **kw)
-    return x.view(len(users), n_per_user, -1)
+def training_log(result, model, extra: dict | None = None) -> dict:
+    """What notebook 03 records about a run: epochs, wall time, best val loss, params, learning-rate drops."""
+    return {**result.summary(), "params": count_parameters(model), "config": getattr(model, "_hub_mixin_config", None),
+            **(extra or {})}

@@ -1,21 +1,21 @@
 """Notebook 00: environment report, paper weights in the HF cache, datasets present and valid, downloads."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pandas as pd
+import torch
 
-from .config import ModelsConfig
+from ..config import ModelsConfig
+from ..data.dsprites import DSPRITES_FILENAME, check_dsprites_npz, download_dsprites
+from ..data.flickr import DataError, load_ratings
+from ..models.weights import download_paper_weights, paper_weights, weights_in_cache
+from .runs import package_versions
 
 FLICKR_EXPECTED = {"images": 40_988, "users": 210, "ratings": 193_208}  # paper §4.1
 
-
 def environment_report(device: str) -> pd.DataFrame:
     """Python/package versions, the resolved device and, on CUDA, the GPU and its memory."""
-    import torch
-
-    from .artifacts import package_versions
 
     rows = [{"item": k, "value": v or "not installed"} for k, v in package_versions().items()]
     rows.append({"item": "device", "value": device})
@@ -26,32 +26,15 @@ def environment_report(device: str) -> pd.DataFrame:
             rows.append({"item": f"cuda:{i}", "value": f"{p.name}, {p.total_memory / 2**30:.1f} GiB"})
     return pd.DataFrame(rows).set_index("item")
 
-
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """Whether the model hub answers within `timeout` seconds (never hangs)."""
-    import os
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def weights_report(models: ModelsConfig | None = None) -> pd.DataFrame:
     """Each paper-profile weight and whether it is already in the Hugging Face cache."""
-    from .components import paper_weights, weights_in_cache
 
     rows = [{"weights": e.label, "repo": e.repo_id, "files": ", ".join(e.files), "in_cache": weights_in_cache(e)}
             for e in paper_weights(models or ModelsConfig())]
     return pd.DataFrame(rows)
 
-
 def dsprites_status(data_dir: str | Path) -> dict:
     """Whether the official dSprites npz is under <data_dir>/dsprites/ and structurally valid."""
-    from .dsprites import DSPRITES_FILENAME, check_dsprites_npz
 
     path = Path(data_dir) / "dsprites" / DSPRITES_FILENAME
     if not path.exists():
@@ -61,10 +44,8 @@ def dsprites_status(data_dir: str | Path) -> dict:
     return {"dataset": "dSprites", "path": str(path), "present": True, "valid": bool(chk["ok"]),
             "note": "; ".join(chk["problems"]) or "ok"}
 
-
 def flickr_status(data_dir: str | Path) -> dict:
     """Whether FLICKR-AES is under <data_dir>/FLICKR-AES/, passes validation, and has the paper's counts."""
-    from .flickr import DataError, load_ratings
 
     root = Path(data_dir) / "FLICKR-AES"
     out = {"dataset": "FLICKR-AES", "path": str(root), "present": root.exists(), "valid": False}
@@ -79,16 +60,12 @@ def flickr_status(data_dir: str | Path) -> dict:
     diffs = [f"{k} {counts[k]:,} (paper {v:,})" for k, v in FLICKR_EXPECTED.items() if counts[k] != v]
     return {**out, "valid": True, "note": "matches the paper's counts" if not diffs else "differs: " + "; ".join(diffs)}
 
-
 def datasets_report(data_dir: str | Path) -> pd.DataFrame:
     """Presence and validity of every dataset the kit uses."""
     return pd.DataFrame([dsprites_status(data_dir), flickr_status(data_dir)])
 
-
 def download_all(data_dir: str | Path, models: ModelsConfig | None = None) -> dict:
     """Fetch the paper weights (huggingface_hub, progress bars) and the official dSprites npz."""
-    from .components import download_paper_weights
-    from .dsprites import DSPRITES_FILENAME, download_dsprites
 
     weights = download_paper_weights(models=models or ModelsConfig())
     npz = download_dsprites(Path(data_dir) / "dsprites" / DSPRITES_FILENAME)

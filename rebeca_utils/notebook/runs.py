@@ -1,55 +1,22 @@
-"""Run folders, atomic writes and the per-notebook manifest.json."""
+"""Run folders and the per-notebook manifest.json."""
 from __future__ import annotations
 
-import contextlib
+import ast
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from ..config import as_dict, get_profile
+from ..io import atomic_path, write_json
+from ..runtime import seed_everything
 
 PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "open_clip_torch", "peft", "accelerate",
             "huggingface_hub", "numpy", "pandas", "scikit-learn", "umap-learn", "papermill")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path next to `path`; it replaces `path` only if the block finishes without error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomically write pretty JSON."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n")
-    return Path(path)
-
-
-def _jsonable(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    return str(o)
-
 
 def package_versions() -> dict[str, str | None]:
     """Installed versions of the packages a result depends on."""
@@ -61,6 +28,8 @@ def package_versions() -> dict[str, str | None]:
             out[name] = None
     return out
 
+NOTEBOOKS_ENV = "REBECA_NOTEBOOKS"
+
 
 @dataclass
 class Run:
@@ -70,6 +39,7 @@ class Run:
     profile: str
     notebook: str
     seed: int
+    params: dict = field(default_factory=dict)
     t0: float = field(default_factory=time.perf_counter)
     artifacts: list[str] = field(default_factory=list)
 
@@ -99,14 +69,12 @@ class Run:
             paths.append(p)
         return paths
 
-    def finish(self, parameters: dict, metrics: dict, device: str, config: Any = None) -> Path:
-        """Write manifest.json: parameters, versions, device, seed, wall time, metrics, artifacts."""
-        from .config import as_dict
-
+    def finish(self, metrics: dict, device: str, config: Any = None) -> Path:
+        """Write manifest.json: the notebook's parameters, the resolved device, versions, seed, wall time, metrics."""
         manifest = {
             "notebook": self.notebook,
             "profile": self.profile,
-            "parameters": parameters,
+            "parameters": self.params,
             "config": as_dict(config) if config is not None else None,
             "seed": self.seed,
             "device": device,
@@ -118,13 +86,38 @@ class Run:
         return write_json(self.dir / "manifest.json", manifest)
 
 
-def start_run(output_dir: str | os.PathLike, profile: str, notebook: str, seed: int) -> Run:
-    """Create the run folder `<output_dir>/<profile>/<notebook>` and seed the global RNGs."""
-    from . import seed_everything
-    from .config import get_profile
+def notebooks_dir() -> Path:
+    """The notebooks folder: $REBECA_NOTEBOOKS, else ./notebooks (the repository root is the working folder)."""
+    env = os.environ.get(NOTEBOOKS_ENV)
+    path = Path(env).expanduser() if env else Path.cwd() / "notebooks"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: notebooks folder not found; run from the repository root, pass "
+                                f"--notebooks-dir, or set {NOTEBOOKS_ENV}")
+    return path
 
+
+def parameter_names(nb: str | os.PathLike) -> list[str]:
+    """Names assigned in the notebook's cell tagged `parameters`, in order."""
+    cells = json.loads(Path(nb).read_text())["cells"]
+    for cell in cells:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            tree = ast.parse("".join(cell["source"]))
+            return [t.id for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+                    for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)]
+    raise ValueError(f"{nb}: no cell tagged 'parameters'")
+
+
+def start_run(notebook: str, namespace: dict[str, Any]) -> Run:
+    """Create `<output_dir>/<profile>/<notebook>`, record the parameters cell's values, seed the global RNGs.
+
+    `namespace` is the notebook's `globals()`: the names of its parameters cell are read from the notebook file
+    (next to the kernel's working folder, else in notebooks_dir()), so each notebook lists them exactly once."""
+    here = Path.cwd() / f"{notebook}.ipynb"
+    names = parameter_names(here if here.is_file() else notebooks_dir() / f"{notebook}.ipynb")
+    params = {k: namespace[k] for k in names}
+    profile, seed = params["profile"], int(params.get("seed", 0))
     get_profile(profile)  # unknown profile -> error listing the valid ones, before anything is written
-    run = Run(Path(output_dir).resolve(), profile, notebook, seed)
+    run = Run(Path(params["output_dir"]).resolve(), profile, notebook, seed, params)
     run.dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     return run

@@ -7,6 +7,7 @@ zero-initialised MLP) -> projection back -> learned merge.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,6 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 FREQ_DIM = 256  # sinusoidal timestep features, as in DiT
-
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """Sinusoidal embedding of integer timesteps, shape (B, dim)."""
@@ -24,11 +24,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, dim % 2))
 
-
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """AdaLN: per-sample affine of normalised tokens."""
     return x * (1 + scale[:, None]) + shift[:, None]
-
 
 class Attention(nn.Module):
     """Multi-head attention on fused projections, via scaled_dot_product_attention."""
@@ -47,7 +45,6 @@ class Attention(nn.Module):
         k, v = self.kv(context).view(B, context.shape[1], 2, h, D // h).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v)
         return self.out(y.transpose(1, 2).reshape(B, N, D))
-
 
 class PriorBlock(nn.Module):
     """AdaLN-Zero block: self-attention over image tokens, gated cross-attention to condition tokens, MLP."""
@@ -76,7 +73,6 @@ class PriorBlock(nn.Module):
         x = x + self.attn(h, h)
         x = x + torch.tanh(self.cross_gate) * self.cross(self.norm_cross(x), cond_tokens)
         return x + gate_m[:, None] * self.mlp(modulate(self.norm_mlp(x), shift_m, scale_m))
-
 
 class RebecaPrior(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", repo_url=None):
     """User- and rating-conditioned denoiser over d-dim embeddings; index n_users / n_ratings = null (CFG)."""
@@ -146,10 +142,8 @@ class RebecaPrior(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", re
     @classmethod
     def from_config(cls, cfg) -> "RebecaPrior":
         """Build from a `rebeca_utils.config.PriorConfig`."""
-        from dataclasses import asdict
 
         return cls(**asdict(cfg))
-
 
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""

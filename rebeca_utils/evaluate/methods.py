@@ -1,9 +1,9 @@
-"""Evaluation inputs shared by notebooks 08 and 10: every method's generated images, their embeddings, held-out
-pools and cached per-image scores. A "method folder" is any notebook output folder holding a decoding
-`generation_manifest.csv` (notebook 04 for REBECA; the LoRA and persona notebooks write the same layout)."""
+"""Method folders (any notebook that decoded a manifest), their re-encoded images, held-out pools, score caches."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -11,23 +11,39 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .artifacts import atomic_path
-from .config import ModelsConfig
-from .decoding import MANIFEST_NAME, reencode
-from .metrics import rebeca_label
+from ..config import ModelsConfig
+from ..data.splits import join_embeddings
+from ..io import atomic_path, write_json
+from ..pipeline.embeddings import embed_images, space_dir
+from ..pipeline.plan import MANIFEST_NAME
+from .paper import method_label
+
+REENCODE_CHUNK = 4096  # images per embedding chunk when generated images are re-encoded
+
+def reencode(out_dir: str | os.PathLike, manifest, models: ModelsConfig, device: str = "auto",
+             spaces: Sequence[str] = ("decoder", "verifier"), progress: bool = True) -> dict:
+    """Embed the manifest's finished images in the decoder and verifier spaces under <out_dir>/embeddings/<space>/.
+
+    Cached and resumable like notebook 02; `sources.json` records each image's sha256, and a space whose images
+    changed since (e.g. redecoded) is recomputed. Returns space -> store."""
+
+    ok = manifest[manifest["status"] == "ok"].sort_values("path")
+    names, sources = ok["path"].tolist(), dict(zip(ok["path"], ok["sha256"]))
+    stores = {}
+    for space in spaces:
+        d = space_dir(Path(out_dir) / "embeddings", space)
+        src = d / "sources.json"
+        old = json.loads(src.read_text()) if src.is_file() else None
+        if d.exists() and (old is None or any(old.get(n, h) != h for n, h in sources.items())):
+            shutil.rmtree(d)  # embeddings of images that have since been replaced
+        write_json(src, sources)
+        store = embed_images(out_dir, names, space, models, Path(out_dir) / "embeddings", device=device,
+                             chunk_size=REENCODE_CHUNK, progress=progress)
+        store.merge()
+        stores[space] = store
+    return stores
 
 GENERATORS = ("04_generate_images", "06_lora_baselines", "07_vlm_personas")  # notebooks that write method folders
-# paper row names of the baselines (Table 2), by (method, setting) as the baseline notebooks name them
-LABELS = {("lora", "shared"): "Shared LoRA", ("lora", "per_user"): "Per-user LoRA",
-          ("persona", "vlm"): "VLM Persona", ("persona", "vlm_lora"): "VLM Persona + LoRA"}
-
-
-def method_label(method: str, setting: str) -> str:
-    """Row name of (method, setting): the paper's where it has one (e.g. 'REBECA (CFG=5.0)'), else 'method/setting'."""
-    if method == "rebeca" and setting.startswith("prior_cfg"):
-        return rebeca_label(float(setting[len("prior_cfg"):]))
-    return LABELS.get((method, setting), f"{method}/{setting}")
-
 
 def find_generated(profile_root: str | os.PathLike, folders: Sequence[str] = GENERATORS) -> tuple[pd.DataFrame, list[str]]:
     """(finished images of every method folder that exists, folders not found). Columns: folder, method, setting,
@@ -49,7 +65,6 @@ def find_generated(profile_root: str | os.PathLike, folders: Sequence[str] = GEN
     images = pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
     return images, missing
 
-
 def generated_embeddings(images: pd.DataFrame, profile_root: str | os.PathLike, space: str, models: ModelsConfig,
                          device: str = "auto") -> torch.Tensor:
     """(len(images), d) embeddings of `images` in `space`, from each folder's cached store (computed if absent)."""
@@ -65,18 +80,13 @@ def generated_embeddings(images: pd.DataFrame, profile_root: str | os.PathLike, 
         out[torch.as_tensor(pos)] = emb
     return out
 
-
 def heldout_pool(splits: pd.DataFrame, names: Sequence[str], emb: torch.Tensor, split: Sequence[str] = ("test",),
                  include_holdout: bool = False) -> dict:
     """Per-user held-out pools P_u = likes ∪ dislikes (§4.4): {"user_id", "liked", "img_emb", "image"} rows."""
-    row = {n: i for i, n in enumerate(names)}
-    keep = splits["split"].isin(split).to_numpy().copy() & splits["image"].map(row).notna().to_numpy()
-    if not include_holdout:
-        keep &= ~splits["holdout"].to_numpy()
-    sel = splits[keep]
-    idx = torch.as_tensor(sel["image"].map(row).to_numpy(dtype=np.int64).copy())
+    rows, img_emb = join_embeddings(splits, (names, emb), split, include_holdout)
+    sel = splits.iloc[rows]
     return {"user_id": sel["user_id"].to_numpy().copy(), "liked": sel["like"].to_numpy().astype(bool),
-            "img_emb": emb[idx], "image": sel["image"].to_numpy().copy()}
+            "img_emb": img_emb, "image": sel["image"].to_numpy().copy()}
 
 
 def cached_scores(cache: str | os.PathLike, keys: Sequence[str], files: Sequence[str],

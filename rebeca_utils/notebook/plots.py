@@ -1,13 +1,15 @@
 """Figures shared by the notebooks (each saved as PNG + PDF through `Run.savefig`)."""
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
+import seaborn as sns
+from sklearn.metrics import roc_auc_score, roc_curve
 
 
 def umap_scatter(emb: np.ndarray, labels: np.ndarray, names, seed: int = 0, title: str = ""):
     """2-D UMAP of embeddings coloured by a categorical label (Figure 2)."""
-    import matplotlib.pyplot as plt
-    import umap
+    import umap  # lazy: heavy, only this path needs it
 
     xy = umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=seed).fit_transform(emb)
     fig, ax = plt.subplots(figsize=(5.5, 5))
@@ -20,10 +22,8 @@ def umap_scatter(emb: np.ndarray, labels: np.ndarray, names, seed: int = 0, titl
     ax.legend(markerscale=4, frameon=False, fontsize=8)
     return fig
 
-
 def user_rows(rows: list[np.ndarray], row_labels: list[str], title: str = ""):
     """Grid of images, one row per entry of `rows` (each (n, H, W, 3) in [0, 1]); Figure 3 / App M style."""
-    import matplotlib.pyplot as plt
 
     n_cols = max(len(r) for r in rows)
     fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.1 * n_cols + 1.2, 1.15 * len(rows)), squeeze=False)
@@ -40,10 +40,8 @@ def user_rows(rows: list[np.ndarray], row_labels: list[str], title: str = ""):
     fig.tight_layout()
     return fig
 
-
 def loss_curves(history: list[dict], title: str = "", logy: bool = True):
     """Train/validation loss per epoch, with learning-rate drops marked."""
-    import matplotlib.pyplot as plt
 
     ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
@@ -62,10 +60,8 @@ def loss_curves(history: list[dict], title: str = "", logy: bool = True):
     fig.tight_layout()
     return fig
 
-
 def precision_bars(df, title: str = ""):
     """P@k per method and k with std error bars (Table 1 as a figure)."""
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     methods = list(dict.fromkeys(df["method"]))
@@ -80,11 +76,8 @@ def precision_bars(df, title: str = ""):
     fig.tight_layout()
     return fig
 
-
 def ratings_overview(splits):
     """Ratings per user and like rate per user (FLICKR-AES report figure)."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
 
     per_user = splits.groupby("user_id").agg(ratings=("like", "size"), like_rate=("like", "mean"))
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
@@ -97,11 +90,8 @@ def ratings_overview(splits):
     fig.tight_layout()
     return fig
 
-
 def grid_results(df, score: str = "best_val_loss"):
     """App E grid: one point per configuration, by objective and schedule."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
 
     ok = df[df["status"] == "ok"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -111,11 +101,8 @@ def grid_results(df, score: str = "best_val_loss"):
     fig.tight_layout()
     return fig
 
-
 def verifier_boxplots(per_user, method: str = "method", value: str = "score", order=None, title: str = ""):
     """Figure 4: distribution over users of the per-user verifier score (eq. 5) for each method/setting."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
 
     order = order or list(dict.fromkeys(per_user[method]))
     fig, ax = plt.subplots(figsize=(1.1 * len(order) + 2, 3.8))
@@ -126,10 +113,8 @@ def verifier_boxplots(per_user, method: str = "method", value: str = "score", or
     fig.tight_layout()
     return fig
 
-
 def verifier_heatmap(matrix, winner=None, title: str = ""):
     """Figure 10: users x methods verifier scores (methods as rows), each user's winning method marked."""
-    import matplotlib.pyplot as plt
 
     m = matrix.T  # methods x users: 210 users read better along the x axis
     fig, ax = plt.subplots(figsize=(min(2 + 0.06 * m.shape[1], 16), 0.45 * m.shape[0] + 1.4))
@@ -143,10 +128,8 @@ def verifier_heatmap(matrix, winner=None, title: str = ""):
     fig.tight_layout()
     return fig
 
-
 def method_ranks(ranks, title: str = ""):
     """Figure 11: share of users giving each method rank 1 (best), 2, ... as stacked horizontal bars."""
-    import matplotlib.pyplot as plt
 
     n_methods = ranks.shape[1]
     share = ranks.apply(lambda c: c.value_counts(normalize=True)).reindex(range(1, n_methods + 1)).fillna(0).T
@@ -162,12 +145,9 @@ def method_ranks(ranks, title: str = ""):
     fig.tight_layout()
     return fig
 
-
 def quality_boxplots(long_df, metric_name: str, method: str = "method", value: str = "score", order=None,
                      title: str = ""):
     """Figures 5 / 12: LAION aesthetic or HPSv2 score per method/setting (one row per image or per user)."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
 
     order = order or list(dict.fromkeys(long_df[method]))
     fig, ax = plt.subplots(figsize=(1.1 * len(order) + 2, 3.8))
@@ -177,10 +157,8 @@ def quality_boxplots(long_df, metric_name: str, method: str = "method", value: s
     fig.tight_layout()
     return fig
 
-
 def permutation_figure(result, gaps=None, title: str = ""):
     """Figure 8a: permutation null of the median user score with the observed value and z; per-user gaps."""
-    import matplotlib.pyplot as plt
 
     gaps = result.gap if gaps is None else np.asarray(gaps)
     gaps = gaps[np.isfinite(gaps)]
@@ -200,11 +178,9 @@ def permutation_figure(result, gaps=None, title: str = ""):
     fig.tight_layout()
     return fig
 
-
 def r2_scatter(x, y, fit: dict, xlabel: str = "LAION aesthetic score", ylabel: str = "verifier score",
                title: str = ""):
     """Figure 8b: per-user verifier vs aesthetic score with the least-squares line and R² [bootstrap CI]."""
-    import matplotlib.pyplot as plt
 
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     fig, ax = plt.subplots(figsize=(4.8, 4))
@@ -216,10 +192,8 @@ def r2_scatter(x, y, fit: dict, xlabel: str = "LAION aesthetic score", ylabel: s
     fig.tight_layout()
     return fig
 
-
 def table2_figure(df, title: str = "Table 2"):
     """Table 2 (from `metrics.table2`) rendered as a figure; the best value of each column in bold."""
-    import matplotlib.pyplot as plt
 
     cols = [" ".join(str(c) for c in (col if isinstance(col, tuple) else (col,))) for col in df.columns]
     cells = [[f"{v:.3f}" if np.isfinite(v) else "–" for v in row] for row in df.values.astype(float)]
@@ -235,11 +209,8 @@ def table2_figure(df, title: str = "Table 2"):
     fig.tight_layout()
     return fig
 
-
 def verifier_diagnostics(y_train, p_train, y_test, p_test, boot: dict):
     """Figure 9 (App H): ROC curves train vs test; bootstrap test ROC-AUCs with the train AUC and the 95% CI."""
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_auc_score, roc_curve
 
     fig, (ax_roc, ax_boot) = plt.subplots(1, 2, figsize=(10, 4))
     aucs = {}

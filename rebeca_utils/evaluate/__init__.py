@@ -1,0 +1,1 @@
+"""Stage 5, evaluation: retrieval metrics, statistical tests, scorers, method folders, the paper's tables."""

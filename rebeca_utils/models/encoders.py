@@ -1,0 +1,229 @@
+"""Image encoders of the two CLIP spaces (decoder = IP-Adapter's ViT-H/14, verifier = bigG), tiny or paper weights."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import open_clip
+import open_clip.tokenizer as oct
+import torch
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+
+from ..config import ModelsConfig
+from ..io import atomic_write
+from ..runtime import kit_cache_dir, seeded
+from .weights import (
+    CLIP_ROLES,
+    _clip_entry,
+    _image_encoder_entry,
+    cached_file,
+    check_builder,
+    hf_cache,
+    require_weights,
+)
+
+AESTHETIC_EMB_DIM = 768  # the LAION aesthetic head reads ViT-L/14 embeddings; the tiny analog keeps that width
+
+TINY_HPS_EMB_DIM = 64
+
+# The paper's architectures (config.json of h94/IP-Adapter models/image_encoder and of SD-1.5's unet, vae,
+# text_encoder); the tiny builders reuse them with only widths, depths and sizes shrunk.
+VIT_H14_VISION_CONFIG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                             image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
+
+def tiny_clip_name(models: ModelsConfig, role: str) -> str:
+
+    emb = {"verifier": models.verifier_emb_dim, "aesthetic": AESTHETIC_EMB_DIM,
+           "decoder": models.decoder_emb_dim, "hps": TINY_HPS_EMB_DIM}[role]
+    name = f"rebeca-tiny-{role}-{emb}"
+    if name not in open_clip.list_models():
+        # same config schema as open_clip's ViT-*.json, tiny widths; text keeps the real BPE vocab and 77 tokens
+        cfg = {"embed_dim": emb,
+               "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+        if role == "aesthetic":
+            cfg["quick_gelu"] = True  # as OpenAI's ViT-L/14
+        path = kit_cache_dir() / "open_clip_configs" / f"{name}.json"
+        atomic_write(path, json.dumps(cfg, indent=1).encode())
+        open_clip.add_model_config(path)
+    return name
+
+def build_clip(models: ModelsConfig, role: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, preprocess, tokenizer) from open_clip for role verifier | aesthetic | decoder."""
+
+    if role not in CLIP_ROLES:
+        raise ValueError(f"role={role!r}: valid roles are {', '.join(CLIP_ROLES)}")
+    if check_builder(models) == "tiny":
+        name = tiny_clip_name(models, role)
+        with seeded(models.seed):
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    else:
+        name, tag = getattr(models, f"{role}_clip")
+        entry = _clip_entry(models, role)
+        require_weights(entry)
+        pcfg = open_clip.get_pretrained_cfg(name, tag)
+        # load the cached file by path (no Hub round-trip) with the tag's preprocessing and activation
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=cached_file(entry.repo_id, entry.files[0]),
+            force_quick_gelu=pcfg.get("quick_gelu", False), image_mean=pcfg.get("mean"),
+            image_std=pcfg.get("std"), image_interpolation=pcfg.get("interpolation"),
+            image_resize_mode=pcfg.get("resize_mode"))
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model, preprocess, open_clip.get_tokenizer(name)
+
+def tiny_image_encoder_config(models: ModelsConfig):
+    """ViT-H/14's CLIPVisionConfig shrunk, projecting to models.decoder_emb_dim."""
+
+    return CLIPVisionConfig(**{**VIT_H14_VISION_CONFIG, "hidden_size": 32, "intermediate_size": 64,
+                               "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
+                               "projection_dim": models.decoder_emb_dim})
+
+def build_image_encoder(models: ModelsConfig, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(CLIPVisionModelWithProjection, CLIPImageProcessor): the IP-Adapter's encoder; image_embeds in decoder space."""
+
+    if check_builder(models) == "tiny":
+        with seeded(models.seed):
+            encoder = CLIPVisionModelWithProjection(tiny_image_encoder_config(models))
+    else:
+        require_weights(_image_encoder_entry(models))
+        encoder = CLIPVisionModelWithProjection.from_pretrained(
+            models.ip_adapter_id, subfolder=models.image_encoder_subfolder, dtype=dtype,
+            cache_dir=hf_cache(), local_files_only=True)
+    size = encoder.config.image_size
+    # the processor diffusers' load_ip_adapter builds for this encoder (h94 ships no preprocessor config)
+    processor = CLIPImageProcessor(size=size, crop_size=size)
+    return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False), processor
+
+def tiny_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """A CLIPTokenizer folder (vocab.json, merges.txt) written from the BPE vocabulary shipped inside open_clip."""
+
+    folder = Path(cache_dir or kit_cache_dir()) / "tiny-clip-tokenizer"
+    names = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+    if all((folder / n).is_file() for n in names):
+        return folder
+    with gzip.open(oct.default_bpe(), "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]  # the slice open_clip and OpenAI CLIP use
+    units = list(oct.bytes_to_unicode().values())
+    vocab = units + [u + "</w>" for u in units] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]  # ids 49406, 49407 as in openai/clip-vit-large-patch14
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    files = {
+        "vocab.json": json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+        "tokenizer_config.json": json.dumps({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
+                                             "do_lower_case": True, **special}),
+        "special_tokens_map.json": json.dumps(special),
+    }
+    for name in names:  # content is deterministic, so per-file atomic writes are enough
+        atomic_write(folder / name, files[name].encode("utf-8"))
+    return folder
+
+def build_tokenizer(cache_dir: str | os.PathLike | None = None):
+    """SD-1.5's CLIPTokenizer, built offline (transformers 5 ignores vocab_file=, so load the folder)."""
+
+    return CLIPTokenizer.from_pretrained(str(tiny_tokenizer_dir(cache_dir)))
+
+SPACES = ("decoder", "verifier")
+
+class EmbeddingError(RuntimeError):
+    """An image cannot be read, an embedding is malformed (wrong dim, NaN/inf), or a store is incomplete."""
+
+def expected_dim(space: str, models: ModelsConfig) -> int:
+    """Embedding width of `space` under `models` (decoder_emb_dim or verifier_emb_dim)."""
+    check_space(space)
+    return models.decoder_emb_dim if space == "decoder" else models.verifier_emb_dim
+
+def fingerprint(space: str, models: ModelsConfig) -> dict[str, Any]:
+    """What determines the embeddings of `space` (model identity and width); chunks made otherwise are recomputed.
+    Device and dtype are not part of it: a store made on a GPU in fp16 is reused on a CPU."""
+    check_space(space)
+    if space == "decoder":
+        model = f"{models.ip_adapter_id}/{models.image_encoder_subfolder}"
+    else:
+        model = "/".join(models.verifier_clip)
+    fp: dict[str, Any] = {"space": space, "builder": models.builder, "dim": expected_dim(space, models)}
+    if models.builder == "tiny":
+        fp["seed"] = models.seed
+    else:
+        fp["model"] = model
+    return fp
+
+class Encoder:
+    """Images -> embeddings of one space. `transform` (picklable, PIL image -> (3, H, W) float tensor) runs in
+    the data loader; `encode` (batched pixels -> (B, dim) float32 on CPU) runs the model."""
+
+    space: str
+    dim: int
+    fingerprint: dict[str, Any]
+    transform: Callable[[Any], torch.Tensor]
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self._forward(pixels.to(device=self.device, dtype=self.dtype, non_blocking=True))
+        return out.float().cpu()
+
+    def _forward(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+class _HFTransform:
+    """CLIPImageProcessor applied to one image (module-level class, so DataLoader workers can pickle it)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.processor(images=image, return_tensors="pt").pixel_values[0]
+
+class DecoderEncoder(Encoder):
+    """IP-Adapter image encoder (CLIPVisionModelWithProjection) + its CLIPImageProcessor; output `.image_embeds`."""
+
+    space = "decoder"
+
+    def __init__(self, models: ModelsConfig, device: str = "cpu", dtype: torch.dtype = torch.float32):
+
+        self.model, processor = build_image_encoder(models, device=device, dtype=dtype)
+        self.transform = _HFTransform(processor)
+        self.dim, self.fingerprint = models.decoder_emb_dim, fingerprint("decoder", models)
+        self.device, self.dtype = device, dtype
+        got = self.model.config.projection_dim
+        if got != self.dim:
+            raise EmbeddingError(f"decoder space: the image encoder projects to {got} dims, but "
+                                 f"models.decoder_emb_dim={self.dim}")
+
+    def _forward(self, pixels):
+        return self.model(pixel_values=pixels).image_embeds
+
+class VerifierEncoder(Encoder):
+    """open_clip verifier (ViT-bigG-14 in the paper) with its own preprocess; raw `encode_image`, not normalised."""
+
+    space = "verifier"
+
+    def __init__(self, models: ModelsConfig, device: str = "cpu", dtype: torch.dtype = torch.float32):
+
+        self.model, self.transform, _ = build_clip(models, "verifier", device=device, dtype=dtype)
+        self.dim, self.fingerprint = models.verifier_emb_dim, fingerprint("verifier", models)
+        self.device, self.dtype = device, dtype
+
+    def _forward(self, pixels):
+        return self.model.encode_image(pixels, normalize=False)
+
+def build_encoder(space: str, models: ModelsConfig, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> Encoder:
+    """The encoder of `space` ("decoder" | "verifier") built from `models` (tiny or Hub weights)."""
+    check_space(space)
+    return (DecoderEncoder if space == "decoder" else VerifierEncoder)(models, device, dtype)
+
+def check_space(space: str) -> None:
+    if space not in SPACES:
+        raise ValueError(f"space={space!r}: valid spaces are {', '.join(SPACES)}")

@@ -1,0 +1,159 @@
+"""The paper's checkpoints: registry, cache look-up, downloads, and a fast failure naming what to fetch."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NamedTuple
+from urllib.parse import unquote, urlparse
+
+import open_clip
+from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError
+
+from ..config import ModelsConfig
+from ..io import download_url
+from ..runtime import hub_reachable, kit_cache_dir, offline
+
+AESTHETIC_HEAD_ENV = "REBECA_AESTHETIC_HEAD"  # a local copy of the LAION head, e.g. on an air-gapped GPU box
+
+HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  # as hpsv2's hps_version_map
+
+SETUP_HINT = "Run notebooks/00_setup.ipynb with download=True on a machine with internet"
+CLIP_ROLES = ("verifier", "aesthetic", "decoder")
+
+
+class MissingWeightsError(RuntimeError):
+    """Paper weights are not in the Hugging Face cache and the Hub is offline or unreachable."""
+
+class WeightsEntry(NamedTuple):
+    """One paper checkpoint: label, Hub repo id, files ("a|b" = either file is enough); url: a non-Hub file."""
+
+    label: str
+    repo_id: str
+    files: list[str]
+    url: str = ""  # set: files = [the local path] that this URL is fetched to (not the Hugging Face cache)
+
+def check_builder(models: ModelsConfig) -> str:
+    if models.builder not in ("tiny", "hub"):
+        raise ValueError(f"models.builder={models.builder!r}: valid builders are 'tiny' and 'hub'")
+    return models.builder
+
+def hf_cache() -> str:
+
+    # read at call time (not import time) so HF_HUB_CACHE can be redirected, e.g. by tests
+    return constants.HF_HUB_CACHE
+
+def _open_clip_entry(label: str, arch_tag: tuple[str, str]) -> WeightsEntry:
+
+    arch, tag = arch_tag
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg or not cfg.get("hf_hub"):
+        raise ValueError(f"open_clip has no Hugging Face Hub weights for {arch} / {tag}")
+    # open_clip's "org/name/" means the default file: open_clip_model.safetensors, else open_clip_pytorch_model.bin
+    org, name, filename = (cfg["hf_hub"].split("/", 2) + [""])[:3]
+    files = [filename] if filename else ["open_clip_model.safetensors|open_clip_pytorch_model.bin"]
+    repo = f"{org}/{name}"
+    return WeightsEntry(f"{label} (open_clip {arch} / {tag})", repo, files)
+
+def _sd_entry(models: ModelsConfig) -> WeightsEntry:
+    # only what StableDiffusionPipeline needs with safety_checker=None (the repo also holds ~30 GB of variants)
+    files = ["model_index.json", "scheduler/scheduler_config.json", "feature_extractor/preprocessor_config.json",
+             "text_encoder/config.json", "text_encoder/model.safetensors",
+             "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+             "tokenizer/vocab.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+             "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    return WeightsEntry("Stable Diffusion 1.5 (decoder)", models.sd_id, files)
+
+def _ip_adapter_entry(models: ModelsConfig) -> WeightsEntry:
+    return WeightsEntry("IP-Adapter SD1.5", models.ip_adapter_id,
+                        [f"{models.ip_adapter_subfolder}/{models.ip_adapter_weight}"])
+
+def _image_encoder_entry(models: ModelsConfig) -> WeightsEntry:
+    sub = models.image_encoder_subfolder
+    return WeightsEntry("IP-Adapter image encoder (OpenCLIP ViT-H/14)", models.ip_adapter_id,
+                        [f"{sub}/config.json", f"{sub}/model.safetensors|{sub}/pytorch_model.bin"])
+
+def _clip_entry(models: ModelsConfig, role: str) -> WeightsEntry:
+    label = {"verifier": "CLIP verifier", "aesthetic": "CLIP for the LAION aesthetic head",
+             "decoder": "CLIP in the decoder's space"}[role]
+    return _open_clip_entry(label, getattr(models, f"{role}_clip"))
+
+def hps_entry(models: ModelsConfig, version: str = "v2.0") -> WeightsEntry:
+    """The HPS checkpoint (v2.0 or v2.1) in models.hps_id; it holds the whole fine-tuned CLIP."""
+    if version not in HPS_FILES:
+        raise ValueError(f"HPS version={version!r}: valid versions are {', '.join(HPS_FILES)}")
+    return WeightsEntry(f"HPS{version} (OpenCLIP {models.hps_clip[0]} fine-tuned)", models.hps_id, [HPS_FILES[version]])
+
+def aesthetic_head_entry(models: ModelsConfig, path: str | os.PathLike | None = None) -> WeightsEntry:
+    """The LAION aesthetic head: its URL and its local path (`path`, else $REBECA_AESTHETIC_HEAD, else kit cache)."""
+    url = urlparse(models.aesthetic_head_url)
+    name = unquote(url.path.rsplit("/", 1)[-1])
+    target = path or os.environ.get(AESTHETIC_HEAD_ENV) or kit_cache_dir() / "laion-aesthetic" / name
+    repo = "/".join([url.hostname or "", *url.path.strip("/").split("/")[:2]])  # github.com/<owner>/<repo>
+    return WeightsEntry("LAION aesthetic predictor head (MLP on CLIP ViT-L/14)", repo,
+                        [str(Path(target).expanduser().absolute())], url=models.aesthetic_head_url)
+
+def paper_weights(models: ModelsConfig | None = None) -> list[WeightsEntry]:
+    """Every checkpoint the paper profile loads, as (label, repo_id, files[, url])."""
+    models = models or ModelsConfig()
+    return [_sd_entry(models), _ip_adapter_entry(models), _image_encoder_entry(models),
+            *(_clip_entry(models, role) for role in CLIP_ROLES), aesthetic_head_entry(models), hps_entry(models)]
+
+def cached_file(repo_id: str, spec: str) -> str | None:
+
+    for name in spec.split("|"):
+        hit = try_to_load_from_cache(repo_id, name, cache_dir=hf_cache())
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return hit
+    return None
+
+def weights_in_cache(entry: WeightsEntry) -> bool:
+    """True when every file of `entry` is present locally (HF cache or its path; never touches the network)."""
+    if entry.url:
+        return all(os.path.isfile(f) for f in entry.files)
+    return all(cached_file(entry.repo_id, spec) is not None for spec in entry.files)
+
+def _missing_message(entry: WeightsEntry, why: str) -> str:
+    if entry.url:
+        return (f"{entry.label}: {entry.files[0]} does not exist and {why}. {SETUP_HINT}, or download "
+                f"{entry.url} to {entry.files[0]} (or point {AESTHETIC_HEAD_ENV} / head_path= at a local copy).")
+    names = " ".join(s.split("|")[0] for s in entry.files if cached_file(entry.repo_id, s) is None)
+    return (f"{entry.label}: weights of {entry.repo_id} are not in the Hugging Face cache {hf_cache()} and {why}. "
+            f"{SETUP_HINT}, or `hf download {entry.repo_id} {names}`, then copy that cache here "
+            f"(or point HF_HOME / HF_HUB_CACHE at it).")
+
+def download_paper_weights(entries: list[WeightsEntry] | None = None,
+                           models: ModelsConfig | None = None) -> dict[str, list[str]]:
+    """Download the paper checkpoints into the Hugging Face cache (progress bars); returns repo -> local files."""
+
+    out: dict[str, list[str]] = {}
+    for entry in entries if entries is not None else paper_weights(models):
+        if entry.url:
+            out.setdefault(entry.repo_id, []).append(download_url(entry.url, Path(entry.files[0])))
+            continue
+        for spec in entry.files:
+            path = cached_file(entry.repo_id, spec)
+            for name in spec.split("|") if path is None else []:
+                try:
+                    path = hf_hub_download(entry.repo_id, name, cache_dir=hf_cache())
+                    break
+                except EntryNotFoundError:  # try the alternative file name
+                    continue
+            if path is None:
+                raise FileNotFoundError(f"{entry.label}: none of {spec.split('|')} exists in {entry.repo_id}")
+            out.setdefault(entry.repo_id, []).append(path)
+    return out
+
+def require_weights(entry: WeightsEntry) -> list[str]:
+    """Local paths of `entry`'s files: from the cache, else downloaded, else MissingWeightsError at once."""
+    # fail fast: the cache is checked first, and nothing waits on a network that is known to be absent;
+    # HF_HUB_OFFLINE=1 is the kit's offline switch, for URL entries too
+    if not weights_in_cache(entry):
+        where = urlparse(entry.url).hostname if entry.url else "the Hub"
+        if offline():
+            off = "downloads are off (HF_HUB_OFFLINE=1)" if entry.url else "the Hub is offline (HF_HUB_OFFLINE=1)"
+            raise MissingWeightsError(_missing_message(entry, off))
+        if urlparse(entry.url).scheme != "file" and not hub_reachable(endpoint=entry.url or None):
+            raise MissingWeightsError(_missing_message(entry, f"{where} is unreachable from this machine"))
+        download_paper_weights([entry])
+    return list(entry.files) if entry.url else [cached_file(entry.repo_id, spec) for spec in entry.files]

@@ -1,0 +1,217 @@
+"""Decoding work items into PNGs: one pipeline call per batch, resume by fingerprint, retry, per-process logs."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
+
+from ..config import GenerationConfig, ModelsConfig
+from ..io import atomic_path, sha256, write_json
+from ..models.decoder import ip_adapter_embeds
+from .items import WorkItem, image_settings, item_fingerprint, make_batches, shard
+
+log = logging.getLogger(__name__)
+
+
+LOG_DIR = "_decode_logs"  # one append-only log per process
+SETTINGS_NAME = "decode_settings.json"
+
+
+def _has_ip_adapter(pipe) -> bool:
+    return getattr(pipe.unet, "encoder_hid_proj", None) is not None
+
+def run_batch(pipe, items: Sequence[WorkItem], cfg: GenerationConfig) -> np.ndarray:
+    """Decode items (same LoRA) in one pipeline call; (B, H, W, 3) floats in [0, 1]."""
+    gens = [torch.Generator(device="cpu").manual_seed(it.seed) for it in items]  # CPU noise: same on any GPU
+    kw: dict[str, Any] = {}
+    with_emb = [it.ip_embedding is not None for it in items]
+    if any(with_emb) and not _has_ip_adapter(pipe):
+        raise ValueError("items carry IP-Adapter embeddings but the pipeline has no IP-Adapter loaded")
+    if _has_ip_adapter(pipe):
+        dim = pipe.unet.encoder_hid_proj.image_projection_layers[0].image_embeds.in_features
+        emb = torch.stack([it.ip_embedding if it.ip_embedding is not None else torch.zeros(dim) for it in items])
+        if emb.shape[1] != dim:
+            raise ValueError(f"ip_embedding has {emb.shape[1]} dims; the IP-Adapter takes {dim}")
+        kw["ip_adapter_image_embeds"] = [e.to(pipe.unet.dtype) for e in ip_adapter_embeds(emb, cfg.decoder_cfg)]
+    if not all(with_emb):
+        if any(with_emb):
+            raise ValueError("a batch mixes items with and without IP-Adapter embeddings")
+        pipe.set_ip_adapter_scale(0.0) if _has_ip_adapter(pipe) else None  # scale 0: diffusers skips the IP path
+    try:
+        out = pipe(prompt=[it.prompt for it in items], negative_prompt=[it.negative_prompt for it in items],
+                   num_inference_steps=cfg.steps, guidance_scale=cfg.decoder_cfg, height=cfg.height, width=cfg.width,
+                   generator=gens, output_type="np", **kw)
+    finally:
+        if _has_ip_adapter(pipe) and not all(with_emb):
+            pipe.set_ip_adapter_scale(cfg.ip_adapter_scale)
+    return out.images
+
+PNG_KEY = "rebeca"  # PNG text chunk holding the item fingerprint
+
+def _png_bytes(image: np.ndarray, fingerprint: str) -> bytes:
+
+    info = PngInfo()
+    info.add_text(PNG_KEY, fingerprint)
+    buf = io.BytesIO()
+    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+def valid_png(path: Path, size: tuple[int, int], fingerprint: str | None = None) -> bool:
+    """True when `path` is a complete PNG of `size` = (width, height), made for `fingerprint` (if given)."""
+
+    try:
+        with Image.open(path) as im:
+            ok = im.format == "PNG" and im.size == size
+            ok &= fingerprint is None or im.info.get(PNG_KEY) == fingerprint
+            im.verify()  # checks every chunk's CRC: a truncated file fails here
+            return ok
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign file: not done
+        return False
+
+def _record_settings(out_dir: Path, item: WorkItem, settings: dict, pipe) -> None:
+    path = out_dir / item.method / item.setting / SETTINGS_NAME
+    rec = {**settings, "dtype": str(pipe.unet.dtype).replace("torch.", ""), "scheduler": type(pipe.scheduler).__name__}
+    if not path.is_file() or json.loads(path.read_text()) != json.loads(json.dumps(rec)):
+        write_json(path, rec)
+
+class _Log:
+    """Append-only JSON-lines log of this process (one file per process, so processes never interleave)."""
+
+    def __init__(self, out_dir: Path):
+        name = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}.jsonl"
+        self.path = out_dir / LOG_DIR / name
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, rec: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({**rec, "time": time.time()}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+@dataclass
+class DecodeReport:
+    """What one decode() call did."""
+
+    written: int = 0
+    skipped: int = 0
+    failed: list[dict] = field(default_factory=list)
+    retried: int = 0
+    seconds: float = 0.0
+    batches: int = 0
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+def _switch_lora(pipe, current: str | None, wanted: str | None) -> str | None:
+    if wanted == current:
+        return current
+    if current or wanted:
+        pipe.unload_lora_weights()  # also clears a half-loaded adapter after a failed load
+    if wanted:
+        pipe.load_lora_weights(wanted)
+    return wanted
+
+def decode(pipe, items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: GenerationConfig, *,
+           batch_size: int | None = None, overwrite: bool = False, rank: int = 0, world_size: int = 1,
+           models: ModelsConfig | None = None, progress: bool = True) -> DecodeReport:
+    """Decode this process's share of `items` into `<out_dir>/<method>/<setting>/u{user:03d}/{j:02d}.png`.
+
+    PNGs that exist, decode and carry their item's fingerprint are skipped (overwrite=True redoes them); PNGs made
+    from other inputs (embedding, prompt, seed, LoRA, settings) are redone. A batch that fails (e.g. out of
+    memory) is retried once item by item; items that still fail are logged with their error and the rest go on.
+    """
+
+    out_dir = Path(out_dir)
+    batches = shard(make_batches(items, batch_size or cfg.batch_size), rank, world_size)
+    settings = image_settings(cfg, models)
+    size = (cfg.width, cfg.height)
+    rep, logger, lora, t0 = DecodeReport(), _Log(out_dir), None, time.perf_counter()
+    bar = tqdm(total=sum(len(b) for b in batches), desc=f"decode [{rank}/{world_size}]" if world_size > 1 else "decode",
+               unit="img", disable=not progress, position=rank)
+    try:
+        for batch in batches:
+            fps = {it.key: item_fingerprint(it, settings) for it in batch}
+            todo = [it for it in batch if overwrite or not valid_png(out_dir / it.relpath, size, fps[it.key])]
+            if not todo:
+                rep.skipped += len(batch)
+                bar.update(len(batch))
+                continue
+            rep.batches += 1
+            _record_settings(out_dir, batch[0], settings, pipe)
+            try:
+                lora = _switch_lora(pipe, lora, batch[0].lora)
+                results = _decode_with_retry(pipe, batch, cfg, rep)
+            except Exception as exc:  # noqa: BLE001 - e.g. an unreadable LoRA: these items fail, the rest go on
+                lora, err = None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+                results = iter([(batch, None, 0.0, err)])
+            # the whole batch is decoded even if some PNGs exist: same batch -> same bytes as an uninterrupted run
+            for group, images, secs, error in results:
+                for it, img in zip(group, images if images is not None else [None] * len(group)):
+                    if it not in todo:
+                        continue
+                    if img is None:
+                        rep.failed.append({"key": list(it.key), "error": error})
+                        logger.write({"key": list(it.key), "status": "failed", "error": error})
+                        continue
+                    path = out_dir / it.relpath
+                    with atomic_path(path) as tmp:
+                        tmp.write_bytes(_png_bytes(img, fps[it.key]))
+                    rep.written += 1
+                    logger.write({"key": list(it.key), "status": "ok", "seconds": secs / len(group),
+                                  "sha256": sha256(path)})
+            rep.skipped += len(batch) - len(todo)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        _switch_lora(pipe, lora, None)
+        rep.seconds = time.perf_counter() - t0
+    return rep
+
+def _decode_with_retry(pipe, batch: list[WorkItem], cfg: GenerationConfig, rep: DecodeReport):
+    """Yield (items, images | None, seconds, error): the batch, or on failure each item alone (one retry)."""
+    t0 = time.perf_counter()
+    try:
+        images = run_batch(pipe, batch, cfg)
+        yield batch, images, time.perf_counter() - t0, ""
+        return
+    except Exception as exc:  # noqa: BLE001 - any per-batch failure is retried item by item, then logged
+        first = f"{type(exc).__name__}: {exc}"
+        log.warning("batch of %d failed (%s); retrying at batch size 1", len(batch), first)
+        if _is_oom(exc) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    rep.retried += len(batch)
+    for it in batch:
+        t0 = time.perf_counter()
+        try:
+            yield [it], run_batch(pipe, [it], cfg), time.perf_counter() - t0, ""
+        except Exception as exc:  # noqa: BLE001
+            if _is_oom(exc) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            yield [it], None, 0.0, f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+def load_images(out_dir: str | os.PathLike, method: str, setting: str, user_id: int, n: int) -> np.ndarray:
+    """(n, H, W, 3) floats in [0, 1]: images 0..n-1 of one user (missing ones are grey)."""
+
+    out = []
+    for j in range(n):
+        p = Path(out_dir) / WorkItem(method, setting, user_id, j, 0).relpath
+        if p.is_file():
+            with Image.open(p) as im:
+                out.append(np.asarray(im.convert("RGB"), dtype=np.float32) / 255)
+        else:
+            out.append(None)
+    shape = next((a.shape for a in out if a is not None), (8, 8, 3))
+    return np.stack([a if a is not None else np.full(shape, 0.5, np.float32) for a in out])

@@ -1,0 +1,94 @@
+"""Decoder work items: App G.3 seeds, fingerprints of what determines an image, fixed batches, shards."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from ..config import GenerationConfig, ModelsConfig
+
+
+def decoder_seed(user_id: int, index: int, base: int = 42) -> int:
+    """Decoder seed of image j of user u: 42 + 10,000 u + j (App G.3), the same for every method."""
+    return int(base) + 10_000 * int(user_id) + int(index)
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One image to decode."""
+
+    method: str
+    setting: str
+    user_id: int
+    index: int
+    seed: int
+    prompt: str = ""
+    negative_prompt: str = ""
+    ip_embedding: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    lora: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str, int, int]:
+        return (self.method, self.setting, self.user_id, self.index)
+
+    @property
+    def relpath(self) -> str:
+        return f"{self.method}/{self.setting}/u{self.user_id:03d}/{self.index:02d}.png"
+
+def make_items(method: str, setting: str, user_ids: Sequence[int], indices: Sequence[int], cfg: GenerationConfig,
+               ip_embeddings: torch.Tensor | None = None, prompts: Sequence[str] | None = None,
+               negative_prompts: Sequence[str] | None = None, loras: Sequence[str | None] | None = None
+               ) -> list[WorkItem]:
+    """Work items for (user_ids[i], indices[i]) with the App G.3 decoder seeds and the config's prompts."""
+    n = len(user_ids)
+    if len(indices) != n or any(x is not None and len(x) != n for x in (ip_embeddings, prompts, negative_prompts, loras)):
+        raise ValueError(f"make_items: user_ids has {n} entries; indices, ip_embeddings, prompts, negative_prompts "
+                         f"and loras must have as many")
+    return [WorkItem(method, setting, int(u), int(j), decoder_seed(u, j, cfg.seed_base),
+                     cfg.prompt if prompts is None else prompts[i],
+                     cfg.negative_prompt if negative_prompts is None else negative_prompts[i],
+                     None if ip_embeddings is None else ip_embeddings[i].detach().float().cpu(),
+                     None if loras is None else loras[i])
+            for i, (u, j) in enumerate(zip(user_ids, indices))]
+
+def image_settings(cfg: GenerationConfig, models: ModelsConfig | None = None) -> dict[str, Any]:
+    """What determines every image of a run besides its item (device and dtype excluded, as for embeddings)."""
+    keys = ("steps", "decoder_cfg", "height", "width", "ip_adapter_scale")
+    out: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
+    if models is not None:
+        out["models"] = {"builder": models.builder, "sd_id": models.sd_id, "ip_adapter_id": models.ip_adapter_id,
+                         "ip_adapter_weight": models.ip_adapter_weight,
+                         **({"seed": models.seed} if models.builder == "tiny" else {})}
+    return out
+
+def item_fingerprint(item: WorkItem, settings: dict[str, Any]) -> str:
+    """Hash of everything that determines the item's image: a PNG made from other inputs is stale."""
+    h = hashlib.sha256(json.dumps({"seed": item.seed, "prompt": item.prompt, "negative_prompt": item.negative_prompt,
+                                   "lora": item.lora, "settings": settings}, sort_keys=True).encode())
+    if item.ip_embedding is not None:
+        h.update(item.ip_embedding.float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+def make_batches(items: Iterable[WorkItem], batch_size: int) -> list[list[WorkItem]]:
+    """Items sorted by key, cut into batches of at most `batch_size` within one (method, setting, user)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    items = sorted(items, key=lambda it: it.key)
+    keys = [it.key for it in items]
+    dup = sorted({k for a, k in zip(keys, keys[1:]) if a == k})
+    if dup:
+        raise ValueError(f"duplicate work items: {dup[:3]}")
+    groups: dict[tuple, list[WorkItem]] = {}
+    for it in items:  # a batch never mixes adapters or items with and without an embedding, and never depends
+        # on which other users or settings are in the run (its bytes would change with the batch)
+        groups.setdefault((it.method, it.setting, it.user_id, it.lora or "", it.ip_embedding is not None),
+                          []).append(it)
+    return [g[s:s + batch_size] for _, g in sorted(groups.items()) for s in range(0, len(g), batch_size)]
+
+def shard(batches: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """Batches of process `rank`: b, b + world_size, ... (no overlap, nothing left out)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in 0..world_size-1 (world_size={world_size})")
+    return list(batches[rank::world_size])

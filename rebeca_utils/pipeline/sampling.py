@@ -1,0 +1,143 @@
+"""Sampling the prior (eq. 4, one generator per sample) and REBECA's samples as decoder work items (§4.2)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..config import GenerationConfig
+from ..io import atomic_path
+from .items import WorkItem, make_items
+
+SAMPLERS = ("ddpm", "ddim", "dpmsolver")
+
+def make_sampler(train_sched: DDPMScheduler, sampler: str, steps: int):
+    """A sampling scheduler sharing the training betas; 'ddpm' is the paper's ancestral sampler."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}: valid samplers are {', '.join(SAMPLERS)}")
+    betas = train_sched.betas.numpy()  # trained_betas: the fast samplers reuse the exact schedule (incl. laplace)
+    if sampler == "ddpm":
+        sched = DDPMScheduler.from_config(train_sched.config)
+        sched.set_timesteps(steps)
+        return sched
+    common = dict(trained_betas=betas, timestep_spacing="trailing")  # trailing: the first step starts at pure noise
+    if sampler == "ddim":
+        sched = DDIMScheduler.from_config(train_sched.config, **common, set_alpha_to_one=True)
+    else:
+        sched = DPMSolverMultistepScheduler.from_config(
+            train_sched.config, **common, algorithm_type="dpmsolver++", solver_order=2
+        )
+    sched.set_timesteps(steps)
+    return sched
+
+def sample_seed(seed: int, user_id: int, index: int) -> int:
+    """Per-sample seed from (seed, user, sample index): independent of batching and of other users."""
+    return int(np.random.SeedSequence([seed, user_id, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+def _generators(seed, user_ids, indices, device):
+    return [torch.Generator(device).manual_seed(sample_seed(seed, int(u), int(j))) for u, j in zip(user_ids, indices)]
+
+@torch.no_grad()
+def _sample_batch(model, sched, user_id, rating, gens, cfg_scale):
+    device = user_id.device
+    x = torch.stack([torch.randn(model.emb_dim, generator=g, device=device) for g in gens])
+    x = x * sched.init_noise_sigma
+    guided = cfg_scale != 1.0  # at omega = 1, eq. 4 is the conditional branch alone
+    if guided:
+        u_in = torch.cat([user_id, torch.full_like(user_id, model.null_user)])
+        r_in = torch.cat([rating, torch.full_like(rating, model.null_rating)])
+    for t in sched.timesteps:
+        x_in = sched.scale_model_input(x, t)
+        tt = torch.full((len(x),), int(t), device=device, dtype=torch.long)
+        if guided:
+            cond, uncond = model(torch.cat([x_in, x_in]), torch.cat([tt, tt]), u_in, r_in).chunk(2)
+            out = uncond + cfg_scale * (cond - uncond)  # eq. 4, both branches in one forward
+        else:
+            out = model(x_in, tt, user_id, rating)
+        x = sched.step(out, t, x, generator=gens).prev_sample
+    return x
+
+@torch.no_grad()
+def sample_prior(model, train_sched: DDPMScheduler, user_ids, ratings, indices, *, cfg_scale: float = 1.0,
+                 sampler: str = "ddim", steps: int = 50, seed: int = 0, batch_size: int = 512,
+                 device: str = "cpu", progress: bool = True) -> torch.Tensor:
+    """Sample embeddings for items (user_ids[i], ratings[i], indices[i]); each item has its own generator."""
+    user_ids, ratings, indices = (torch.as_tensor(a).long().reshape(-1) for a in (user_ids, ratings, indices))
+    if not (len(user_ids) == len(ratings) == len(indices)):
+        raise ValueError("sample_prior: user_ids, ratings and indices must have the same length")
+    if sampler == "ddpm":
+        steps = train_sched.config.num_train_timesteps  # the paper's full ancestral chain
+    model.to(device).eval()
+    out = []
+    n_batches = (len(user_ids) + batch_size - 1) // batch_size
+    for s in tqdm(range(0, len(user_ids), batch_size), total=n_batches, desc=f"sample {sampler}", disable=not progress):
+        sched = make_sampler(train_sched, sampler, steps)  # fresh state per batch (multistep solvers keep history)
+        u, r = user_ids[s : s + batch_size].to(device), ratings[s : s + batch_size].to(device)
+        gens = _generators(seed, u.tolist(), indices[s : s + batch_size].tolist(), device)
+        out.append(_sample_batch(model, sched, u, r, gens, cfg_scale).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, model.emb_dim)
+
+def sample_users(model, train_sched, users, n_per_user: int, rating: int = 1, **kw) -> torch.Tensor:
+    """(len(users), n_per_user, d) samples with R = rating, sample j of user u seeded by (seed, u, j)."""
+    users = torch.as_tensor(users).long()
+    u = users.repeat_interleave(n_per_user)
+    j = torch.arange(n_per_user).repeat(len(users))
+    x = sample_prior(model, train_sched, u, torch.full_like(u, rating), j, **kw)
+    return x.view(len(users), n_per_user, -1)
+
+METHOD = "rebeca"
+
+def prior_setting(cfg_scale: float) -> str:
+    """Folder name of a prior guidance setting, e.g. prior_cfg5."""
+    return f"prior_cfg{cfg_scale:g}"
+
+def state_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over a model's parameters and buffers: cached samples are tied to the exact weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+def prior_embeddings(prior, sched, users: Sequence[int], n_per_user: int, *, cfg_scale: float, path: str | os.PathLike,
+                     rating: int = 1, seed: int = 0, sampler: str = "dpmsolver", steps: int = 20, normalizer=None,
+                     device: str = "cpu", progress: bool = True) -> dict[str, torch.Tensor]:
+    """{"user_id", "index", "img_emb"} for every (user, j < n_per_user); cached in `path` (safetensors) and reused
+    when users, seeds, sampler and prior weights match. Sample j of user u is seeded by (seed, u, j)."""
+
+    users = [int(u) for u in users]
+    meta = {"users": users, "n_per_user": n_per_user, "cfg_scale": cfg_scale, "rating": rating, "seed": seed,
+            "sampler": sampler, "steps": steps if sampler != "ddpm" else sched.config.num_train_timesteps,
+            "prior": state_fingerprint(prior), "normalizer": None if normalizer is None else normalizer.kind}
+    path = Path(path)
+    if path.is_file():
+        try:
+            with safe_open(str(path), "pt") as f:
+                if json.loads((f.metadata() or {}).get("rebeca", "null")) == json.loads(json.dumps(meta)):
+                    return {k: f.get_tensor(k) for k in ("user_id", "index", "img_emb")}
+        except Exception:  # noqa: BLE001 - unreadable cache: resample
+            pass
+    x = sample_users(prior, sched, users, n_per_user, rating=rating, cfg_scale=cfg_scale, sampler=sampler,
+                     steps=steps, seed=seed, device=device, progress=progress)
+    if normalizer is not None:
+        x = normalizer.inverse(x)  # back to the decoder's raw embedding space
+    out = {"user_id": torch.tensor(users).repeat_interleave(n_per_user),
+           "index": torch.arange(n_per_user).repeat(len(users)),
+           "img_emb": x.reshape(len(users) * n_per_user, -1).float().contiguous()}
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata={"rebeca": json.dumps(meta)})
+    return out
+
+def rebeca_items(samples: dict[str, torch.Tensor], setting: str, cfg: GenerationConfig) -> list[WorkItem]:
+    """Decoder work items for prior samples: decoder seed 42 + 10,000 u + j, the config's prompts."""
+    return make_items(METHOD, setting, samples["user_id"].tolist(), samples["index"].tolist(), cfg,
+                      ip_embeddings=samples["img_emb"])
