@@ -51,7 +51,7 @@ class DiffusionConfig:
     beta_schedule: str = "squaredcos_cap_v2"  # or "laplace"
     prediction_type: str = "sample"  # eq. 3; or "epsilon", "v_prediction"
     sampler: str = "dpmsolver"  # fast sampler: "dpmsolver" (DPM-Solver++) or "ddim"; "ddpm" = the paper's 1000 steps
-    sampler_steps: int = 20  # 5,250 paper-config samples with CFG: ~6 min on a 2-core CPU (DDIM-50: ~16 min)
+    sampler_steps: int = 20  # fast enough for 5,250 samples on a CPU (README, Performance)
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -79,7 +79,7 @@ class DSpritesConfig:
     p_like: tuple[float, float, float] = (0.95, 0.10, 0.05)  # both / one / neither match (paper)
     latent_dim: int = 32
     normalization: str = "standardize"  # VAE means carry a large per-dim offset; the prior trains on z-scores
-    vae_epochs: int = 6  # the where/what VAE separates all four shape-colour pairs by then (nn agreement 1.0)
+    vae_epochs: int = 6  # enough for the where/what VAE to separate the four shape-colour pairs (README, Table 1)
     vae_batch_size: int = 128
     vae_lr: float = 2e-3
     n_tokens: int = 8  # 8 tokens of 4 dims
@@ -89,7 +89,7 @@ class DSpritesConfig:
     batch_size: int = 256  # the paper gives no dSprites recipe; larger batches buy CPU throughput
     lr: float = 1e-3
     samples_per_user: int = 3000
-    max_epochs: int = 160  # still improving at 80 (best epoch 79); 160 keeps the demo under 10 min
+    max_epochs: int = 160  # the demo budget: under 10 min on a laptop CPU (README, Table 1)
     patience: int = 20
     reps: int = 25
     ks: tuple[int, ...] = (1, 5, 10, 20)
@@ -162,6 +162,32 @@ class EvalConfig:
     batch_size: int = 32
 
 @dataclass(frozen=True)
+class LoraBaselineConfig:
+    """LoRA baselines (App G.1-G.2): the shared adapter's Table 4 and the recipe of both; defaults are the paper's."""
+
+    table3: str = "paper"  # "reference": r = α = 32 for N > 120, as the reference code
+    shared_r: int = 512  # Table 4 (App G.2)
+    shared_alpha: int = 512
+    shared_dropout: float = 0.05
+    shared_steps: int = 10_000  # the reference evaluates its step-12,000 checkpoint
+    shared_warmup: int = 1_000
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    lr_scheduler: str = "cosine"  # with the table's warmup (diffusers.optimization.get_scheduler)
+    batch_size: int = 1
+    grad_accum: int = 4  # the reference's effective batch of 4; steps count optimiser steps
+    max_grad_norm: float = 1.0
+    resolution: int = 0  # resize + random crop side; 0 = the decoder's generation size (512 in paper)
+    caption: str = "empty"  # "empty" (§4.3's fixed empty prompt), "user_token" (reference "<u{id}> ..."), "llava"
+    mixed_precision: str = "auto"  # fp16 autocast with fp32 LoRA weights on CUDA; fp32 elsewhere
+    gradient_checkpointing: bool = False  # CUDA only: trades compute for memory at 512²
+    max_steps: int = 0  # > 0 caps every per-user adapter's steps (warmup scaled alike): quick looks, smoke
+    shared_max_steps: int = 0  # the same cap for the shared adapter
+    checkpoint_every: int = 500  # shared adapter: optimiser steps between resumable checkpoints
+    n_users: int = 0  # per-user adapters for the first n users (0 = every non-hold-out user)
+
+
+@dataclass(frozen=True)
 class Profile:
     """A complete run configuration."""
 
@@ -175,6 +201,11 @@ class Profile:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraBaselineConfig = field(default_factory=LoraBaselineConfig)
+
+# the tiny decoder on a CPU: 3 users, 16 steps each, shared 24, no accumulation (a tiny-UNet micro-step is costly)
+SMOKE_LORA = LoraBaselineConfig(max_steps=16, shared_max_steps=24, grad_accum=1, checkpoint_every=8, n_users=3)
+
 
 def _smoke() -> Profile:
     return Profile(
@@ -192,12 +223,13 @@ def _smoke() -> Profile:
                                     grid_users=4, grid_images=3),
         verifier=VerifierConfig(factor_dim=16, mlp_dims=(32, 16), batch_size=256, max_epochs=60, patience=10),
         eval=EvalConfig(n_permutations=200, n_bootstrap=200, batch_size=8),
+        lora=SMOKE_LORA,
     )
 
 def _demo() -> Profile:
     return Profile(name="demo", models=ModelsConfig(builder="tiny", decoder_emb_dim=32, verifier_emb_dim=48),
                    prior=PriorConfig(emb_dim=32, n_tokens=8, hidden_dim=32, n_heads=4, n_layers=2, n_users=24),
-                   flickr=FlickrConfig(n_holdout_workers=4))
+                   flickr=FlickrConfig(n_holdout_workers=4), lora=SMOKE_LORA)
 
 def _paper() -> Profile:
     return Profile(name="paper", flickr=FlickrConfig(synthetic=False, n_workers=210, n_images=40_988))

@@ -142,7 +142,6 @@ def test_tiny_hps_prompt_matters_and_batches(tiny_hps):
     images = _images()
     cat = tiny_hps.score(images, "a photo of a cat")
     assert cat.shape == (5,) and cat.dtype == np.float32 and np.isfinite(cat).all()
-    assert np.all(np.abs(cat) <= 100.0 + 1e-4)  # 100 x cosine
     assert np.array_equal(cat, tiny_hps.score(images, "a photo of a cat"))
     assert np.allclose(cat, tiny_hps.score(images, "a photo of a cat", batch_size=1), atol=1e-4)
     assert np.allclose(cat, tiny_hps.score(images, "a photo of a cat", batch_size=3), atol=1e-4)

@@ -114,6 +114,18 @@ def test_tiny_pipeline_is_sd15_shaped(tiny_pipe):
     assert n_cross == 16  # as SD-1.5
 
 
+def test_frozen_components_decode_the_same_image_twice_even_with_lora_dropout(kit_cache):
+    from peft import LoraConfig
+
+    pipe = DEC.build_sd_pipeline(TINY, ip_adapter=False, cache_dir=kit_cache)
+    assert not any(m.training for m in (pipe.unet, pipe.vae, pipe.text_encoder))
+    # dropout 0.5 on every attention projection: in train mode two decodes with one seed would differ
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, lora_dropout=0.5, target_modules=["to_q", "to_k", "to_v"]))
+    run = lambda: pipe("", num_inference_steps=2, height=64, width=64, output_type="pt",  # noqa: E731
+                       generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(run(), run())
+
+
 def test_tiny_pipeline_generates_with_ip_adapter_embeds(tiny_pipe):
     def run(emb):
         return tiny_pipe("a heart", num_inference_steps=2, guidance_scale=5.0, height=64, width=64,

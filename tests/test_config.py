@@ -44,8 +44,13 @@ def test_overrides_apply_and_type_check():
 
 def test_resolve_device_and_dtype(monkeypatch):
     monkeypatch.delenv("REBECA_DEVICE", raising=False)
-    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
-    assert resolve_device("auto") == expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto") == "mps"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"  # cuda > mps > cpu
     monkeypatch.setenv("REBECA_DEVICE", "cpu")
     assert resolve_device("auto") == "cpu"
     with pytest.raises(ValueError, match="valid devices are auto, cpu, cuda"):

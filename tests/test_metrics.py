@@ -5,10 +5,16 @@ import pytest
 import torch
 from scipy import stats
 
-from rebeca_utils.evaluate.paper import PAPER_TABLE2, rebeca_label, table1, table2
+from rebeca_utils.evaluate.paper import (
+    PAPER_TABLE2,
+    rebeca_label,
+    section33_pr,
+    table1,
+    table2,
+    table2_both,
+)
 from rebeca_utils.evaluate.retrieval import (
     cosine_nn,
-    pr_from_neighbours,
     precision_recall_at_k,
     retrieval_metrics,
 )
@@ -28,33 +34,30 @@ def test_cosine_nn_ignores_norm():
 
 # --- §3.3 (Table 1): k = the first k samples, one nearest neighbour each ----------------------------------------
 
-def test_section33_paper_definition_by_hand():
-    nn = cosine_nn(GEN, POOL)[None]  # NN: 0 (liked), 0 (liked), 2 (disliked)
-    p, r = pr_from_neighbours(nn, LIKED[None], k=3)
-    assert p[0] == pytest.approx(2 / 3) and r[0] == pytest.approx(1 / 2)
-    p1, r1 = pr_from_neighbours(nn, LIKED[None], k=1)
-    assert (p1[0], r1[0]) == (1.0, 0.5)
+def test_section33_by_hand():
+    # NN of GEN: 0 (liked), 0 (liked), 2 (disliked); one repetition, one user
+    p, r = section33_pr(GEN[None, None], POOL, LIKED[None], k=3)
+    assert p.shape == r.shape == (1, 1)
+    assert p[0, 0] == pytest.approx(2 / 3) and r[0, 0] == pytest.approx(1 / 2)
+    p1, r1 = section33_pr(GEN[None, None], POOL, LIKED[None], k=1)
+    assert (p1[0, 0], r1[0, 0]) == (1.0, 0.5)
+    with pytest.raises(ValueError, match="k=4: need samples of shape"):
+        section33_pr(GEN[None, None], POOL, LIKED[None], k=4)
 
 
-def test_section33_reference_definition_counts_retrieved_set_once():
-    nn = cosine_nn(GEN, POOL)[None]  # retrieved set {0, 2}: one liked of two
-    p, r = pr_from_neighbours(nn, LIKED[None], k=3, definition="reference")
-    assert p[0] == pytest.approx(1 / 2) and r[0] == pytest.approx(1 / 2)
-    with pytest.raises(ValueError, match="valid definitions are paper, reference"):
-        pr_from_neighbours(nn, LIKED[None], k=1, definition="nope")
-
-
-def test_section33_batched_matches_per_user():
+def test_section33_equals_nearest_neighbour_counts():
+    # §3.3 from cosine_nn directly: precision = liked share of the first k neighbours, recall = liked neighbours / |L_u|
     rng = np.random.default_rng(0)
     pool, liked = rng.normal(size=(50, 8)).astype(np.float32), rng.random((3, 50)) < 0.3
     gen = rng.normal(size=(2, 3, 6, 8)).astype(np.float32)
-    p, r = pr_from_neighbours(cosine_nn(gen, pool), liked, 4)
-    for rep in range(2):
-        for u in range(3):
-            pu, ru = pr_from_neighbours(cosine_nn(gen[rep, u, :4], pool)[None], liked[u][None], 4)
-            assert (p[rep, u], r[rep, u]) == pytest.approx((pu[0], ru[0]))
-    with pytest.raises(ValueError, match="k=7 but only 6 samples"):
-        pr_from_neighbours(cosine_nn(gen, pool), liked, 7)
+    nn = cosine_nn(gen, pool)  # (2, 3, 6)
+    for k in (1, 4, 6):
+        p, r = section33_pr(gen, pool, liked, k)
+        for rep in range(2):
+            for u in range(3):
+                first = nn[rep, u, :k]
+                assert p[rep, u] == pytest.approx(liked[u, first].mean())
+                assert r[rep, u] == pytest.approx(liked[u, np.unique(first)].sum() / liked[u].sum())
 
 
 def test_table1_perfect_and_random():
@@ -184,6 +187,27 @@ def test_table2_layout_and_paper_values():
     assert PAPER_TABLE2["VLM Persona"] == (0.507, 0.685, 0.556, 0.472, 0.983, 0.621)
 
 
+def test_table2_both_builds_each_definition_per_label():
+    label = np.array(["A"] * len(HAND["gen_user"]))
+    gen = dict(gen_emb=np.concatenate([HAND["gen_emb"]] * 2), gen_user=np.concatenate([HAND["gen_user"]] * 2))
+    labels = np.concatenate([label, np.array(["B"] * len(label))])  # B: the same samples under another name
+    tables, per_user, summary = table2_both(**gen, gen_label=labels, pool_emb=HAND["pool_emb"],
+                                            pool_user=HAND["pool_user"], pool_liked=HAND["pool_liked"], ks=(1, 2))
+    assert list(tables) == ["paper", "reference"]
+    for definition, t in tables.items():
+        rows, s = retrieval_metrics(**HAND, ks=(1, 2), definition=definition)
+        pd.testing.assert_frame_equal(t, table2({"A": s, "B": s}, (1, 2)))
+        got = per_user[(per_user["definition"] == definition) & (per_user["label"] == "B")]
+        pd.testing.assert_frame_equal(got.drop(columns=["label", "definition"]).reset_index(drop=True), rows)
+    assert tables["reference"].loc["A", ("@2", "F1")] == pytest.approx(11 / 15)
+    assert per_user[["definition", "label"]].drop_duplicates().values.tolist() == [
+        ["paper", "A"], ["paper", "B"], ["reference", "A"], ["reference", "B"]]
+    assert set(summary["users_dropped"]) == {2} and len(summary) == 8  # 2 definitions x 2 labels x 2 ks
+    with pytest.raises(ValueError, match="gen_label has 1 entries"):
+        table2_both(**gen, gen_label=["A"], pool_emb=HAND["pool_emb"], pool_user=HAND["pool_user"],
+                    pool_liked=HAND["pool_liked"])
+
+
 # --- verifier scores, wins and ranks ----------------------------------------------------------------------------
 
 def test_user_scores_and_wins_and_ranks():
@@ -213,47 +237,55 @@ def test_permutation_p_values_uniform_under_null():
     rng = np.random.default_rng(3)
     p = [permutation_test(*_scores(rng, 20, 5, 0.0), n_permutations=199, seed=i).p_value for i in range(200)]
     assert stats.kstest(p, "uniform").pvalue > 0.01
-    assert min(p) >= 1 / 200
 
 
 def test_permutation_planted_effect_and_never_zero():
     s, owner = _scores(np.random.default_rng(4), 20, 5, 2.0)
     res = permutation_test(s, owner, n_permutations=199, seed=0)
-    assert res.p_value == 1 / 200 and res.p_value <= 0.01 and res.z > 3
+    assert res.p_value == 1 / 200 and res.z > 3  # no reassignment reaches the planted statistic
     assert res.null.shape == (199,) and (res.gap > 0).mean() > 0.8
 
 
-def permuted_owners(owner, n_permutations: int, seed: int = 0) -> np.ndarray:
-    """(B, n) owners under the test's B reassignments, rebuilt from the same draws as permutation_test."""
-    from rebeca_utils.evaluate.stats import _chunk_rows, _permutation_chunks
-
-    owner = np.asarray(owner, dtype=np.int64)
-    order = np.argsort(owner, kind="stable")
-    out = []
-    for perm in _permutation_chunks(len(owner), n_permutations, seed, _chunk_rows(len(owner))):
-        o = np.empty_like(perm)
-        np.put_along_axis(o, perm, np.broadcast_to(owner[order], perm.shape), axis=1)  # slot j's image goes to owner j
-        out.append(o)
-    return np.concatenate(out)
+def _scipy_statistic(s, agg):
+    def statistic(*images):  # images[j]: the image columns given to user j
+        return np.median([agg(s[u, cols]) for u, cols in enumerate(images)])
+    return statistic
 
 
-def test_permutation_null_matches_brute_force_and_keeps_group_sizes():
+@pytest.mark.parametrize("test,agg", [(permutation_test, np.mean), (matching_test, np.median)])
+def test_permutation_p_value_agrees_with_scipy_exact(test, agg):
+    # 3 users with 3, 2, 2 images: scipy enumerates all 7!/(3!2!2!) = 210 reassignments, so its p is exact
+    rng = np.random.default_rng(8)
+    owner = np.array([0, 0, 0, 1, 1, 2, 2])
+    s = rng.normal(size=(3, 7)) + 0.6 * (owner[None, :] == np.arange(3)[:, None])  # a weak planted effect
+    exact = stats.permutation_test([np.flatnonzero(owner == u) for u in range(3)], _scipy_statistic(s, agg),
+                                   permutation_type="independent", alternative="greater", n_resamples=10_000,
+                                   vectorized=False)
+    assert len(exact.null_distribution) == 210 and 0.02 < exact.pvalue < 0.5  # a p-value that says something
+    res = test(s, owner, 20_000, seed=0)
+    assert res.statistic == pytest.approx(exact.statistic)
+    mc_sd = np.sqrt(exact.pvalue * (1 - exact.pvalue) / 20_000)
+    assert abs(res.p_value - exact.pvalue) < 5 * mc_sd
+    assert res.null.mean() == pytest.approx(exact.null_distribution.mean(), abs=0.01)
+
+
+def test_permutation_result_fields():
     rng = np.random.default_rng(5)
     owner = rng.integers(0, 6, 40)  # unequal group sizes; user 6 has no image
     s = rng.normal(size=(7, 40))
-    po = permuted_owners(owner, 30, seed=1)
-    assert all((np.bincount(r, minlength=7) == np.bincount(owner, minlength=7)).all() for r in po)
     users = np.unique(owner)
     for test, f in ((permutation_test, np.mean), (matching_test, np.median)):
-        res = test(s, owner, 30, seed=1)
-        assert res.statistic == pytest.approx(np.median([f(s[u, owner == u]) for u in users]))
-        assert res.null == pytest.approx([np.median([f(s[u, r == u]) for u in users]) for r in po])
-        rand = [np.mean([f(s[u, r == u]) for r in po]) for u in users]
-        assert res.random[users] == pytest.approx(rand) and np.isnan(res.gap[6])
-        assert res.p_value == (1 + (res.null >= res.statistic).sum()) / 31
+        res = test(s, owner, 2000, seed=1)
+        own = [f(s[u, owner == u]) for u in users]
+        assert res.statistic == pytest.approx(np.median(own)) and res.own[users] == pytest.approx(own)
+        assert res.null.shape == (2000,) and res.n_permutations == 2000 and np.isnan(res.gap[6])
+        assert res.p_value == (1 + (res.null >= res.statistic).sum()) / 2001
         assert res.z == pytest.approx((res.statistic - res.null.mean()) / res.null.std(ddof=1))
-    again = permutation_test(s, owner, 30, seed=1).null
-    np.testing.assert_array_equal(permutation_test(s, owner, 30, seed=1).null, again)
+        assert res.gap[users] == pytest.approx(res.own[users] - res.random[users])
+    # mean agg: a random reassignment averages, for each user, over all images (sd of one draw ~ 0.2 here)
+    res = permutation_test(s, owner, 2000, seed=1)
+    assert res.random[users] == pytest.approx(s[users].mean(1), abs=0.03)
+    np.testing.assert_array_equal(permutation_test(s, owner, 30, seed=1).null, permutation_test(s, owner, 30, seed=1).null)
     assert not np.array_equal(permutation_test(s, owner, 30, seed=1).null, permutation_test(s, owner, 30, seed=2).null)
 
 
@@ -288,6 +320,10 @@ def test_r2_bootstrap_by_hand():
     # x = 0, 1, 2; y = 0, 2, 1: Sxy = 1, Sxx = 2, Syy = 2 -> slope 1/2, intercept 1/2, R² = 1/(2·2) = 1/4
     hand = r2_bootstrap([0, 1, 2], [0, 2, 1])
     assert (hand["r2"], hand["slope"], hand["intercept"]) == pytest.approx((0.25, 0.5, 0.5))
+    # with 3 points ~1/9 of resamples repeat one point (constant x: no R²); they are left out, not counted as 0 or 1
+    assert 800 < len(hand["samples"]) < 1000 and np.isfinite(hand["samples"]).all()
+    flat = r2_bootstrap([1, 1, 1, 1], [0, 1, 2, 3], n_bootstrap=50)  # x constant: no R², no interval
+    assert np.isnan(flat["r2"]) and np.isnan(flat["ci_low"]) and len(flat["samples"]) == 0
     rng = np.random.default_rng(7)
     x = rng.normal(size=200)
     y = x + rng.normal(scale=1.5, size=200)

@@ -10,6 +10,9 @@ import pytest
 import torch
 
 from rebeca_utils import run as runner
+from rebeca_utils.baselines import lora_cli as LC
+from rebeca_utils.baselines import lora_recipe as R
+from rebeca_utils.config import SMOKE_LORA, get_profile
 from rebeca_utils.data import splits as SP
 from rebeca_utils.evaluate import methods as METHODS
 from rebeca_utils.evaluate import paper as PAPER
@@ -223,10 +226,10 @@ def test_08_evaluation_tables_recomputable(smoke_run):
     d = smoke_run / "08_evaluate_methods"
     m = manifest(smoke_run, "08_evaluate_methods")["metrics"]
     gen = get_profile("smoke").generation
-    assert m["methods"] == [PAPER.rebeca_label(w) for w in gen.prior_cfg_scales]
-    assert m["folders_missing"] == ["06_lora_baselines", "07_vlm_personas"]  # evaluated whatever exists
+    assert m["methods"] == [PAPER.rebeca_label(w) for w in gen.prior_cfg_scales] + ["Per-user LoRA", "Shared LoRA"]
+    assert m["folders_missing"] == ["07_vlm_personas"]  # evaluated whatever exists
     # per-user P/R agree with the single-user function on the same embeddings (both definitions)
-    images, _ = METHODS.find_generated(smoke_run, ["04_generate_images"])
+    images, _ = METHODS.find_generated(smoke_run, ["04_generate_images", "06_lora_baselines"])
     models = get_profile("smoke").models
     gen_emb = METHODS.generated_embeddings(images, smoke_run, "verifier", models).numpy()
     splits, _ = SP.load_splits(smoke_run / "02_embed_flickr/flickr_splits.parquet")
@@ -241,6 +244,7 @@ def test_08_evaluation_tables_recomputable(smoke_run):
                                             r["definition"])
         assert (r["precision"], r["recall"]) == pytest.approx(exp)
     t = pd.read_csv(d / "table2_paper.csv", header=[0, 1], index_col=0)
+    assert {"Per-user LoRA", "Shared LoRA"} <= set(t.index)  # Table 2's two LoRA rows (notebook 06)
     label = m["methods"][0]
     sub = pr[(pr["label"] == label) & (pr["definition"] == "paper") & (pr["k"] == 1)]
     assert t.loc[label, ("@1", "P")] == pytest.approx(sub["precision"].mean())
@@ -265,6 +269,35 @@ def test_08_evaluation_tables_recomputable(smoke_run):
 
 
 @pytest.mark.slow  # executes notebooks
+def test_06_lora_baselines_adapters_images_and_resume(smoke_run):
+    d = smoke_run / "06_lora_baselines"
+    m = manifest(smoke_run, "06_lora_baselines")["metrics"]
+    jobs, cfg, models, image_root, res = LC.load_train_plan(d)
+    users = m["users"]
+    assert len(users) == SMOKE_LORA.n_users and [j.name for j in jobs] == [f"per_user/u{u:03d}" for u in users] + ["shared"]
+    assert m["adapters_ready"] == len(jobs) and m["adapters_failed"] == 0
+    assert m["steps"] == {**{j.name: cfg.max_steps for j in jobs[:-1]}, "shared": cfg.shared_max_steps}
+    fl = get_profile("smoke").flickr
+    assert sum(m["bucket_users"].values()) == fl.n_workers - fl.n_holdout_workers
+    for j in jobs:  # each adapter carries its Table 3 bucket (capped steps) and its fingerprint
+        info = json.loads((LC.adapter_dir(d, j) / R.INFO_NAME).read_text())
+        assert info["fingerprint"] == j.fingerprint and info["n_images"] == len(j.images)
+        if j.user_id is not None:
+            bucket = R.bucket_for(len(j.images))
+            assert (j.spec.r, j.spec.alpha) == (bucket.spec.r, bucket.spec.alpha)
+    table = pd.read_csv(d / PLAN.MANIFEST_NAME, keep_default_na=False)
+    gen = get_profile("smoke").generation
+    assert (table["status"] == "ok").all() and len(table) == 2 * len(users) * gen.n_per_user
+    assert set(zip(table["method"], table["setting"])) == {("lora", "per_user"), ("lora", "shared")}
+    assert (table["seed"] == 42 + 10_000 * table["user_id"] + table["index"]).all() and (table["prompt"] == "").all()
+    for fig in ("loss_curves", "samples_grid"):
+        assert (d / f"{fig}.png").exists() and (d / f"{fig}.pdf").exists()
+    # a rerun finds every adapter done and trains nothing (the pipeline stand-in would fail if used)
+    rep = LC.train_jobs(jobs, d, cfg, models, image_root, res, progress=False, pipe=object())
+    assert rep.trained == [] and len(rep.skipped) == len(jobs)
+
+
+@pytest.mark.slow  # executes notebooks
 def test_10_personalization_tests(smoke_run):
     d = smoke_run / "10_test_personalization"
     m = manifest(smoke_run, "10_test_personalization")["metrics"]
@@ -283,7 +316,7 @@ def test_10_algorithm2_recomputed_from_saved_artifacts(smoke_run):
     from rebeca_utils.config import get_profile
 
     m = manifest(smoke_run, "10_test_personalization")["metrics"]
-    images, _ = METHODS.find_generated(smoke_run, ["04_generate_images"])
+    images, _ = METHODS.find_generated(smoke_run, ["04_generate_images", "06_lora_baselines"])
     images = images[images["setting"] == "prior_cfg5"]  # the notebook's default setting, in manifest order
     emb = METHODS.generated_embeddings(images, smoke_run, "verifier", get_profile("smoke").models)
     rev = METHODS.generated_embeddings(images.iloc[::-1], smoke_run, "verifier", get_profile("smoke").models)

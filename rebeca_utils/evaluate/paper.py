@@ -26,7 +26,10 @@ PAPER_TABLE1 = {
 }
 
 def section33_pr(samples, pool, likes, k: int):
-    """§3.3 P@k, R@k of (reps, U, K, d) samples -> two (reps, U) arrays: each user's first k samples, one neighbour each."""
+    """§3.3 P@k, R@k -> two (reps, U) arrays: each user's first k of K samples (reps, U, K, d), one neighbour each."""
+    samples = np.asarray(samples)
+    if samples.ndim != 4 or not 1 <= k <= samples.shape[2]:
+        raise ValueError(f"k={k}: need samples of shape (reps, U, K >= k, d), got {samples.shape}")
     pr = np.array([[precision_recall_at_k(x[:k], pool, likes[u], 1) for u, x in enumerate(rep)] for rep in samples])
     return pr[..., 0], pr[..., 1]
 
@@ -111,9 +114,9 @@ def table2_both(gen_emb, gen_user, gen_label, pool_emb, pool_user, pool_liked, k
         per_label = {}
         for label in labels:
             m = gen_label == label
-            users, per_label[label] = retrieval_metrics(gen_emb[m], gen_user[m], pool_emb, pool_user, pool_liked,
-                                                        ks=ks, definition=definition, min_likes=min_likes)
-            per_user.append(users.assign(label=label, definition=definition))
+            rows, per_label[label] = retrieval_metrics(gen_emb[m], gen_user[m], pool_emb, pool_user, pool_liked,
+                                                       ks=ks, definition=definition, min_likes=min_likes)
+            per_user.append(rows.assign(label=label, definition=definition))
             summary.append(per_label[label].assign(label=label, definition=definition))
         tables[definition] = table2(per_label, ks, with_paper=with_paper)
     return tables, pd.concat(per_user, ignore_index=True), pd.concat(summary, ignore_index=True)

@@ -19,7 +19,6 @@ def user_scores(scores, owner, **labels):
     `labels` become constant columns (e.g. method="REBECA", cfg=5.0) so several methods concatenate into one
     long table for `verifier_boxplots` / `wins_and_ranks`.
     """
-
     scores, owner = np.asarray(scores, dtype=float).reshape(-1), np.asarray(owner).reshape(-1)
     if len(scores) != len(owner):
         raise ValueError(f"scores has {len(scores)} entries but owner has {len(owner)}")
@@ -36,7 +35,6 @@ def wins_and_ranks(per_user, method: str = "method", value: str = "score", highe
     `value` (e.g. `user_scores` outputs concatenated). Users missing any method are dropped and counted.
     Returns dict(matrix, winner, ranks, win_counts, rank_counts, users_dropped).
     """
-
     if "user_id" in getattr(per_user, "columns", []):
         matrix = per_user.pivot(index="user_id", columns=method, values=value)
         matrix = matrix[list(dict.fromkeys(per_user[method]))]  # keep the order methods were given in
@@ -78,9 +76,16 @@ def predict(model: NMFVerifier, user_ids: Any, img_emb: Any, batch_size: int = 4
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0)
 
+def score_matrix(model: NMFVerifier, user_ids: Any, img_emb: Any, batch_size: int = 4096,
+                 device: str = "cpu") -> np.ndarray:
+    """(n_users, n_images) float64 verifier scores: row r is P(like) of user user_ids[r] for every embedding."""
+    x = (img_emb.detach().cpu() if torch.is_tensor(img_emb) else torch.as_tensor(np.asarray(img_emb))).float()
+    users = np.asarray(user_ids.cpu() if torch.is_tensor(user_ids) else user_ids).reshape(-1)
+    rows = [predict(model, int(u), x, batch_size, device) for u in users]
+    return np.stack(rows) if rows else np.zeros((0, len(x)))
+
 def embed_pil(images: Sequence[Any], encoder, batch_size: int = 64) -> torch.Tensor:
     """(N, encoder.dim) raw embeddings of PIL images or image paths, through an `embeddings.Encoder`."""
-
     out = []
     for s in range(0, len(images), batch_size):
         pixels = []

@@ -1,10 +1,12 @@
 """Statistical tests: Algorithm 2 permutation test, the matching test (§4.5), bootstrap CIs for AUC and R²."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.stats import DegenerateDataWarning, bootstrap, rankdata
 from sklearn.metrics import roc_auc_score
 
 
@@ -131,76 +133,78 @@ def matching_test(score_matrix, owner, n_permutations: int = 1000, seed: int = 0
         score_matrix = np.asarray(score_matrix(uu.reshape(-1), cc.reshape(-1)), dtype=float).reshape(uu.shape)
     return _permutation_core(score_matrix, owner, n_permutations, seed, agg)
 
+def _r2_line(x, y, axis: int = -1):
+    """R², slope and intercept of the least-squares line y ≈ slope·x + intercept along `axis` (NaN if flat)."""
+    xc, yc = x - x.mean(axis, keepdims=True), y - y.mean(axis, keepdims=True)
+    sxx, syy, sxy = (xc * xc).sum(axis), (yc * yc).sum(axis), (xc * yc).sum(axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = sxy / sxx
+        r2 = np.clip(sxy * sxy / (sxx * syy), 0.0, 1.0)  # = 1 - SS_res/SS_tot for a simple LS line
+    return r2, slope, y.mean(axis) - slope * x.mean(axis)
+
+def _percentile_ci(stat, data, n_bootstrap: int, seed: int, level: float, batch: int | None = None) -> dict:
+    """Paired percentile bootstrap (scipy.stats.bootstrap) of a vectorised statistic that is NaN where undefined."""
+    if n_bootstrap < 2:
+        raise ValueError(f"n_bootstrap={n_bootstrap} must be >= 2")
+    # scipy warns that its interval is degenerate when a resample is NaN or all agree; ours is computed below
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        res = bootstrap(data, stat, n_resamples=n_bootstrap, batch=batch, vectorized=True, paired=True,
+                        confidence_level=level, method="percentile", rng=np.random.default_rng(seed))
+    samples = res.bootstrap_distribution
+    samples = samples[np.isfinite(samples)]
+    if len(samples) < 2:  # e.g. x constant in every resample: no interval to give
+        return dict(ci_low=np.nan, ci_high=np.nan, se=np.nan, samples=samples)
+    alpha = (1 - level) / 2
+    # scipy's own interval is NaN as soon as one resample is; over the defined ones it is this same percentile
+    lo, hi = np.percentile(samples, [100 * alpha, 100 * (1 - alpha)])
+    return dict(ci_low=float(lo), ci_high=float(hi), se=float(samples.std(ddof=1)), samples=samples)
+
 def r2_bootstrap(x, y, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """R² of the least-squares line y ≈ slope·x + intercept, with a seeded percentile-bootstrap CI (Figure 8b).
 
-    Returns dict(r2, ci_low, ci_high, slope, intercept, samples (B,), n). Resamples pairs (x_i, y_i) with
-    replacement; a resample with constant x or y has undefined R² and is left out of the CI.
+    Returns dict(r2, ci_low, ci_high, slope, intercept, samples, n). scipy.stats.bootstrap resamples pairs
+    (x_i, y_i) with replacement; a resample with constant x or y has no R² and is left out of `samples` and CI
+    (NaN when fewer than two resamples have one).
     """
     x, y = np.asarray(x, dtype=float).reshape(-1), np.asarray(y, dtype=float).reshape(-1)
     if len(x) != len(y) or len(x) < 3:
         raise ValueError(f"need paired x and y with at least 3 points, got {len(x)} and {len(y)}")
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
         raise ValueError("x and y must be finite")
-
-    def fit(xs, ys):  # rows are samples
-        xc, yc = xs - xs.mean(-1, keepdims=True), ys - ys.mean(-1, keepdims=True)
-        sxx, syy, sxy = (xc * xc).sum(-1), (yc * yc).sum(-1), (xc * yc).sum(-1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            slope = sxy / sxx
-            r2 = np.clip(sxy * sxy / (sxx * syy), 0.0, 1.0)  # = 1 - SS_res/SS_tot for a simple LS line
-        return r2, slope, ys.mean(-1) - slope * xs.mean(-1)
-
-    r2, slope, intercept = (float(v) for v in fit(x, y))
-    idx = np.random.default_rng(seed).integers(0, len(x), size=(n_bootstrap, len(x)))
-    samples = fit(x[idx], y[idx])[0]
-    alpha = (1 - level) / 2
-    lo, hi = np.nanquantile(samples, [alpha, 1 - alpha]) if np.isfinite(samples).any() else (np.nan, np.nan)
-    return dict(r2=r2, ci_low=float(lo), ci_high=float(hi), slope=slope, intercept=intercept, samples=samples,
-                n=len(x))
+    r2, slope, intercept = (float(v) for v in _r2_line(x, y))
+    boot = _percentile_ci(lambda xs, ys, axis=-1: _r2_line(xs, ys, axis)[0], (x, y), n_bootstrap, seed, level)
+    return dict(r2=r2, ci_low=boot["ci_low"], ci_high=boot["ci_high"], slope=slope, intercept=intercept,
+                samples=boot["samples"], n=len(x))
 
 def roc_auc(y: Any, p: Any) -> float:
     """ROC-AUC of scores `p` for binary labels `y`."""
-
     y = np.asarray(y).astype(bool)
     if y.all() or not y.any():
         raise ValueError("y: ROC-AUC needs both classes")
     return float(roc_auc_score(y, np.asarray(p, dtype=np.float64)))
 
-def _resample_aucs(y: np.ndarray, group: np.ndarray, n_groups: int, idx: np.ndarray) -> np.ndarray:
-    """AUC of each resample idx[b] (rows of y); `group` = rank of each score among the distinct scores (ties)."""
-    B = len(idx)
-    flat = (np.arange(B)[:, None] * n_groups + group[idx]).ravel()
-    pos = np.bincount(flat, weights=y[idx].ravel(), minlength=B * n_groups).reshape(B, n_groups)
-    neg = np.bincount(flat, weights=~y[idx].ravel(), minlength=B * n_groups).reshape(B, n_groups)
-    below = np.cumsum(neg, axis=1) - neg  # negatives scored strictly lower; ties count half (Mann-Whitney)
-    return (pos * (below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
+def mann_whitney_auc(y: Any, p: Any, axis: int = -1) -> np.ndarray:
+    """ROC-AUC along `axis` as the Mann-Whitney statistic (ties count half, as sklearn's); NaN for a single class."""
+    y = np.asarray(y).astype(bool)
+    ranks = rankdata(np.asarray(p, dtype=np.float64), axis=axis)  # midranks: a tie between classes counts 1/2
+    n_pos, n = y.sum(axis), y.shape[axis]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ((ranks * y).sum(axis) - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos))
 
 def bootstrap_auc(y: Any, p: Any, n_bootstrap: int = 1000, seed: int = 0) -> dict:
-    """Bootstrap of the ROC-AUC over rows: auc (full data), se, 95% percentile CI, samples (n_bootstrap,)."""
+    """Percentile bootstrap (scipy.stats.bootstrap, rows resampled in pairs) of the ROC-AUC: auc, se, 95% CI, samples.
+
+    A resample holding a single class has no AUC: it is left out of `samples`, se and the CI (so `samples` can
+    be shorter than n_bootstrap on tiny data) rather than redrawn.
+    """
     y = np.asarray(y).astype(bool).reshape(-1)
     p = np.asarray(p, dtype=np.float64).reshape(-1)
     if len(y) != len(p):
         raise ValueError(f"y has {len(y)} entries but p has {len(p)}")
-    if n_bootstrap < 2:
-        raise ValueError(f"n_bootstrap={n_bootstrap} must be >= 2")
     auc = roc_auc(y, p)
-    n = len(y)
-    _, inv = np.unique(p, return_inverse=True)
-    inv, m = inv.reshape(-1), int(inv.max()) + 1
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_bootstrap, n))
-    n_pos = y[idx].sum(axis=1)
-    for _ in range(1000):  # a resample with one class has no AUC: redraw it
-        redo = np.flatnonzero((n_pos == 0) | (n_pos == n))
-        if not len(redo):
-            break
-        idx[redo] = rng.integers(0, n, size=(len(redo), n))
-        n_pos[redo] = y[idx[redo]].sum(axis=1)
-    else:
-        raise ValueError("y: bootstrap resamples keep containing a single class (too few of one class)")
-    step = max(1, 2_000_000 // max(n, m))  # bounds the (block, n) and (block, m) arrays to tens of MB
-    samples = np.concatenate([_resample_aucs(y, inv, m, idx[s:s + step]) for s in range(0, n_bootstrap, step)])
-    lo, hi = np.percentile(samples, [2.5, 97.5])
-    return {"auc": auc, "se": float(samples.std(ddof=1)), "ci_low": float(lo), "ci_high": float(hi),
-            "samples": samples}
+    # bounds the (batch, n) resample arrays to tens of MB
+    boot = _percentile_ci(lambda ys, ps, axis=-1: mann_whitney_auc(ys, ps, axis), (y, p), n_bootstrap, seed, 0.95,
+                          batch=max(1, 2_000_000 // len(y)))
+    return {"auc": auc, "se": boot["se"], "ci_low": boot["ci_low"], "ci_high": boot["ci_high"],
+            "samples": boot["samples"]}

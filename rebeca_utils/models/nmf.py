@@ -40,8 +40,7 @@ class NMFVerifier(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", re
         self.item_bias = nn.Linear(emb_dim, 1)
         nn.init.zeros_(self.user_bias.weight)
         # user factors keep PyTorch's N(0, 1), not He et al.'s N(0, 0.01): with a few thousand interactions the tiny
-        # init lingers on the GMF saddle (user x item factor ~ 0) until early stopping fires; on the smoke fixture
-        # N(0, 1) lifts the within-user test AUC by ~0.04 (3 fixtures x 3 seeds)
+        # init lingers on the GMF saddle (user x item factor ~ 0) until early stopping fires (README, deviations)
         self.register_buffer("emb_mean", torch.zeros(emb_dim))  # set from the training embeddings, see forward
         self.register_buffer("emb_std", torch.ones(emb_dim))
 
@@ -56,9 +55,9 @@ class NMFVerifier(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", re
         """Like-logits (B,) for user ids (B,) and raw verifier-space embeddings (B, emb_dim)."""
         # raw bigG embeddings differ in norm from image to image; only the direction should carry taste
         x = F.normalize(img_emb.float(), dim=-1)
-        # CLIP directions share a large common component (mean cosine 0.82 for the tiny encoder); what tells images
-        # apart is small. Standardising is an affine reparametrisation of the Linear layers below (same function
-        # class) that puts that signal on a unit scale for the optimiser (smoke fixture: within-user AUC +0.03)
+        # CLIP directions share a large common component; what tells images apart is small. Standardising is an
+        # affine reparametrisation of the Linear layers below (same function class) that puts that signal on a unit
+        # scale for the optimiser (README, deviations: verifier init)
         x = (x - self.emb_mean) / self.emb_std
         v = self.item_proj(x)
         gmf = self.user_gmf(user_id) * v

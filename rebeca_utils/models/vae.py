@@ -12,11 +12,8 @@ Design ("where / what" VAE, chosen for a 2-core CPU budget; all sprites are sing
   mirrors it (MLP -> 4x4 -> transposed convs -> 32x32 patch logits) and adds a learnt background logit.
 * everything else is a standard VAE: N(0, I) prior, reparameterisation, Bernoulli likelihood
   (BCE with logits summed over pixels) + beta * KL.
-A plain conv VAE on the full 64x64 canvas did not learn heart-vs-square (shape probe ~0.63, cosine
-nearest-neighbour pair match ~0.68 after 8-16 epochs) in this budget; centring makes shape
-translation-invariant and it is learnt within a few epochs. Measured (procedural data, seed 0, 2 CPU
-cores): 36,000 images x 8 epochs ~120-140 s (6 epochs ~85 s); cosine nearest-neighbour pair match on
-the 4,000 test means 1.000 after 6 or 8 epochs.
+Centring makes shape translation-invariant, so it is learnt within a few epochs where a plain conv VAE on the
+full canvas was not (measurements in the README's deviations table).
 Images may be uint8 in {0..255} or float in [0, 1].
 """
 from __future__ import annotations

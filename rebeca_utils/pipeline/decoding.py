@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..config import GenerationConfig, ModelsConfig
 from ..io import atomic_path, sha256, write_json
 from ..models.decoder import ip_adapter_embeds
+from .adapters import Adapters
 from .items import WorkItem, image_settings, item_fingerprint, make_batches, shard
 
 log = logging.getLogger(__name__)
@@ -115,15 +116,6 @@ class DecodeReport:
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
-def _switch_lora(pipe, current: str | None, wanted: str | None) -> str | None:
-    if wanted == current:
-        return current
-    if current or wanted:
-        pipe.unload_lora_weights()  # also clears a half-loaded adapter after a failed load
-    if wanted:
-        pipe.load_lora_weights(wanted)
-    return wanted
-
 def decode(pipe, items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: GenerationConfig, *,
            batch_size: int | None = None, overwrite: bool = False, rank: int = 0, world_size: int = 1,
            models: ModelsConfig | None = None, progress: bool = True) -> DecodeReport:
@@ -138,24 +130,25 @@ def decode(pipe, items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: Gen
     batches = shard(make_batches(items, batch_size or cfg.batch_size), rank, world_size)
     settings = image_settings(cfg, models)
     size = (cfg.width, cfg.height)
-    rep, logger, lora, t0 = DecodeReport(), _Log(out_dir), None, time.perf_counter()
+    rep, logger, adapters, t0 = DecodeReport(), _Log(out_dir), Adapters(pipe, batches), time.perf_counter()
     bar = tqdm(total=sum(len(b) for b in batches), desc=f"decode [{rank}/{world_size}]" if world_size > 1 else "decode",
                unit="img", disable=not progress, position=rank)
     try:
-        for batch in batches:
+        for b, batch in enumerate(batches):
             fps = {it.key: item_fingerprint(it, settings) for it in batch}
             todo = [it for it in batch if overwrite or not valid_png(out_dir / it.relpath, size, fps[it.key])]
             if not todo:
                 rep.skipped += len(batch)
                 bar.update(len(batch))
+                adapters.done(b)
                 continue
             rep.batches += 1
             _record_settings(out_dir, batch[0], settings, pipe)
             try:
-                lora = _switch_lora(pipe, lora, batch[0].lora)
+                adapters.use(batch[0].lora)
                 results = _decode_with_retry(pipe, batch, cfg, rep)
             except Exception as exc:  # noqa: BLE001 - e.g. an unreadable LoRA: these items fail, the rest go on
-                lora, err = None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+                err = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 results = iter([(batch, None, 0.0, err)])
             # the whole batch is decoded even if some PNGs exist: same batch -> same bytes as an uninterrupted run
             for group, images, secs, error in results:
@@ -174,9 +167,10 @@ def decode(pipe, items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: Gen
                                   "sha256": sha256(path)})
             rep.skipped += len(batch) - len(todo)
             bar.update(len(batch))
+            adapters.done(b)
     finally:
         bar.close()
-        _switch_lora(pipe, lora, None)
+        adapters.close()
         rep.seconds = time.perf_counter() - t0
     return rep
 

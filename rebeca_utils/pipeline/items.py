@@ -4,11 +4,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
 from ..config import GenerationConfig, ModelsConfig
+from ..io import sha256
 
 
 def decoder_seed(user_id: int, index: int, base: int = 42) -> int:
@@ -63,10 +65,25 @@ def image_settings(cfg: GenerationConfig, models: ModelsConfig | None = None) ->
                          **({"seed": models.seed} if models.builder == "tiny" else {})}
     return out
 
+_LORA_DIGESTS: dict[tuple, str] = {}
+
+
+def lora_digest(lora: str | None) -> str | None:
+    """sha256 of an adapter's weight files, so a retrained adapter makes its images stale; else the path as given."""
+    p = Path(lora) if lora else None
+    files = sorted(p.glob("*.safetensors")) if p and p.is_dir() else [p] if p and p.is_file() else []
+    if not files:
+        return lora
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _LORA_DIGESTS:  # hashed once per file version, not once per item
+        _LORA_DIGESTS[key] = hashlib.sha256("".join(sha256(f) for f in files).encode()).hexdigest()
+    return _LORA_DIGESTS[key]
+
+
 def item_fingerprint(item: WorkItem, settings: dict[str, Any]) -> str:
     """Hash of everything that determines the item's image: a PNG made from other inputs is stale."""
     h = hashlib.sha256(json.dumps({"seed": item.seed, "prompt": item.prompt, "negative_prompt": item.negative_prompt,
-                                   "lora": item.lora, "settings": settings}, sort_keys=True).encode())
+                                   "lora": lora_digest(item.lora), "settings": settings}, sort_keys=True).encode())
     if item.ip_embedding is not None:
         h.update(item.ip_embedding.float().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]

@@ -28,7 +28,7 @@ MANIFEST_COLUMNS = ["method", "setting", "user_id", "index", "seed", "prompt", "
 
 def save_plan(items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: GenerationConfig,
               models: ModelsConfig) -> Path:
-    """Write the work (items, embeddings, configs) under <out_dir>/plan/ so `python -m rebeca_utils.decoding` can run it."""
+    """Write the work (items, embeddings, configs) under <out_dir>/plan/ so `python -m rebeca_utils.pipeline.decode_cli` can run it."""
 
     d = Path(out_dir) / PLAN_DIR
     rows, embs = [], []

@@ -1,0 +1,307 @@
+"""LoRA baselines over users: training jobs, the resumable runner, generation work items, and the CLI.
+
+Layout under the notebook's folder (``outputs/<profile>/06_lora_baselines``)::
+
+    adapters/plan.json                       the training jobs (read by the CLI)
+    adapters/per_user/u{user:03d}/           pytorch_lora_weights.safetensors (diffusers format + metadata),
+                                             training_log.json, adapter.json (fingerprint; written last)
+    adapters/shared/                         the shared adapter; adapters/shared.checkpoints/ while it trains
+    adapters/_train_logs/*.jsonl             one append-only log per process (ok / skipped / failed + error)
+    lora/{per_user,shared}/u{user:03d}/{j:02d}.png, generation_manifest.csv    the decoded images (as notebook 04)
+
+Several GPUs: ``accelerate launch --multi_gpu --num_processes N -m rebeca_utils.baselines.lora_cli --out-dir <folder>``
+trains the plan a notebook saved there; job i (users in order, then the shared adapter) belongs to process i mod N,
+and every adapter is seeded by (seed, user_id) alone, so the adapters do not depend on N.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..config import GenerationConfig, LoraBaselineConfig, ModelsConfig
+from ..io import write_json
+from ..models.decoder import build_sd_pipeline
+from ..pipeline.items import WorkItem, make_items
+from ..runtime import process_share
+from . import lora as L
+from . import lora_recipe as R
+
+ADAPTERS = "adapters"
+PLAN_NAME = "plan.json"
+LOG_DIR = "_train_logs"
+METHOD = "lora"
+VARIANTS = ("per_user", "shared", "both")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One adapter to train: a user's (user_id set) or the shared one (user_id None)."""
+
+    name: str  # "per_user/u003" or "shared": its folder under adapters/
+    user_id: int | None
+    images: tuple[str, ...]  # image file names (under image_root)
+    captions: tuple[str, ...]
+    spec: R.LoraSpec
+    seed: int
+    fingerprint: str
+
+    @property
+    def setting(self) -> str:
+        return "shared" if self.user_id is None else "per_user"
+
+
+def plan_jobs(splits, users: Sequence[int], variant: str, cfg: LoraBaselineConfig, models: ModelsConfig,
+              seed: int, resolution: int, captions_path: str | os.PathLike | None = None) -> list[Job]:
+    """Per-user jobs for `users` (their liked training images, Table 3 bucket) and/or the shared job (Table 4) on the
+    union of every non-hold-out user's liked training images."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: valid values are {', '.join(VARIANTS)}")
+    jobs = []
+    if variant in ("per_user", "both"):
+        rows = R.liked_training_rows(splits, users)
+        caps = R.training_captions(rows, cfg.caption, captions_path)
+        for u in users:
+            sel = (rows["user_id"] == int(u)).to_numpy()
+            imgs, cs = tuple(rows["image"][sel]), tuple(c for c, s in zip(caps, sel) if s)
+            if not imgs:
+                raise ValueError(f"user_id {u} has no liked training images; leave it out of `users`")
+            spec = R.capped(R.bucket_for(len(imgs), cfg.table3).spec, cfg.max_steps)
+            s = R.adapter_seed(seed, int(u))
+            jobs.append(Job(f"per_user/u{int(u):03d}", int(u), imgs, cs, spec, s,
+                            R.fingerprint(imgs, cs, spec, cfg, models, s, resolution)))
+    if variant in ("shared", "both"):
+        pool = splits[~splits["holdout"].astype(bool)]
+        rows = R.liked_training_rows(pool)
+        caps = R.training_captions(rows, cfg.caption, captions_path)
+        pairs = sorted(set(zip(rows["image"], caps)))  # the union: an image liked by several users once per caption
+        spec, s = R.shared_spec(cfg), R.adapter_seed(seed, None)
+        imgs, cs = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+        jobs.append(Job("shared", None, imgs, cs, spec, s, R.fingerprint(imgs, cs, spec, cfg, models, s, resolution)))
+    return jobs
+
+
+def save_train_plan(jobs: Sequence[Job], out_dir: str | os.PathLike, cfg: LoraBaselineConfig, models: ModelsConfig,
+                    image_root: str | os.PathLike, resolution: int) -> Path:
+    """Write the jobs and configs to <out_dir>/adapters/plan.json (atomic) for the CLI."""
+    return write_json(Path(out_dir) / ADAPTERS / PLAN_NAME, {
+        "jobs": [{**asdict(j), "spec": asdict(j.spec)} for j in jobs], "lora": asdict(cfg), "models": asdict(models),
+        "image_root": str(Path(image_root).resolve()), "resolution": resolution})
+
+
+def load_train_plan(out_dir: str | os.PathLike) -> tuple[list[Job], LoraBaselineConfig, ModelsConfig, Path, int]:
+    """(jobs, LoRA config, models config, image root, resolution) saved by save_train_plan."""
+    path = Path(out_dir) / ADAPTERS / PLAN_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no LoRA training plan; run notebook 06 (or save_train_plan) first")
+    d = json.loads(path.read_text())
+
+    def conf(cls, v):
+        return cls(**{f.name: tuple(v[f.name]) if isinstance(v[f.name], list) else v[f.name]
+                      for f in dataclasses.fields(cls) if f.name in v})
+
+    jobs = [Job(j["name"], j["user_id"], tuple(j["images"]), tuple(j["captions"]), R.LoraSpec(**j["spec"]), j["seed"],
+                j["fingerprint"]) for j in d["jobs"]]
+    return jobs, conf(LoraBaselineConfig, d["lora"]), conf(ModelsConfig, d["models"]), Path(d["image_root"]), \
+        int(d["resolution"])
+
+
+def adapter_dir(out_dir: str | os.PathLike, job: Job) -> Path:
+    """Where a job's adapter folder lives."""
+    return Path(out_dir) / ADAPTERS / job.name
+
+
+def build_training_pipeline(models: ModelsConfig, device: str, cfg: LoraBaselineConfig):
+    """The frozen decoder without IP-Adapter: fp16 weights on CUDA under mixed precision, else fp32."""
+    fp16 = device.startswith("cuda") and cfg.mixed_precision in ("auto", "fp16")
+    pipe = build_sd_pipeline(models, device, torch.float16 if fp16 else torch.float32, ip_adapter=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass
+class TrainReport:
+    """What one train_jobs() call did."""
+
+    trained: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _log(out_dir: Path, rec: dict) -> None:
+    # one file per process, appended and fsynced: concurrent processes never interleave
+    path = out_dir / ADAPTERS / LOG_DIR / f"{socket.gethostname()}-{os.getpid()}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({**rec, "time": time.time()}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def train_jobs(jobs: Sequence[Job], out_dir: str | os.PathLike, cfg: LoraBaselineConfig, models: ModelsConfig,
+               image_root: str | os.PathLike, resolution: int, *, device: str = "cpu", rank: int = 0,
+               world_size: int = 1, overwrite: bool = False, progress: bool = True, pipe=None) -> TrainReport:
+    """Train this process's jobs (i ≡ rank mod world_size); adapters whose fingerprint matches are skipped, and a
+    failing job (e.g. out of memory) is recorded while the others go on."""
+
+    out_dir = Path(out_dir)
+    mine = list(jobs)[rank::world_size]
+    rep, t0 = TrainReport(), time.perf_counter()
+    todo = [j for j in mine if overwrite or not L.adapter_done(adapter_dir(out_dir, j), j.fingerprint)]
+    rep.skipped = [j.name for j in mine if j not in todo]
+    for name in rep.skipped:
+        _log(out_dir, {"job": name, "status": "skipped"})
+    if todo and pipe is None:
+        pipe = build_training_pipeline(models, device, cfg)
+    bar = tqdm(todo, desc=f"adapters [{rank}/{world_size}]" if world_size > 1 else "adapters", unit="adapter",
+               disable=not progress, position=0)
+    for job in bar:
+        bar.set_postfix(job=job.name)
+        out = adapter_dir(out_dir, job)
+        try:
+            images = R.load_images([Path(image_root) / n for n in job.images], resolution)
+            ckpt = out.parent / f"{out.name}.checkpoints" if job.user_id is None else None
+            state, meta, log = L.train_adapter(
+                pipe, images, list(job.captions), job.spec, cfg, seed=job.seed, resolution=resolution,
+                fp=job.fingerprint, checkpoint_dir=ckpt, checkpoint_every=cfg.checkpoint_every if ckpt else 0,
+                progress=progress, desc=job.name)
+            info = {"fingerprint": job.fingerprint, "job": job.name, "user_id": job.user_id,
+                    "n_images": len(job.images), "spec": asdict(job.spec), "seed": job.seed}
+            L.write_adapter(out, state, meta, info, {**log, "job": job.name, "user_id": job.user_id})
+            if ckpt is not None:
+
+                shutil.rmtree(ckpt, ignore_errors=True)  # the finished adapter supersedes its checkpoints
+            rep.trained.append(job.name)
+            _log(out_dir, {"job": job.name, "status": "ok", "seconds": log["seconds"], "steps": log["steps"]})
+        except Exception as exc:  # noqa: BLE001 - e.g. CUDA out of memory: this adapter fails, the others go on
+            err = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            rep.failed.append({"job": job.name, "error": err})
+            _log(out_dir, {"job": job.name, "status": "failed", "error": err})
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    bar.close()
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def training_logs(out_dir: str | os.PathLike, jobs: Sequence[Job]) -> dict[str, dict]:
+    """job name -> its adapter's training log (finished adapters only)."""
+    out = {}
+    for j in jobs:
+        p = adapter_dir(out_dir, j) / R.LOG_NAME
+        if L.adapter_done(adapter_dir(out_dir, j), j.fingerprint) and p.is_file():
+            out[j.name] = json.loads(p.read_text())
+    return out
+
+
+def lora_items(jobs: Sequence[Job], out_dir: str | os.PathLike, users: Sequence[int], cfg: GenerationConfig,
+               caption: str = "empty") -> list[WorkItem]:
+    """Decoder work items: n_per_user images of every user with each planned adapter (no IP-Adapter embedding),
+    App G.3 seeds, the empty prompt (the user token with caption='user_token')."""
+    items = []
+    for job in jobs:
+        who = [job.user_id] if job.user_id is not None else list(users)
+        us = [int(u) for u in who for _ in range(cfg.n_per_user)]
+        js = [j for _ in who for j in range(cfg.n_per_user)]
+        items += make_items(METHOD, job.setting, us, js, cfg, prompts=[R.generation_prompt(u, caption) for u in us],
+                            loras=[str(adapter_dir(out_dir, job).resolve())] * len(us))
+    return items
+
+
+def compute_table(jobs: Sequence[Job], logs: dict[str, dict]):
+    """Per adapter: data size, LoRA shape, steps, seconds, steps/s, device (trained adapters), plus a total row."""
+
+    rows = [{"adapter": j.name, "N_i": len(j.images), "r": j.spec.r, "α": j.spec.alpha, "steps": j.spec.steps,
+             "seconds": logs[j.name]["seconds"] if j.name in logs else float("nan"),
+             "steps/s": logs[j.name]["steps_per_s"] if j.name in logs else float("nan"),
+             "device": logs.get(j.name, {}).get("device", "not trained")} for j in jobs]
+    df = pd.DataFrame(rows)
+    total = {"adapter": "total", "N_i": int(df["N_i"].sum()), "steps": int(df["steps"].sum()),
+             "seconds": float(df["seconds"].sum()), "steps/s": df["steps"].sum() / max(df["seconds"].sum(), 1e-9)}
+    return pd.concat([df, pd.DataFrame([total])], ignore_index=True)
+
+
+def loss_figure(logs: dict[str, dict], title: str = "LoRA training loss"):
+    """Loss per optimiser step of every adapter (thin) and the learning rate (right axis, first adapter)."""
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for name, log in logs.items():
+        steps = [h["step"] for h in log["history"]]
+        ax.plot(steps, [h["loss"] for h in log["history"]], lw=1.6 if name == "shared" else 0.9,
+                color="k" if name == "shared" else None, label=name)
+    ax.set_xlabel("optimiser step"), ax.set_ylabel("ε-MSE (mean over the accumulated micro-batches)")
+    if logs:
+        first = next(iter(logs.values()))
+        lr_ax = ax.twinx()
+        lr_ax.plot([h["step"] for h in first["history"]], [h["lr"] for h in first["history"]], color="grey", ls=":")
+        lr_ax.set_ylabel("learning rate (dotted)")
+    ax.legend(frameon=False, fontsize=7, ncol=2)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def load_rgb(paths: Sequence[str | os.PathLike], size: tuple[int, int]):
+    """(n, H, W, 3) floats in [0, 1], each image resized to `size` = (width, height), for grids."""
+
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(np.asarray(im.convert("RGB").resize(size, Image.BILINEAR), dtype=np.float32) / 255)
+    return np.stack(out) if out else np.zeros((0, size[1], size[0], 3), np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rebeca_utils.baselines.lora_cli",
+                                description="Train the LoRA adapters of the plan notebook 06 saved in --out-dir.")
+    p.add_argument("--out-dir", required=True, help="the notebook's output folder holding adapters/plan.json")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--only", choices=("per_user", "shared"), help="train only these jobs of the plan")
+    p.add_argument("--overwrite", action="store_true", help="retrain adapters that already exist")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; under `accelerate launch` each process trains a disjoint set of adapters."""
+    args = _parser().parse_args(argv)
+    try:
+        jobs, cfg, models, image_root, resolution = load_train_plan(args.out_dir)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"error: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    if args.only:
+        jobs = [j for j in jobs if j.setting == args.only]
+    share = process_share(args.device)
+    rep = train_jobs(jobs, args.out_dir, cfg, models, image_root, resolution, device=share.device, rank=share.rank,
+                     world_size=share.world_size, overwrite=args.overwrite, progress=not args.no_progress)
+    share.report({"rank": share.rank, "world_size": share.world_size, "trained": rep.trained, "skipped": rep.skipped,
+                  "failed": len(rep.failed), "seconds": round(rep.seconds, 3)})
+    share.close()
+    if rep.failed:
+        print(f"{len(rep.failed)} adapter(s) failed, e.g. {rep.failed[0]['job']}: {rep.failed[0]['error']}; "
+              f"rerun to retry them", file=sys.stderr)
+    return 1 if rep.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
