@@ -9,7 +9,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -132,6 +132,15 @@ class Share:
         """Print `summary` as one JSON line in a single write, so lines of concurrent processes never interleave."""
         sys.stdout.write(json.dumps(summary) + "\n")  # print() writes text and newline separately
         sys.stdout.flush()
+
+    def finish(self, summary: dict, failed: Sequence[dict] = (), what: str = "item", key: str = "key") -> int:
+        """Report `summary`, end the process group, name the first failure: the CLI's exit code (1 if any failed)."""
+        self.report(summary)
+        self.close()
+        if failed:
+            print(f"{len(failed)} {what}(s) failed, e.g. {failed[0][key]}: {failed[0]['error']}; rerun to retry them",
+                  file=sys.stderr)
+        return 1 if failed else 0
 
     def wait(self) -> None:
         if self.state is not None:

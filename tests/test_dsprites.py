@@ -92,7 +92,7 @@ def test_npz_path_returns_npz_images(tmp_path):
     np.testing.assert_array_equal(st.shape, (classes[st.rows, 1] == 2).astype(int))
 
     chk = DS.check_dsprites_npz(path)  # structure / digest check flags the small file as not official
-    assert not chk["ok"] and chk["problems"] == [f"md5 {chk['md5']} != expected {DS.DSPRITES_MD5}"]
+    assert not chk["ok"] and chk["problems"][0] == f"md5 {chk['md5']} != expected {DS.DSPRITES_MD5}"
     assert not DS.check_dsprites_npz(tmp_path / "missing.npz")["ok"]
 
 

@@ -57,7 +57,7 @@ def counts(monkeypatch):
         n["encode"] += 1
         return encode(self, pixels)
 
-    monkeypatch.setattr(ENC, "build_encoder", counting_build)
+    monkeypatch.setattr(STORE, "build_encoder", counting_build)  # where embed_images looks it up
     monkeypatch.setattr(ENC.Encoder, "encode", counting_encode)
     return n
 
@@ -147,14 +147,12 @@ def test_interrupted_run_leaves_whole_chunks_and_resumes(images, reference, tmp_
         STORE.merge(tmp_path, "decoder")
 
     # killed while writing chunk 2: the half-written temp file never becomes a chunk
-    import safetensors.torch as st
-
     def half_write(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 100)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ENC.Encoder, "encode", encode)
-    monkeypatch.setattr(st, "save_file", half_write)
+    monkeypatch.setattr(STORE, "save_file", half_write)
     with pytest.raises(KeyboardInterrupt):
         STORE.embed_images(images, None, "decoder", TINY, tmp_path, **KW)
     assert len(_chunks(tmp_path)) == 2 and not _stray(tmp_path)

@@ -1,4 +1,5 @@
 """The REBECA prior (App D), its training loop and both samplers."""
+import pytest
 import torch
 
 from rebeca_utils.config import DiffusionConfig, PriorConfig, TrainConfig
@@ -156,6 +157,7 @@ def test_cfg_dropout_rates():
     assert abs(both - (0.1 + 0.9 * 0.15 * 0.15)) < 0.01
 
 
+@pytest.mark.slow  # the 1000-step DDPM chain, several times
 def test_samples_independent_of_batch_size_and_batch_mates():
     m = tiny()
     with torch.no_grad():

@@ -294,13 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     share = process_share(args.device)
     rep = train_jobs(jobs, args.out_dir, cfg, models, image_root, resolution, device=share.device, rank=share.rank,
                      world_size=share.world_size, overwrite=args.overwrite, progress=not args.no_progress)
-    share.report({"rank": share.rank, "world_size": share.world_size, "trained": rep.trained, "skipped": rep.skipped,
-                  "failed": len(rep.failed), "seconds": round(rep.seconds, 3)})
-    share.close()
-    if rep.failed:
-        print(f"{len(rep.failed)} adapter(s) failed, e.g. {rep.failed[0]['job']}: {rep.failed[0]['error']}; "
-              f"rerun to retry them", file=sys.stderr)
-    return 1 if rep.failed else 0
+    return share.finish({"rank": share.rank, "world_size": share.world_size, "trained": rep.trained,
+                         "skipped": rep.skipped, "failed": len(rep.failed), "seconds": round(rep.seconds, 3)},
+                        rep.failed, what="adapter", key="job")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def download_paper_weights(entries: list[WeightsEntry] | None = None,
     out: dict[str, list[str]] = {}
     for entry in entries if entries is not None else paper_weights(models):
         if entry.url:
-            out.setdefault(entry.repo_id, []).append(download_url(entry.url, Path(entry.files[0])))
+            out.setdefault(entry.repo_id, []).append(str(download_url(entry.url, Path(entry.files[0]))))
             continue
         for spec in entry.files:
             path = cached_file(entry.repo_id, spec)

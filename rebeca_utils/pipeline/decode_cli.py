@@ -42,12 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if share.rank == 0 and share.coordinated:
         df = write_manifest(items, args.out_dir, cfg, models)
         summary["manifest"] = {k: int(v) for k, v in df["status"].value_counts().items()}
-    share.report(summary)
-    share.close()
-    if rep.failed:
-        print(f"{len(rep.failed)} item(s) failed, e.g. {rep.failed[0]['key']}: {rep.failed[0]['error']}; "
-              f"rerun to retry them", file=sys.stderr)
-    return 1 if rep.failed else 0
+    return share.finish(summary, rep.failed)
 
 
 if __name__ == "__main__":

@@ -55,9 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     share.wait()
     if rank == 0 and not args.no_merge and share.coordinated:
         summary["merged"] = str(store.merge())
-    share.report(summary)
-    share.close()
-    return 0
+    return share.finish(summary)
 
 
 if __name__ == "__main__":

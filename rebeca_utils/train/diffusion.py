@@ -143,13 +143,8 @@ def train_prior(model, sched, train: Triplets, val: Triplets, cfg: TrainConfig, 
         stopper.step(model, epoch, row["val_loss"])
         bar.set_postfix(train=f"{row['train_loss']:.4f}", val=f"{row['val_loss']:.4f}")
         if stopper.stop:
-            res.stopped_early = True
             break
-    res.epochs, res.best_val_loss, res.best_epoch = len(res.history), stopper.best, stopper.best_epoch
-    res.wall_time_s = time.perf_counter() - t0
-    stopper.restore(model)
-    model.eval()
-    return res
+    return stopper.finish(model, res, t0)
 
 def flickr_triplets(splits: pd.DataFrame, img_emb: torch.Tensor, split: str, include_holdout: bool = False) -> Triplets:
     """(img_emb, user_id, like) rows of one split; `img_emb` is aligned with the rows of `splits` (join_embeddings)."""

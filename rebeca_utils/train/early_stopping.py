@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 
@@ -25,6 +26,15 @@ class EarlyStopping:
     @property
     def stop(self) -> bool:
         return self.bad >= self.patience
+
+    def finish(self, model: torch.nn.Module, result, t0: float):
+        """End a run: the best weights back in `model` (eval mode), and the summary fields of `result` filled."""
+        result.epochs, result.best_val_loss, result.best_epoch = len(result.history), self.best, self.best_epoch
+        result.stopped_early = self.stop
+        result.wall_time_s = time.perf_counter() - t0
+        self.restore(model)
+        model.eval()
+        return result
 
     def restore(self, model: torch.nn.Module) -> None:
         """Load the best weights back (nothing to do before the first epoch)."""

@@ -157,10 +157,5 @@ def train_verifier(model: NMFVerifier, train: Interactions, val: Interactions, c
             bar.set_postfix(train=f"{row['train_loss']:.4f}", val=f"{row['val_loss']:.4f}",
                             auc=f"{row['val_auc']:.3f}")
             if stopper.stop:
-                res.stopped_early = True
                 break
-    res.epochs, res.best_val_loss, res.best_epoch = len(res.history), stopper.best, stopper.best_epoch
-    res.wall_time_s = time.perf_counter() - t0
-    stopper.restore(model)
-    model.eval()
-    return res
+    return stopper.finish(model, res, t0)
