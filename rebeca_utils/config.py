@@ -273,13 +273,6 @@ def _set(prof: Profile, key: str, value: Any) -> Profile:
         raise KeyError(f"unknown parameter {key!r}; valid parameters: {', '.join(_keys(prof))}")
     return replace(prof, **{section: replace(sub, **{attr: _coerce(getattr(sub, attr), value, key)})})
 
-def reject_shadowed(overrides: dict[str, Any] | None, shadowed: dict[str, str]) -> None:
-    """Refuse overrides of settings a notebook parameter controls (the parameter would silently win)."""
-    clash = sorted(k for k in overrides or {} if k in shadowed)
-    if clash:
-        raise ValueError(f"overrides {', '.join(clash)}: set by the notebook parameter(s) "
-                         f"{', '.join(shadowed[k] for k in clash)}; use the parameter instead")
-
 def as_dict(prof: Profile) -> dict[str, Any]:
     """Plain nested dict, for manifests."""
     return dataclasses.asdict(prof)

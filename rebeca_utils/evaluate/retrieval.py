@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ..models.vae import _as_tensor
 from ..pipeline.sampling import sample_users
+from ..runtime import seed_sequence
 
 DEFINITIONS = ("paper", "reference")
 
@@ -126,7 +127,7 @@ def personalization_score(prior, sched, splits: pd.DataFrame, pool_emb: torch.Te
     x = sample_users(prior, sched, users, n_samples, rating=1, cfg_scale=cfg_scale, seed=seed, **sample_kw)
     if normalizer is not None:
         x = normalizer.inverse(x)
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 303]))
+    rng = np.random.default_rng(seed_sequence(seed, "random_draws"))
     rand = train_emb[rng.integers(0, len(train_emb), size=(len(users), n_samples))]
     prec, prec_rand, n_pool = [], [], []
     for i, u in enumerate(users):

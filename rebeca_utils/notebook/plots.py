@@ -193,7 +193,7 @@ def r2_scatter(x, y, fit: dict, xlabel: str = "LAION aesthetic score", ylabel: s
     return fig
 
 def table2_figure(df, title: str = "Table 2"):
-    """Table 2 (from `metrics.table2`) rendered as a figure; the best value of each column in bold."""
+    """Table 2 (from `evaluate.paper.table2`) rendered as a figure; the best value of each column in bold."""
 
     cols = [" ".join(str(c) for c in (col if isinstance(col, tuple) else (col,))) for col in df.columns]
     cells = [[f"{v:.3f}" if np.isfinite(v) else "–" for v in row] for row in df.values.astype(float)]

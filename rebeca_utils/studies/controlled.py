@@ -15,6 +15,7 @@ from ..evaluate.paper import section33_pr
 from ..io import atomic_path, write_json
 from ..models.vae import ConvVAE, freeze, load_vae, save_vae, train_vae
 from ..pipeline.sampling import sample_users
+from ..runtime import seed_sequence
 from ..train.diffusion import Triplets
 
 
@@ -23,7 +24,7 @@ def fit_or_load_vae(study: DSpritesStudy, cfg: DSpritesConfig, folder: Path, see
     key = {"latent_dim": cfg.latent_dim, "epochs": cfg.vae_epochs, "batch_size": cfg.vae_batch_size,
            "lr": cfg.vae_lr, "seed": seed, "n_images": study.n_images, "source": study.source,
            "data_seed": study.seed}
-    weights, meta = Path(folder) / "vae.safetensors", Path(folder) / "vae.json"
+    weights, meta = Path(folder) / "vae", Path(folder) / "vae.json"
     if weights.exists() and meta.exists():
 
         saved = json.loads(meta.read_text())
@@ -43,7 +44,7 @@ def study_triplets(study: DSpritesStudy, latents: torch.Tensor, val_frac: float 
 
     The test images are never seen in training or early stopping: they are every user's evaluation pool.
     """
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 101]))
+    rng = np.random.default_rng(seed_sequence(seed, "dsprites_val"))
     train_img = rng.permutation(study.train_idx)
     n_val = int(round(len(train_img) * val_frac))
     parts = {"val": np.sort(train_img[:n_val]), "train": np.sort(train_img[n_val:])}
@@ -57,7 +58,7 @@ def study_triplets(study: DSpritesStudy, latents: torch.Tensor, val_frac: float 
 
 def baseline_samples(study: DSpritesStudy, latents: torch.Tensor, reps: int, k: int, seed: int):
     """Random (uniform draws from training latents, (reps, U, k, d)) and Mean (mean liked latent, (U, d))."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 202]))
+    rng = np.random.default_rng(seed_sequence(seed, "dsprites_baselines"))
     train_lat = latents[study.train_idx].numpy()
     random = train_lat[rng.integers(0, len(train_lat), size=(reps, study.n_users, k))]
     liked = study.likes[:, study.train_idx]
