@@ -42,6 +42,7 @@ def _synthetic(n: int, d: int, n_users: int, seed: int = 0) -> Triplets:
     return Triplets(torch.randn(n, d, generator=g), torch.randint(0, n_users, (n,), generator=g),
                     torch.randint(0, 2, (n,), generator=g))
 
+
 def bench_training(model, sched, data: Triplets, batch_size: int, steps: int) -> dict:
     """Samples/s of our in-memory tensor batches vs a per-item Dataset + DataLoader over the same model."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -78,6 +79,7 @@ def bench_training(model, sched, data: Triplets, batch_size: int, steps: int) ->
     baseline = steps * batch_size / (time.perf_counter() - t0)
     return {"ours_samples_per_s": ours, "dataloader_samples_per_s": baseline, "ratio": ours / baseline}
 
+
 def bench_sampling(model, sched, n_users: int, per_user: int, sampler: str, fast_steps: int, cfg_scale: float,
                    ddpm_users: int) -> dict:
     """Time for n_users x per_user embeddings: fast sampler (all users) vs 1000-step DDPM (subset, extrapolated)."""
@@ -96,6 +98,7 @@ def bench_sampling(model, sched, n_users: int, per_user: int, sampler: str, fast
     ddpm = ddpm_subset * n_users / ddpm_users
     return {"fast_s": fast, "ddpm_subset_s": ddpm_subset, "ddpm_extrapolated_s": ddpm, "ratio": ddpm / fast}
 
+
 def bench_embedding(n_images: int = 200) -> dict:
     """Images/s of the tiny decoder- and verifier-space encoders on the synthetic FLICKR-AES fixture."""
 
@@ -108,6 +111,7 @@ def bench_embedding(n_images: int = 200) -> dict:
             embed_images(root / "40K", None, space, models, Path(tmp) / "emb", device="cpu", progress=False)
             out[space] = n_images / (time.perf_counter() - t0)
     return out
+
 
 def bench_decoding(n_images: int = 32, batch_size: int = 8) -> dict:
     """Images/s of the tiny SD-1.5-shaped pipeline on CPU: batches of `batch_size` vs one call per image."""
@@ -129,6 +133,7 @@ def bench_decoding(n_images: int = 32, batch_size: int = 8) -> dict:
     return {"batched_img_per_s": batched, "single_img_per_s": single, "ratio": batched / single,
             "steps": cfg.steps, "size": cfg.height}
 
+
 def full_size_decoder(device: str = "cuda", dtype=torch.float16):
     """SD-1.5-shaped pipeline at full size with random weights (UNet, VAE, text encoder from the SD-1.5 configs)
     and an IP-Adapter for 1024-d embeddings: decoding speed without downloading anything."""
@@ -149,6 +154,7 @@ def full_size_decoder(device: str = "cuda", dtype=torch.float16):
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
 
+
 def bench_decoding_gpu(batch_sizes=(1, 8), n_batches: int = 2, images_per_setting: int = 5250) -> dict:
     """Images/s at the paper's decoding settings (512², 50 steps, CFG 5, fp16) on CUDA, per batch size."""
 
@@ -168,6 +174,7 @@ def bench_decoding_gpu(batch_sizes=(1, 8), n_batches: int = 2, images_per_settin
         out[bs] = {"img_per_s": ips, "hours_per_setting": images_per_setting / ips / 3600}
     out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
 
 def bench_metrics(n_users: int = 210, n_gen: int = 25, pool_size: int = 20, n_images: int = 30, dim: int = 1280,
                   n_permutations: int = 1000, seed: int = 0) -> dict:
@@ -197,6 +204,7 @@ def bench_metrics(n_users: int = 210, n_gen: int = 25, pool_size: int = 20, n_im
     timed("matching_test_s", lambda: matching_test(scores, owner, n_permutations, seed))
     timed("r2_bootstrap_s", lambda: r2_bootstrap(scores.mean(1), rng.random(n_users), 1000, seed))
     return out
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rebeca_utils.bench", description=__doc__.splitlines()[0])
@@ -250,6 +258,7 @@ def main(argv=None) -> int:
           f"{sm['fast_s']:.1f} s | ddpm-1000 {sm['ddpm_extrapolated_s']:.0f} s (extrapolated from 1 user, "
           f"{sm['ddpm_subset_s']:.1f} s) | ratio {sm['ratio']:.0f}x | goal: 5,250 in <= 600 s")
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -7,6 +7,7 @@ from typing import Any
 
 PROFILES = ("smoke", "demo", "paper")
 
+
 @dataclass(frozen=True)
 class ModelsConfig:
     """Which builder constructs each model and, for the paper profile, the Hub ids."""
@@ -29,6 +30,7 @@ class ModelsConfig:
     hps_clip: tuple[str, str] = ("ViT-H-14", "laion2b_s32b_b79k")  # the architecture HPS fine-tuned
     seed: int = 0  # seeds the tiny builders
 
+
 @dataclass(frozen=True)
 class PriorConfig:
     """REBECA prior architecture (App D); defaults are the paper's final configuration (App E.2)."""
@@ -43,6 +45,7 @@ class PriorConfig:
     mlp_ratio: int = 4
     zero_init_attn: bool = True  # paper: all residual paths start at zero; False = reference code
 
+
 @dataclass(frozen=True)
 class DiffusionConfig:
     """Noise schedule, objective and samplers (App E.2)."""
@@ -52,6 +55,7 @@ class DiffusionConfig:
     prediction_type: str = "sample"  # eq. 3; or "epsilon", "v_prediction"
     sampler: str = "dpmsolver"  # fast sampler: "dpmsolver" (DPM-Solver++) or "ddim"; "ddpm" = the paper's 1000 steps
     sampler_steps: int = 20  # fast enough for 5,250 samples on a CPU (README, Performance)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -69,6 +73,7 @@ class TrainConfig:
     p_drop_rating: float = 0.0
     weight_decay: float = 0.01
     val_every: int = 1
+
 
 @dataclass(frozen=True)
 class DSpritesConfig:
@@ -97,6 +102,7 @@ class DSpritesConfig:
     ddpm_reps: int = 5  # repetitions for the slow 1000-step sampler comparison
     umap_points: int = 4000
 
+
 @dataclass(frozen=True)
 class FlickrConfig:
     """FLICKR-AES (§4.1) or its synthetic stand-in."""
@@ -110,6 +116,7 @@ class FlickrConfig:
     n_test: int = 10
     n_val: int = 10
     n_holdout_workers: int = 37
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -133,6 +140,7 @@ class GenerationConfig:
     grid_images: int = 10
     grid_cfg_scales: tuple[float, ...] = (5.0, 7.0, 9.0)
 
+
 @dataclass(frozen=True)
 class VerifierConfig:
     """Neural Matrix Factorization verifier (§4.3.2, App H) on frozen verifier-space (bigG) embeddings."""
@@ -148,6 +156,7 @@ class VerifierConfig:
     user_weighting: str = "none"  # "none": plain BCE (paper); "inverse_frequency": the reference code
     n_bootstrap: int = 1000
 
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Evaluation (§4.4, §4.5, App I-K): retrieval metrics, aesthetics, permutation tests."""
@@ -160,6 +169,7 @@ class EvalConfig:
     hps_version: str = "v2.0"  # or "v2.1"
     hps_prompt: str = "Realistic image, finely detailed, with balanced composition and harmonious elements."
     batch_size: int = 32
+
 
 @dataclass(frozen=True)
 class LoraBaselineConfig:
@@ -203,6 +213,7 @@ class Profile:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraBaselineConfig = field(default_factory=LoraBaselineConfig)
 
+
 # the tiny decoder on a CPU: 3 users, 16 steps each, shared 24, no accumulation (a tiny-UNet micro-step is costly)
 SMOKE_LORA = LoraBaselineConfig(max_steps=16, shared_max_steps=24, grad_accum=1, checkpoint_every=8, n_users=3)
 
@@ -226,15 +237,19 @@ def _smoke() -> Profile:
         lora=SMOKE_LORA,
     )
 
+
 def _demo() -> Profile:
     return Profile(name="demo", models=ModelsConfig(builder="tiny", decoder_emb_dim=32, verifier_emb_dim=48),
                    prior=PriorConfig(emb_dim=32, n_tokens=8, hidden_dim=32, n_heads=4, n_layers=2, n_users=24),
                    flickr=FlickrConfig(n_holdout_workers=4), lora=SMOKE_LORA)
 
+
 def _paper() -> Profile:
     return Profile(name="paper", flickr=FlickrConfig(synthetic=False, n_workers=210, n_images=40_988))
 
+
 _BUILDERS = {"smoke": _smoke, "demo": _demo, "paper": _paper}
+
 
 def _keys(obj: Any, prefix: str = "") -> list[str]:
     out = []
@@ -245,6 +260,7 @@ def _keys(obj: Any, prefix: str = "") -> list[str]:
         elif f.name != "name":
             out.append(prefix + f.name)
     return out
+
 
 def _coerce(old: Any, new: Any, key: str) -> Any:
     if isinstance(old, tuple) and isinstance(new, list):
@@ -257,6 +273,7 @@ def _coerce(old: Any, new: Any, key: str) -> Any:
         raise TypeError(f"parameter {key!r} expects {type(old).__name__}, got {new!r}")
     return new
 
+
 def get_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
     """Profile `name` with dotted overrides, e.g. {"train.max_epochs": 5}; unknown names raise."""
     if name not in _BUILDERS:
@@ -266,12 +283,14 @@ def get_profile(name: str, overrides: dict[str, Any] | None = None) -> Profile:
         prof = _set(prof, key, value)
     return prof
 
+
 def _set(prof: Profile, key: str, value: Any) -> Profile:
     section, _, attr = key.partition(".")
     sub = getattr(prof, section, None) if attr else None
     if sub is None or not dataclasses.is_dataclass(sub) or attr not in {f.name for f in fields(sub)}:
         raise KeyError(f"unknown parameter {key!r}; valid parameters: {', '.join(_keys(prof))}")
     return replace(prof, **{section: replace(sub, **{attr: _coerce(getattr(sub, attr), value, key)})})
+
 
 def as_dict(prof: Profile) -> dict[str, Any]:
     """Plain nested dict, for manifests."""

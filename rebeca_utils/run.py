@@ -22,9 +22,11 @@ KERNEL = "rebeca"
 
 _NB = re.compile(r"^(\d\d)_[a-z0-9_]+\.ipynb$")
 
+
 def discover(notebooks_dir: Path) -> list[Path]:
     """Numbered notebooks NN_name.ipynb, in order."""
     return sorted(p for p in Path(notebooks_dir).glob("*.ipynb") if _NB.match(p.name))
+
 
 def select(nbs: list[Path], only=None, start=None, stop=None) -> list[Path]:
     """Filter by number: --only wins; otherwise the inclusive range [--from, --to]."""
@@ -35,6 +37,7 @@ def select(nbs: list[Path], only=None, start=None, stop=None) -> list[Path]:
     if only:
         return [p for p in nbs if p.name[:2] in set(only)]
     return [p for p in nbs if (start is None or p.name[:2] >= start) and (stop is None or p.name[:2] <= stop)]
+
 
 def parse_params(items: list[str]) -> dict:
     """key=value pairs; values are Python literals where they parse, strings otherwise."""
@@ -49,6 +52,7 @@ def parse_params(items: list[str]) -> dict:
             out[key] = raw
     return out
 
+
 def check_kernel(kernel: str) -> None:
     """Fail fast when the kit's Jupyter kernel is not registered."""
 
@@ -56,12 +60,14 @@ def check_kernel(kernel: str) -> None:
         raise SystemExit(f"error: Jupyter kernel {kernel!r} is not installed; run `make install` "
                          f"(it registers it with: python -m ipykernel install --sys-prefix --name {kernel})")
 
+
 def _failure(nb: Path, err: Exception) -> str:
     cell = getattr(err, "exec_count", None)
     src = (getattr(err, "source", "") or "").strip().splitlines()
     head = "\n    ".join(src[:6]) + ("\n    ..." if len(src) > 6 else "")
     ename, evalue = getattr(err, "ename", type(err).__name__), getattr(err, "evalue", str(err))
     return f"FAILED {nb.name}, cell [{cell}]:\n    {head}\n{ename}: {evalue}"
+
 
 def run_notebooks(profile: str, nbs: list[Path], params: dict, output_dir: Path, kernel: str = KERNEL,
                   log=print) -> list[dict]:
@@ -97,6 +103,7 @@ def run_notebooks(profile: str, nbs: list[Path], params: dict, output_dir: Path,
         results.append({"notebook": nb.stem, "seconds": dt, "manifest": str(manifest)})
     return results
 
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rebeca_utils.run", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", required=True, help=f"one of {', '.join(PROFILES)}")
@@ -122,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     run_notebooks(a.profile, nbs, parse_params(a.param), Path(a.output_dir), a.kernel)
     print(f"all {len(nbs)} notebook(s) ok in {time.perf_counter() - t0:.1f} s")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,7 +16,6 @@ def kit_cache(tmp_path_factory):
     """A private kit cache per test module, and one torch thread (two threads on a busy 2-core box crawl)."""
     import torch
 
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
@@ -31,7 +30,6 @@ def kit_cache(tmp_path_factory):
 def hf_cache(tmp_path, monkeypatch):
     """An empty Hugging Face cache and an empty kit cache, offline."""
     from huggingface_hub import constants
-
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

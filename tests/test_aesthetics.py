@@ -30,8 +30,6 @@ needs_fixture = pytest.mark.skipif(not FIXTURE.is_file(), reason=f"official LAIO
 pytestmark = pytest.mark.usefixtures("kit_cache")  # conftest: private kit cache, one torch thread
 
 
-
-
 def _images(n=5):
     rng = np.random.default_rng(0)
     sizes = [(48, 48), (80, 40), (33, 70), (64, 64), (20, 90), (50, 50), (71, 29)]

@@ -26,8 +26,6 @@ HUB = ModelsConfig()
 pytestmark = pytest.mark.usefixtures("kit_cache")  # conftest: private kit cache, one torch thread
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny_pipe(kit_cache):
     pipe = DEC.build_sd_pipeline(TINY, cache_dir=kit_cache)

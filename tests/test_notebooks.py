@@ -333,7 +333,6 @@ def test_10_algorithm2_recomputed_from_saved_artifacts(smoke_run):
 def test_08_picks_up_any_method_folder(smoke_run, tmp_path):
     import shutil
 
-
     root = tmp_path / "out" / "smoke"
     for nb in ("02_embed_flickr", "04_generate_images", "05_train_verifier"):
         shutil.copytree(smoke_run / nb, root / nb)

@@ -60,8 +60,6 @@ TABLE3_REFERENCE = TABLE3[:-1] + (replace(TABLE3[-1], spec=replace(TABLE3[-1].sp
 TABLE4 = LoraSpec(512, 512, 0.05, 10_000, 1_000)  # the shared adapter (App G.2); LoraBaselineConfig holds it as set
 
 
-
-
 def shared_spec(cfg: LoraBaselineConfig) -> LoraSpec:
     """Table 4 as configured, after the shared_max_steps cap."""
     spec = LoraSpec(cfg.shared_r, cfg.shared_alpha, cfg.shared_dropout, cfg.shared_steps, cfg.shared_warmup)

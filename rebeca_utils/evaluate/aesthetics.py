@@ -34,11 +34,13 @@ HEAD_KEYS = frozenset(f"layers.{i}.{p}" for i in HEAD_SHAPES for p in ("weight",
 
 HPS_TINY_SEED_OFFSET = {"v2.0": 0, "v2.1": 1}  # the tiny v2.1 differs from v2.0, as the real checkpoints do
 
+
 def _rgb(image: ImageLike) -> Image.Image:
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
     with Image.open(image) as im:  # opened per batch, so long lists never hold every file open
         return im.convert("RGB")
+
 
 def _batches(n: int, batch_size: int, desc: str, progress: bool | None):
 
@@ -50,11 +52,13 @@ def _batches(n: int, batch_size: int, desc: str, progress: bool | None):
         bar.update(min(batch_size, n - start))
     bar.close()
 
+
 def _unit(x: torch.Tensor) -> torch.Tensor:
     # float32 and a zero norm left as is, as the predictor's `normalized` helper (l2[l2 == 0] = 1)
     x = x.float()
     norm = x.norm(dim=-1, keepdim=True)
     return x / torch.where(norm == 0, torch.ones_like(norm), norm)
+
 
 class LaionAestheticHead(nn.Module):
     """improved-aesthetic-predictor's MLP (sac+logos+ava1-l14-linearMSE): linear layers, no activations."""
@@ -73,6 +77,7 @@ class LaionAestheticHead(nn.Module):
         """Aesthetic scores (n,) of CLIP image embeddings, L2-normalised first as the predictor was trained."""
         return self.layers(_unit(emb.to(self.layers[0].weight.device)))[:, 0]
 
+
 def load_aesthetic_head(path: str | os.PathLike) -> LaionAestheticHead:
     """The LAION head from an official-layout checkpoint (keys layers.{0,2,4,6,7}.{weight,bias}), on CPU, eval."""
     # map_location: the official file was saved from CUDA tensors; weights_only: it is a plain state dict
@@ -89,6 +94,7 @@ def load_aesthetic_head(path: str | os.PathLike) -> LaionAestheticHead:
     head.load_state_dict({k: v.float() for k, v in state.items()})
     return head.eval().requires_grad_(False)
 
+
 def build_aesthetic_head(models: ModelsConfig, head_path: str | os.PathLike | None = None) -> LaionAestheticHead:
     """The official head (hub, or any profile given head_path) or, tiny without head_path, the same MLP seeded."""
     if models.builder == "tiny" and head_path is None:
@@ -100,6 +106,7 @@ def build_aesthetic_head(models: ModelsConfig, head_path: str | os.PathLike | No
     # head_path, else $REBECA_AESTHETIC_HEAD, else the kit cache; fetched from its GitHub URL when missing and online
     path = require_weights(aesthetic_head_entry(models, head_path))[0]
     return load_aesthetic_head(path)
+
 
 class AestheticScorer:
     """LAION aesthetic predictor: OpenAI CLIP ViT-L/14 image embedding, L2-normalised, through the linear MLP."""
@@ -135,6 +142,7 @@ class AestheticScorer:
         """Aesthetic scores (n,) of PIL images or image paths; progress None = a bar when there is more than a batch."""
         return self.score_embeddings(self.embed(list(images), batch_size, progress))
 
+
 class _ResizeMaxSize(nn.Module):
     # HPSv2's eval resize (hpsv2/src/open_clip/transform.py ResizeMaxSize): longest side to `size` (bicubic, on the
     # tensor, antialiased as current torchvision does by default), then zero-pad to a square; unlike the original it
@@ -153,11 +161,13 @@ class _ResizeMaxSize(nn.Module):
         pad_h, pad_w = self.size - h, self.size - w
         return F.pad(img, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
 
+
 def hps_transform(image_size: int):
     """HPSv2's preprocess_val: RGB, ToTensor, longest side to image_size + zero pad, OpenAI mean/std."""
 
     return T.Compose([_rgb, T.ToTensor(), _ResizeMaxSize(image_size),
                       T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)])
+
 
 def load_hps_state(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Loads an HPS checkpoint ({"state_dict": ...}, keys optionally "module."-prefixed) into an open_clip CLIP."""
@@ -179,6 +189,7 @@ def load_hps_state(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                          f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}")
     return model
 
+
 def build_hps(models: ModelsConfig, version: str = "v2.0", device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, preprocess, tokenizer): HPS's fine-tuned OpenCLIP (hub) or a seeded tiny one, with HPS's transform."""
 
@@ -194,6 +205,7 @@ def build_hps(models: ModelsConfig, version: str = "v2.0", device: str = "cpu", 
         model = load_hps_state(open_clip.create_model(name, pretrained=None, device=device), path)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, hps_transform(model.visual.image_size[0]), open_clip.get_tokenizer(name)
+
 
 class HPSScorer:
     """HPSv2: 100 x cosine(image features, prompt features) of HPS's fine-tuned OpenCLIP ViT-H-14."""

@@ -20,6 +20,7 @@ from .paper import method_label
 
 REENCODE_CHUNK = 4096  # images per embedding chunk when generated images are re-encoded
 
+
 def reencode(out_dir: str | os.PathLike, manifest, models: ModelsConfig, device: str = "auto",
              spaces: Sequence[str] = ("decoder", "verifier"), progress: bool = True) -> dict:
     """Embed the manifest's finished images in the decoder and verifier spaces under <out_dir>/embeddings/<space>/.
@@ -43,7 +44,9 @@ def reencode(out_dir: str | os.PathLike, manifest, models: ModelsConfig, device:
         stores[space] = store
     return stores
 
+
 GENERATORS = ("04_generate_images", "06_lora_baselines", "07_vlm_personas")  # notebooks that write method folders
+
 
 def find_generated(profile_root: str | os.PathLike, folders: Sequence[str] = GENERATORS) -> tuple[pd.DataFrame, list[str]]:
     """(finished images of every method folder that exists, folders not found). Columns: folder, method, setting,
@@ -65,6 +68,7 @@ def find_generated(profile_root: str | os.PathLike, folders: Sequence[str] = GEN
     images = pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
     return images, missing
 
+
 def generated_embeddings(images: pd.DataFrame, profile_root: str | os.PathLike, space: str, models: ModelsConfig,
                          device: str = "auto") -> torch.Tensor:
     """(len(images), d) embeddings of `images` in `space`, from each folder's cached store (computed if absent)."""
@@ -79,6 +83,7 @@ def generated_embeddings(images: pd.DataFrame, profile_root: str | os.PathLike, 
             out = torch.empty(len(images), emb.shape[1])
         out[torch.as_tensor(pos)] = emb
     return out
+
 
 def heldout_pool(splits: pd.DataFrame, names: Sequence[str], emb: torch.Tensor, split: Sequence[str] = ("test",),
                  include_holdout: bool = False) -> dict:

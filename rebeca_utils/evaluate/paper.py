@@ -10,11 +10,13 @@ from .retrieval import DEFINITIONS, precision_recall_at_k, retrieval_metrics
 LABELS = {("lora", "shared"): "Shared LoRA", ("lora", "per_user"): "Per-user LoRA",
           ("persona", "vlm"): "VLM Persona", ("persona", "vlm_lora"): "VLM Persona + LoRA"}
 
+
 def method_label(method: str, setting: str) -> str:
     """Row name of (method, setting): the paper's where it has one (e.g. 'REBECA (CFG=5.0)'), else 'method/setting'."""
     if method == "rebeca" and setting.startswith("prior_cfg"):
         return rebeca_label(float(setting[len("prior_cfg"):]))
     return LABELS.get((method, setting), f"{method}/{setting}")
+
 
 # Table 1 of the paper (controlled dSprites study); recall is reported there x 1e-3.
 PAPER_TABLE1 = {
@@ -25,6 +27,7 @@ PAPER_TABLE1 = {
     ("Random", 10): (0.287, 0.613e-3), ("Random", 20): (0.291, 1.244e-3),
 }
 
+
 def section33_pr(samples, pool, likes, k: int):
     """§3.3 P@k, R@k -> two (reps, U) arrays: each user's first k of K samples (reps, U, K, d), one neighbour each."""
     samples = np.asarray(samples)
@@ -32,6 +35,7 @@ def section33_pr(samples, pool, likes, k: int):
         raise ValueError(f"k={k}: need samples of shape (reps, U, K >= k, d), got {samples.shape}")
     pr = np.array([[precision_recall_at_k(x[:k], pool, likes[u], 1) for u, x in enumerate(rep)] for rep in samples])
     return pr[..., 0], pr[..., 1]
+
 
 def table1(inputs: dict, ks=(1, 5, 10, 20)):
     """Table 1 from `table1_inputs.npz` arrays alone: REBECA, Mean (k=1) and Random; mean +- std over reps."""
@@ -48,6 +52,7 @@ def table1(inputs: dict, ks=(1, 5, 10, 20)):
                              recall=r_rep.mean(), recall_std=r_rep.std(),
                              paper_precision=paper[0], paper_recall=paper[1]))
     return pd.DataFrame(rows)
+
 
 # §4.4 retrieval: Precision@k / Recall@k of generated images against each user's held-out pool P_u = L_u ∪ D_u
 
@@ -68,9 +73,11 @@ PAPER_TABLE2 = {
     "REBECA (CFG=9.0)": (0.605, 0.610, 0.575, 0.484, 0.972, 0.631),
 }
 
+
 def rebeca_label(cfg: float) -> str:
     """Row name of REBECA at prior CFG `cfg` in Table 2, e.g. 'REBECA (CFG=5.0)'."""
     return f"REBECA (CFG={float(cfg):.1f})"
+
 
 def table2(per_method: dict, ks=(1, 5), with_paper: bool = False):
     """Table 2 layout: rows = method/setting, columns (@k, P/R/F1); with_paper adds a 'paper' column beside 'ours'.
@@ -96,6 +103,7 @@ def table2(per_method: dict, ks=(1, 5), with_paper: bool = False):
                            for c in cols] for n in names], index=out.index, columns=out.columns)
     both = pd.concat({"ours": out, "paper": paper}, axis=1).reorder_levels([1, 2, 0], axis=1)
     return both[[(a, b, s) for a, b in cols for s in ("ours", "paper")]]
+
 
 def table2_both(gen_emb, gen_user, gen_label, pool_emb, pool_user, pool_liked, ks=(1, 5), min_likes: int = 1,
                 with_paper: bool = False):

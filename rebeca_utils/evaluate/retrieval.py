@@ -12,6 +12,7 @@ from ..runtime import seed_sequence
 
 DEFINITIONS = ("paper", "reference")
 
+
 def cosine_nn(queries, pool, batch_size: int = 8192) -> np.ndarray:
     """Index of each query's nearest pool item by cosine similarity; queries (..., d), pool (N, d)."""
     q = torch.as_tensor(np.asarray(queries), dtype=torch.float32)
@@ -20,19 +21,23 @@ def cosine_nn(queries, pool, batch_size: int = 8192) -> np.ndarray:
     idx = torch.cat([(flat[s : s + batch_size] @ p.T).argmax(1) for s in range(0, len(flat), batch_size)])
     return idx.reshape(q.shape[:-1]).numpy()
 
+
 def _check_definition(definition: str) -> None:
     if definition not in DEFINITIONS:
         raise ValueError(f"definition={definition!r}: valid definitions are {', '.join(DEFINITIONS)}")
+
 
 def _unit(x: np.ndarray) -> np.ndarray:
     # float64 so that near-ties in cosine similarity rank the same whatever the input dtype
     x = np.asarray(x, dtype=np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
+
 def _f1(p, r):
     p, r = np.asarray(p, dtype=float), np.asarray(r, dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(p + r > 0, 2 * p * r / (p + r), 0.0)
+
 
 def precision_recall_at_k(gen_emb, pool_emb, pool_liked, k: int, definition: str = "paper") -> tuple[float, float]:
     """Prec@k(u), Rec@k(u) of one user's m generated embeddings (m, d) against their pool (N, d) with likes (N,).
@@ -60,6 +65,7 @@ def precision_recall_at_k(gen_emb, pool_emb, pool_liked, k: int, definition: str
     recall = liked[retrieved].sum() / n_likes if n_likes else float("nan")
     precision = liked[top].any(axis=1).mean() if definition == "paper" else liked[retrieved].mean()
     return float(precision), float(recall)
+
 
 def retrieval_metrics(gen_emb, gen_user, pool_emb, pool_user, pool_liked, ks=(1, 5), definition: str = "paper",
                       min_likes: int = 1):
@@ -115,6 +121,7 @@ def retrieval_metrics(gen_emb, gen_user, pool_emb, pool_user, pool_liked, ks=(1,
                             users=len(kept), users_dropped=int(len(users) - len(kept))))
     return pd.concat(rows, ignore_index=True), pd.DataFrame(summary)
 
+
 def personalization_score(prior, sched, splits: pd.DataFrame, pool_emb: torch.Tensor, train_emb: torch.Tensor,
                           users, n_samples: int = 10, pool_split=("val",), cfg_scale: float = 3.0,
                           normalizer=None, seed: int = 0, **sample_kw) -> dict:
@@ -141,6 +148,7 @@ def personalization_score(prior, sched, splits: pd.DataFrame, pool_emb: torch.Te
         n_pool.append(len(rows))
     return {"precision": float(np.mean(prec)), "random_precision": float(np.mean(prec_rand)),
             "users": len(prec), "pool_size": float(np.mean(n_pool))}
+
 
 @torch.no_grad()
 def nn_label_agreement(z, labels, metric: str = "cosine", batch_size: int = 2048) -> float:

@@ -13,6 +13,7 @@ from ..models.nmf import NMFVerifier
 
 # Verifier scores (eq. 5), wins and ranks (App J), permutation tests (§4.5, App I), R² (§4.5, Figure 8b)
 
+
 def user_scores(scores, owner, **labels):
     """Eq. 5 per user: mean verifier score v(u, I) over u's generated images -> DataFrame[user_id, score, n, *labels].
 
@@ -27,6 +28,7 @@ def user_scores(scores, owner, **labels):
     for name, value in labels.items():
         out[name] = value
     return out
+
 
 def wins_and_ranks(per_user, method: str = "method", value: str = "score", higher_is_better: bool = True) -> dict:
     """Per-user winner and ranks (1 = best, ties share the best rank) over a users x methods matrix (Figs 10/11).
@@ -51,6 +53,7 @@ def wins_and_ranks(per_user, method: str = "method", value: str = "score", highe
     return dict(matrix=complete, winner=winner, ranks=ranks, win_counts=win_counts, rank_counts=rank_counts,
                 users_dropped=int(len(matrix) - len(complete)))
 
+
 def _user_vector(user_ids: Any, n: int) -> torch.Tensor:
     u = (user_ids.detach().cpu() if torch.is_tensor(user_ids) else torch.as_tensor(np.asarray(user_ids))).long()
     if u.ndim == 0:
@@ -59,6 +62,7 @@ def _user_vector(user_ids: Any, n: int) -> torch.Tensor:
     if len(u) != n:
         raise ValueError(f"user_ids has {len(u)} entries but there are {n} images (pass one id or one per image)")
     return u
+
 
 @torch.no_grad()
 def predict(model: NMFVerifier, user_ids: Any, img_emb: Any, batch_size: int = 4096, device: str = "cpu") -> np.ndarray:
@@ -76,6 +80,7 @@ def predict(model: NMFVerifier, user_ids: Any, img_emb: Any, batch_size: int = 4
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0)
 
+
 def score_matrix(model: NMFVerifier, user_ids: Any, img_emb: Any, batch_size: int = 4096,
                  device: str = "cpu") -> np.ndarray:
     """(n_users, n_images) float64 verifier scores: row r is P(like) of user user_ids[r] for every embedding."""
@@ -83,6 +88,7 @@ def score_matrix(model: NMFVerifier, user_ids: Any, img_emb: Any, batch_size: in
     users = np.asarray(user_ids.cpu() if torch.is_tensor(user_ids) else user_ids).reshape(-1)
     rows = [predict(model, int(u), x, batch_size, device) for u in users]
     return np.stack(rows) if rows else np.zeros((0, len(x)))
+
 
 def embed_pil(images: Sequence[Any], encoder, batch_size: int = 64) -> torch.Tensor:
     """(N, encoder.dim) raw embeddings of PIL images or image paths, through an `embeddings.Encoder`."""
@@ -97,8 +103,10 @@ def embed_pil(images: Sequence[Any], encoder, batch_size: int = 64) -> torch.Ten
         out.append(encoder.encode(torch.stack(pixels)))
     return torch.cat(out) if out else torch.zeros(0, encoder.dim)
 
+
 def _is_image(x: Any) -> bool:
     return isinstance(x, (str, os.PathLike)) or hasattr(x, "convert")  # a path or a PIL image
+
 
 def score(model: NMFVerifier, user_ids: Any, x: Any, encoder=None, batch_size: int = 64,
           device: str = "cpu") -> np.ndarray:

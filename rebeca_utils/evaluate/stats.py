@@ -24,6 +24,7 @@ class PermutationResult:
     agg: str = "mean"
     n_permutations: int = 0
 
+
 def _check_owner(score_matrix: np.ndarray, owner) -> np.ndarray:
     if score_matrix.ndim != 2:
         raise ValueError(f"score_matrix must be (users, images), got shape {score_matrix.shape}")
@@ -38,6 +39,7 @@ def _check_owner(score_matrix: np.ndarray, owner) -> np.ndarray:
         raise ValueError("score_matrix has non-finite entries")
     return owner.astype(np.int64)
 
+
 def _permutation_chunks(n: int, n_permutations: int, seed: int, rows: int):
     """Yield (c, n) arrays whose row b is a uniform random permutation of range(n); deterministic given seed."""
     rng = np.random.default_rng(seed)
@@ -45,8 +47,10 @@ def _permutation_chunks(n: int, n_permutations: int, seed: int, rows: int):
     for s in range(0, n_permutations, rows):
         yield rng.permuted(np.broadcast_to(base, (min(rows, n_permutations - s), n)), axis=1)
 
+
 def _chunk_rows(n: int) -> int:
     return max(1, 2**22 // max(n, 1))
+
 
 def _group_agg(vals: np.ndarray, starts: np.ndarray, counts: np.ndarray, slot: np.ndarray, agg: str) -> np.ndarray:
     """Per-group mean or median of (c, n) values laid out in contiguous groups -> (c, G)."""
@@ -59,6 +63,7 @@ def _group_agg(vals: np.ndarray, starts: np.ndarray, counts: np.ndarray, slot: n
     lo = np.take_along_axis(pad, ((counts - 1) // 2)[None, :, None].repeat(len(vals), 0), axis=-1)[..., 0]
     hi = np.take_along_axis(pad, (counts // 2)[None, :, None].repeat(len(vals), 0), axis=-1)[..., 0]
     return (lo + hi) / 2
+
 
 def _permutation_core(score_matrix, owner, n_permutations: int, seed: int, agg: str) -> PermutationResult:
     S = np.asarray(score_matrix, dtype=np.float64)
@@ -101,6 +106,7 @@ def _permutation_core(score_matrix, owner, n_permutations: int, seed: int, agg: 
     return PermutationResult(statistic=statistic, null=null, p_value=p_value, z=z, own=own, random=rand,
                              gap=own - rand, agg=agg, n_permutations=n_permutations)
 
+
 def permutation_test(score_matrix, owner, n_permutations: int = 1000, seed: int = 0) -> PermutationResult:
     """Algorithm 2 (App I): do generated images depend on the user they were generated for? H0: U ⊥ I.
 
@@ -110,6 +116,7 @@ def permutation_test(score_matrix, owner, n_permutations: int = 1000, seed: int 
     p = (1 + #{b: Score_b >= Score}) / (B + 1). Seeded by `seed` only (np.random.default_rng), never global state.
     """
     return _permutation_core(score_matrix, owner, n_permutations, seed, "mean")
+
 
 def matching_test(score_matrix, owner, n_permutations: int = 1000, seed: int = 0, agg: str = "median",
                   n_users: int | None = None) -> PermutationResult:
@@ -133,6 +140,7 @@ def matching_test(score_matrix, owner, n_permutations: int = 1000, seed: int = 0
         score_matrix = np.asarray(score_matrix(uu.reshape(-1), cc.reshape(-1)), dtype=float).reshape(uu.shape)
     return _permutation_core(score_matrix, owner, n_permutations, seed, agg)
 
+
 def _r2_line(x, y, axis: int = -1):
     """R², slope and intercept of the least-squares line y ≈ slope·x + intercept along `axis` (NaN if flat)."""
     xc, yc = x - x.mean(axis, keepdims=True), y - y.mean(axis, keepdims=True)
@@ -141,6 +149,7 @@ def _r2_line(x, y, axis: int = -1):
         slope = sxy / sxx
         r2 = np.clip(sxy * sxy / (sxx * syy), 0.0, 1.0)  # = 1 - SS_res/SS_tot for a simple LS line
     return r2, slope, y.mean(axis) - slope * x.mean(axis)
+
 
 def _percentile_ci(stat, data, n_bootstrap: int, seed: int, level: float, batch: int | None = None) -> dict:
     """Paired percentile bootstrap (scipy.stats.bootstrap) of a vectorised statistic that is NaN where undefined."""
@@ -160,6 +169,7 @@ def _percentile_ci(stat, data, n_bootstrap: int, seed: int, level: float, batch:
     lo, hi = np.percentile(samples, [100 * alpha, 100 * (1 - alpha)])
     return dict(ci_low=float(lo), ci_high=float(hi), se=float(samples.std(ddof=1)), samples=samples)
 
+
 def r2_bootstrap(x, y, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """R² of the least-squares line y ≈ slope·x + intercept, with a seeded percentile-bootstrap CI (Figure 8b).
 
@@ -177,12 +187,14 @@ def r2_bootstrap(x, y, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.
     return dict(r2=r2, ci_low=boot["ci_low"], ci_high=boot["ci_high"], slope=slope, intercept=intercept,
                 samples=boot["samples"], n=len(x))
 
+
 def roc_auc(y: Any, p: Any) -> float:
     """ROC-AUC of scores `p` for binary labels `y`."""
     y = np.asarray(y).astype(bool)
     if y.all() or not y.any():
         raise ValueError("y: ROC-AUC needs both classes")
     return float(roc_auc_score(y, np.asarray(p, dtype=np.float64)))
+
 
 def mann_whitney_auc(y: Any, p: Any, axis: int = -1) -> np.ndarray:
     """ROC-AUC along `axis` as the Mann-Whitney statistic (ties count half, as sklearn's); NaN for a single class."""
@@ -191,6 +203,7 @@ def mann_whitney_auc(y: Any, p: Any, axis: int = -1) -> np.ndarray:
     n_pos, n = y.sum(axis), y.shape[axis]
     with np.errstate(invalid="ignore", divide="ignore"):
         return ((ranks * y).sum(axis) - n_pos * (n_pos + 1) / 2) / (n_pos * (n - n_pos))
+
 
 def bootstrap_auc(y: Any, p: Any, n_bootstrap: int = 1000, seed: int = 0) -> dict:
     """Percentile bootstrap (scipy.stats.bootstrap, rows resampled in pairs) of the ROC-AUC: auc, se, 95% CI, samples.

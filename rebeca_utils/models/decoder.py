@@ -40,9 +40,11 @@ SD15_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=307
                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
                         projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 
+
 def tiny_unet_config() -> dict:
     """SD-1.5's UNet layout (4 levels, cross-attention in the first three, 16 attn2 layers) at tiny widths."""
     return {**SD15_UNET_CONFIG, "sample_size": 8, "block_out_channels": (32, 32, 64, 64), "cross_attention_dim": 32}
+
 
 def tiny_sd_components(models: ModelsConfig, cache_dir: str | os.PathLike | None) -> dict:
     """SD-1.5's components at tiny widths, seeded, built from configs (no weights are read)."""
@@ -64,6 +66,7 @@ def tiny_sd_components(models: ModelsConfig, cache_dir: str | os.PathLike | None
                 scheduler=scheduler, safety_checker=None, feature_extractor=None, image_encoder=None,
                 requires_safety_checker=False)
 
+
 def tiny_ip_adapter_state_dict(unet, image_embed_dim: int, seed: int = 0) -> dict:
     """IP-Adapter weights in the original ip-adapter_sd15.bin layout for `unet`: image_proj + ip_adapter."""
     cross = unet.config.cross_attention_dim
@@ -81,11 +84,13 @@ def tiny_ip_adapter_state_dict(unet, image_embed_dim: int, seed: int = 0) -> dic
             ip_adapter[f"{i}.to_v_ip.weight"] = attn.to_v.weight.detach().float().clone()
     return {"image_proj": image_proj, "ip_adapter": ip_adapter}
 
+
 def _same_state(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
         isinstance(a[k], dict) and isinstance(b[k], dict) and _same_state(a[k], b[k])
         or isinstance(a[k], torch.Tensor) and isinstance(b[k], torch.Tensor)
         and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
 
 def write_tiny_ip_adapter(models: ModelsConfig, unet, cache_dir: str | os.PathLike | None = None) -> Path:
     """Write the tiny IP-Adapter checkpoint to <cache>/tiny-ip-adapter/<subfolder>/<weight>; returns the folder."""
@@ -102,6 +107,7 @@ def write_tiny_ip_adapter(models: ModelsConfig, unet, cache_dir: str | os.PathLi
     torch.save(state, buf)
     atomic_write(path, buf.getvalue())
     return folder
+
 
 def build_sd_pipeline(models: ModelsConfig, device: str = "cpu", dtype: torch.dtype = torch.float32,
                       ip_adapter: bool = True, cache_dir: str | os.PathLike | None = None):
@@ -129,6 +135,7 @@ def build_sd_pipeline(models: ModelsConfig, device: str = "cpu", dtype: torch.dt
                              image_encoder_folder=None, cache_dir=hf_cache(), local_files_only=True)
     return pipe.to(device)
 
+
 class RebecaDecoderPipeline(StableDiffusionPipeline):
     """StableDiffusionPipeline that gives every image of a batch its own IP-Adapter embedding.
 
@@ -148,6 +155,7 @@ class RebecaDecoderPipeline(StableDiffusionPipeline):
                                  f"({num_images_per_prompt} images{', negatives first' if rows > num_images_per_prompt else ''})")
         return [e.to(device) for e in ip_adapter_image_embeds]
 
+
 def ip_adapter_embeds(img_emb: torch.Tensor, decoder_cfg: float) -> list[torch.Tensor]:
     """`ip_adapter_image_embeds` for (B, d) embeddings: [cat([zeros, emb])] as (2B, 1, d) when CFG > 1, else [(B, 1, d)].
 
@@ -156,6 +164,7 @@ def ip_adapter_embeds(img_emb: torch.Tensor, decoder_cfg: float) -> list[torch.T
         raise ValueError(f"img_emb must be (batch, dim), got shape {tuple(img_emb.shape)}")
     pos = img_emb[:, None, :]
     return [torch.cat([torch.zeros_like(pos), pos])] if decoder_cfg > 1 else [pos]
+
 
 def build_decoder(models: ModelsConfig, cfg: GenerationConfig, device: str = "cpu", ip_adapter: bool = True,
                   cache_dir: str | os.PathLike | None = None) -> RebecaDecoderPipeline:

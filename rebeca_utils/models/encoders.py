@@ -39,6 +39,7 @@ TINY_HPS_EMB_DIM = 64
 VIT_H14_VISION_CONFIG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
                              image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
 
+
 def tiny_clip_name(models: ModelsConfig, role: str) -> str:
 
     emb = {"verifier": models.verifier_emb_dim, "aesthetic": AESTHETIC_EMB_DIM,
@@ -55,6 +56,7 @@ def tiny_clip_name(models: ModelsConfig, role: str) -> str:
         atomic_write(path, json.dumps(cfg, indent=1).encode())
         open_clip.add_model_config(path)
     return name
+
 
 def build_clip(models: ModelsConfig, role: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, preprocess, tokenizer) from open_clip for role verifier | aesthetic | decoder."""
@@ -79,12 +81,14 @@ def build_clip(models: ModelsConfig, role: str, device: str = "cpu", dtype: torc
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, preprocess, open_clip.get_tokenizer(name)
 
+
 def tiny_image_encoder_config(models: ModelsConfig):
     """ViT-H/14's CLIPVisionConfig shrunk, projecting to models.decoder_emb_dim."""
 
     return CLIPVisionConfig(**{**VIT_H14_VISION_CONFIG, "hidden_size": 32, "intermediate_size": 64,
                                "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
                                "projection_dim": models.decoder_emb_dim})
+
 
 def build_image_encoder(models: ModelsConfig, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(CLIPVisionModelWithProjection, CLIPImageProcessor): the IP-Adapter's encoder; image_embeds in decoder space."""
@@ -101,6 +105,7 @@ def build_image_encoder(models: ModelsConfig, device: str = "cpu", dtype: torch.
     # the processor diffusers' load_ip_adapter builds for this encoder (h94 ships no preprocessor config)
     processor = CLIPImageProcessor(size=size, crop_size=size)
     return encoder.to(device=device, dtype=dtype).eval().requires_grad_(False), processor
+
 
 def tiny_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """A CLIPTokenizer folder (vocab.json, merges.txt) written from the BPE vocabulary shipped inside open_clip."""
@@ -127,20 +132,25 @@ def tiny_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         atomic_write(folder / name, files[name].encode("utf-8"))
     return folder
 
+
 def build_tokenizer(cache_dir: str | os.PathLike | None = None):
     """SD-1.5's CLIPTokenizer, built offline (transformers 5 ignores vocab_file=, so load the folder)."""
 
     return CLIPTokenizer.from_pretrained(str(tiny_tokenizer_dir(cache_dir)))
 
+
 SPACES = ("decoder", "verifier")
+
 
 class EmbeddingError(RuntimeError):
     """An image cannot be read, an embedding is malformed (wrong dim, NaN/inf), or a store is incomplete."""
+
 
 def expected_dim(space: str, models: ModelsConfig) -> int:
     """Embedding width of `space` under `models` (decoder_emb_dim or verifier_emb_dim)."""
     check_space(space)
     return models.decoder_emb_dim if space == "decoder" else models.verifier_emb_dim
+
 
 def fingerprint(space: str, models: ModelsConfig) -> dict[str, Any]:
     """What determines the embeddings of `space` (model identity and width); chunks made otherwise are recomputed.
@@ -156,6 +166,7 @@ def fingerprint(space: str, models: ModelsConfig) -> dict[str, Any]:
     else:
         fp["model"] = model
     return fp
+
 
 class Encoder:
     """Images -> embeddings of one space. `transform` (picklable, PIL image -> (3, H, W) float tensor) runs in
@@ -176,6 +187,7 @@ class Encoder:
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+
 class _HFTransform:
     """CLIPImageProcessor applied to one image (module-level class, so DataLoader workers can pickle it)."""
 
@@ -184,6 +196,7 @@ class _HFTransform:
 
     def __call__(self, image) -> torch.Tensor:
         return self.processor(images=image, return_tensors="pt").pixel_values[0]
+
 
 class DecoderEncoder(Encoder):
     """IP-Adapter image encoder (CLIPVisionModelWithProjection) + its CLIPImageProcessor; output `.image_embeds`."""
@@ -204,6 +217,7 @@ class DecoderEncoder(Encoder):
     def _forward(self, pixels):
         return self.model(pixel_values=pixels).image_embeds
 
+
 class VerifierEncoder(Encoder):
     """open_clip verifier (ViT-bigG-14 in the paper) with its own preprocess; raw `encode_image`, not normalised."""
 
@@ -218,11 +232,13 @@ class VerifierEncoder(Encoder):
     def _forward(self, pixels):
         return self.model.encode_image(pixels, normalize=False)
 
+
 def build_encoder(space: str, models: ModelsConfig, device: str = "cpu",
                   dtype: torch.dtype = torch.float32) -> Encoder:
     """The encoder of `space` ("decoder" | "verifier") built from `models` (tiny or Hub weights)."""
     check_space(space)
     return (DecoderEncoder if space == "decoder" else VerifierEncoder)(models, device, dtype)
+
 
 def check_space(space: str) -> None:
     if space not in SPACES:

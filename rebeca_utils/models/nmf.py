@@ -71,6 +71,7 @@ class NMFVerifier(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", re
         return cls(n_users=n_users, emb_dim=emb_dim, factor_dim=cfg.factor_dim, mlp_dims=cfg.mlp_dims,
                    dropout=cfg.dropout)
 
+
 def save_verifier(model: NMFVerifier, folder: str | os.PathLike) -> Path:
     """`save_pretrained` into a temp folder next to `folder`, then swapped into place (no half-written model)."""
     with atomic_dir(folder) as tmp:

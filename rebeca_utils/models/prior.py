@@ -16,6 +16,7 @@ from torch import nn
 
 FREQ_DIM = 256  # sinusoidal timestep features, as in DiT
 
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """Sinusoidal embedding of integer timesteps, shape (B, dim)."""
     half = dim // 2
@@ -24,9 +25,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, dim % 2))
 
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """AdaLN: per-sample affine of normalised tokens."""
     return x * (1 + scale[:, None]) + shift[:, None]
+
 
 class Attention(nn.Module):
     """Multi-head attention on fused projections, via scaled_dot_product_attention."""
@@ -45,6 +48,7 @@ class Attention(nn.Module):
         k, v = self.kv(context).view(B, context.shape[1], 2, h, D // h).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v)
         return self.out(y.transpose(1, 2).reshape(B, N, D))
+
 
 class PriorBlock(nn.Module):
     """AdaLN-Zero block: self-attention over image tokens, gated cross-attention to condition tokens, MLP."""
@@ -73,6 +77,7 @@ class PriorBlock(nn.Module):
         x = x + self.attn(h, h)
         x = x + torch.tanh(self.cross_gate) * self.cross(self.norm_cross(x), cond_tokens)
         return x + gate_m[:, None] * self.mlp(modulate(self.norm_mlp(x), shift_m, scale_m))
+
 
 class RebecaPrior(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", repo_url=None):
     """User- and rating-conditioned denoiser over d-dim embeddings; index n_users / n_ratings = null (CFG)."""
@@ -144,6 +149,7 @@ class RebecaPrior(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", re
         """Build from a `rebeca_utils.config.PriorConfig`."""
 
         return cls(**asdict(cfg))
+
 
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""

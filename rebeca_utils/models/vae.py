@@ -32,6 +32,7 @@ from ..io import atomic_dir
 
 POS_SCALE = 10.0  # pixels per latent unit on the position dims
 
+
 class ConvVAE(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", repo_url=None):
     """Where/what conv VAE for (C, S, S) images with a ``latent_dim``-d Gaussian latent (dims 0-1 = position)."""
 
@@ -121,12 +122,15 @@ class ConvVAE(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", repo_u
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         return self.decode_logits(z), mu, logvar
 
+
 def _as_float(x: torch.Tensor, device) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
+
 def _as_tensor(images) -> torch.Tensor:
     return images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+
 
 def vae_loss(model: ConvVAE, x: torch.Tensor, beta: float = 1.0):
     """(loss, recon, kl) per image: summed-pixel BCE + beta * KL(q(z|x) || N(0, I))."""
@@ -134,6 +138,7 @@ def vae_loss(model: ConvVAE, x: torch.Tensor, beta: float = 1.0):
     recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1).mean()
     return recon + beta * kl, recon, kl
+
 
 def train_vae(model: ConvVAE, images, epochs: int = 8, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
               device: str = "cpu", beta: float = 1.0, progress: bool = True, callback=None) -> dict:
@@ -179,6 +184,7 @@ def train_vae(model: ConvVAE, images, epochs: int = 8, batch_size: int = 128, lr
     model.eval()
     return hist
 
+
 @torch.no_grad()
 def encode_mean(model: ConvVAE, images, batch_size: int = 1024) -> torch.Tensor:
     """Posterior means, float32 (n, latent_dim) on the CPU."""
@@ -188,6 +194,7 @@ def encode_mean(model: ConvVAE, images, batch_size: int = 1024) -> torch.Tensor:
     out = [model.encode(_as_float(data[s:s + batch_size], device))[0].cpu() for s in range(0, data.shape[0], batch_size)]
     return torch.cat(out) if out else torch.zeros(0, model.latent_dim)
 
+
 @torch.no_grad()
 def decode(model: ConvVAE, z, batch_size: int = 1024) -> torch.Tensor:
     """Latents (n, latent_dim) -> images float32 (n, 3, 64, 64) in [0, 1] on the CPU."""
@@ -196,6 +203,7 @@ def decode(model: ConvVAE, z, batch_size: int = 1024) -> torch.Tensor:
     z = _as_tensor(z).float()
     out = [torch.sigmoid(model.decode_logits(z[s:s + batch_size].to(device))).cpu() for s in range(0, z.shape[0], batch_size)]
     return torch.cat(out) if out else torch.zeros(0, model.config["in_channels"], model.image_size, model.image_size)
+
 
 def save_vae(model: ConvVAE, folder: str | Path) -> Path:
     """`save_pretrained` (safetensors + config.json, as the prior) into a temp folder, then swapped into place."""

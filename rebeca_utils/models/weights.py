@@ -25,6 +25,7 @@ CLIP_ROLES = ("verifier", "aesthetic", "decoder")
 class MissingWeightsError(RuntimeError):
     """Paper weights are not in the Hugging Face cache and the Hub is offline or unreachable."""
 
+
 class WeightsEntry(NamedTuple):
     """One paper checkpoint: label, Hub repo id, files ("a|b" = either file is enough); url: a non-Hub file."""
 
@@ -33,15 +34,18 @@ class WeightsEntry(NamedTuple):
     files: list[str]
     url: str = ""  # set: files = [the local path] that this URL is fetched to (not the Hugging Face cache)
 
+
 def check_builder(models: ModelsConfig) -> str:
     if models.builder not in ("tiny", "hub"):
         raise ValueError(f"models.builder={models.builder!r}: valid builders are 'tiny' and 'hub'")
     return models.builder
 
+
 def hf_cache() -> str:
 
     # read at call time (not import time) so HF_HUB_CACHE can be redirected, e.g. by tests
     return constants.HF_HUB_CACHE
+
 
 def _open_clip_entry(label: str, arch_tag: tuple[str, str]) -> WeightsEntry:
 
@@ -55,6 +59,7 @@ def _open_clip_entry(label: str, arch_tag: tuple[str, str]) -> WeightsEntry:
     repo = f"{org}/{name}"
     return WeightsEntry(f"{label} (open_clip {arch} / {tag})", repo, files)
 
+
 def _sd_entry(models: ModelsConfig) -> WeightsEntry:
     # only what StableDiffusionPipeline needs with safety_checker=None (the repo also holds ~30 GB of variants)
     files = ["model_index.json", "scheduler/scheduler_config.json", "feature_extractor/preprocessor_config.json",
@@ -64,25 +69,30 @@ def _sd_entry(models: ModelsConfig) -> WeightsEntry:
              "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
     return WeightsEntry("Stable Diffusion 1.5 (decoder)", models.sd_id, files)
 
+
 def _ip_adapter_entry(models: ModelsConfig) -> WeightsEntry:
     return WeightsEntry("IP-Adapter SD1.5", models.ip_adapter_id,
                         [f"{models.ip_adapter_subfolder}/{models.ip_adapter_weight}"])
+
 
 def _image_encoder_entry(models: ModelsConfig) -> WeightsEntry:
     sub = models.image_encoder_subfolder
     return WeightsEntry("IP-Adapter image encoder (OpenCLIP ViT-H/14)", models.ip_adapter_id,
                         [f"{sub}/config.json", f"{sub}/model.safetensors|{sub}/pytorch_model.bin"])
 
+
 def _clip_entry(models: ModelsConfig, role: str) -> WeightsEntry:
     label = {"verifier": "CLIP verifier", "aesthetic": "CLIP for the LAION aesthetic head",
              "decoder": "CLIP in the decoder's space"}[role]
     return _open_clip_entry(label, getattr(models, f"{role}_clip"))
+
 
 def hps_entry(models: ModelsConfig, version: str = "v2.0") -> WeightsEntry:
     """The HPS checkpoint (v2.0 or v2.1) in models.hps_id; it holds the whole fine-tuned CLIP."""
     if version not in HPS_FILES:
         raise ValueError(f"HPS version={version!r}: valid versions are {', '.join(HPS_FILES)}")
     return WeightsEntry(f"HPS{version} (OpenCLIP {models.hps_clip[0]} fine-tuned)", models.hps_id, [HPS_FILES[version]])
+
 
 def aesthetic_head_entry(models: ModelsConfig, path: str | os.PathLike | None = None) -> WeightsEntry:
     """The LAION aesthetic head: its URL and its local path (`path`, else $REBECA_AESTHETIC_HEAD, else kit cache)."""
@@ -93,11 +103,13 @@ def aesthetic_head_entry(models: ModelsConfig, path: str | os.PathLike | None = 
     return WeightsEntry("LAION aesthetic predictor head (MLP on CLIP ViT-L/14)", repo,
                         [str(Path(target).expanduser().absolute())], url=models.aesthetic_head_url)
 
+
 def paper_weights(models: ModelsConfig | None = None) -> list[WeightsEntry]:
     """Every checkpoint the paper profile loads, as (label, repo_id, files[, url])."""
     models = models or ModelsConfig()
     return [_sd_entry(models), _ip_adapter_entry(models), _image_encoder_entry(models),
             *(_clip_entry(models, role) for role in CLIP_ROLES), aesthetic_head_entry(models), hps_entry(models)]
+
 
 def cached_file(repo_id: str, spec: str) -> str | None:
 
@@ -107,11 +119,13 @@ def cached_file(repo_id: str, spec: str) -> str | None:
             return hit
     return None
 
+
 def weights_in_cache(entry: WeightsEntry) -> bool:
     """True when every file of `entry` is present locally (HF cache or its path; never touches the network)."""
     if entry.url:
         return all(os.path.isfile(f) for f in entry.files)
     return all(cached_file(entry.repo_id, spec) is not None for spec in entry.files)
+
 
 def _missing_message(entry: WeightsEntry, why: str) -> str:
     if entry.url:
@@ -121,6 +135,7 @@ def _missing_message(entry: WeightsEntry, why: str) -> str:
     return (f"{entry.label}: weights of {entry.repo_id} are not in the Hugging Face cache {hf_cache()} and {why}. "
             f"{SETUP_HINT}, or `hf download {entry.repo_id} {names}`, then copy that cache here "
             f"(or point HF_HOME / HF_HUB_CACHE at it).")
+
 
 def download_paper_weights(entries: list[WeightsEntry] | None = None,
                            models: ModelsConfig | None = None) -> dict[str, list[str]]:
@@ -143,6 +158,7 @@ def download_paper_weights(entries: list[WeightsEntry] | None = None,
                 raise FileNotFoundError(f"{entry.label}: none of {spec.split('|')} exists in {entry.repo_id}")
             out.setdefault(entry.repo_id, []).append(path)
     return out
+
 
 def require_weights(entry: WeightsEntry) -> list[str]:
     """Local paths of `entry`'s files: from the cache, else downloaded, else MissingWeightsError at once."""

@@ -22,6 +22,7 @@ def umap_scatter(emb: np.ndarray, labels: np.ndarray, names, seed: int = 0, titl
     ax.legend(markerscale=4, frameon=False, fontsize=8)
     return fig
 
+
 def user_rows(rows: list[np.ndarray], row_labels: list[str], title: str = ""):
     """Grid of images, one row per entry of `rows` (each (n, H, W, 3) in [0, 1]); Figure 3 / App M style."""
 
@@ -39,6 +40,7 @@ def user_rows(rows: list[np.ndarray], row_labels: list[str], title: str = ""):
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
 
 def loss_curves(history: list[dict], title: str = "", logy: bool = True):
     """Train/validation loss per epoch, with learning-rate drops marked."""
@@ -60,6 +62,7 @@ def loss_curves(history: list[dict], title: str = "", logy: bool = True):
     fig.tight_layout()
     return fig
 
+
 def precision_bars(df, title: str = ""):
     """P@k per method and k with std error bars (Table 1 as a figure)."""
 
@@ -76,6 +79,7 @@ def precision_bars(df, title: str = ""):
     fig.tight_layout()
     return fig
 
+
 def ratings_overview(splits):
     """Ratings per user and like rate per user (FLICKR-AES report figure)."""
 
@@ -90,6 +94,7 @@ def ratings_overview(splits):
     fig.tight_layout()
     return fig
 
+
 def grid_results(df, score: str = "best_val_loss"):
     """App E grid: one point per configuration, by objective and schedule."""
 
@@ -100,6 +105,7 @@ def grid_results(df, score: str = "best_val_loss"):
     ax.set_title(f"App E grid: {score} ({(df['status'] != 'ok').sum()} failed)")
     fig.tight_layout()
     return fig
+
 
 def verifier_boxplots(per_user, method: str = "method", value: str = "score", order=None, title: str = ""):
     """Figure 4: distribution over users of the per-user verifier score (eq. 5) for each method/setting."""
@@ -112,6 +118,7 @@ def verifier_boxplots(per_user, method: str = "method", value: str = "score", or
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     return fig
+
 
 def verifier_heatmap(matrix, winner=None, title: str = ""):
     """Figure 10: users x methods verifier scores (methods as rows), each user's winning method marked."""
@@ -127,6 +134,7 @@ def verifier_heatmap(matrix, winner=None, title: str = ""):
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
 
 def method_ranks(ranks, title: str = ""):
     """Figure 11: share of users giving each method rank 1 (best), 2, ... as stacked horizontal bars."""
@@ -145,6 +153,7 @@ def method_ranks(ranks, title: str = ""):
     fig.tight_layout()
     return fig
 
+
 def quality_boxplots(long_df, metric_name: str, method: str = "method", value: str = "score", order=None,
                      title: str = ""):
     """Figures 5 / 12: LAION aesthetic or HPSv2 score per method/setting (one row per image or per user)."""
@@ -156,6 +165,7 @@ def quality_boxplots(long_df, metric_name: str, method: str = "method", value: s
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     return fig
+
 
 def permutation_figure(result, gaps=None, title: str = ""):
     """Figure 8a: permutation null of the median user score with the observed value and z; per-user gaps."""
@@ -178,6 +188,7 @@ def permutation_figure(result, gaps=None, title: str = ""):
     fig.tight_layout()
     return fig
 
+
 def r2_scatter(x, y, fit: dict, xlabel: str = "LAION aesthetic score", ylabel: str = "verifier score",
                title: str = ""):
     """Figure 8b: per-user verifier vs aesthetic score with the least-squares line and R² [bootstrap CI]."""
@@ -191,6 +202,7 @@ def r2_scatter(x, y, fit: dict, xlabel: str = "LAION aesthetic score", ylabel: s
     ax.set_title(title or f"R² = {fit['r2']:.2f} [{fit['ci_low']:.2f}, {fit['ci_high']:.2f}]")
     fig.tight_layout()
     return fig
+
 
 def table2_figure(df, title: str = "Table 2"):
     """Table 2 (from `evaluate.paper.table2`) rendered as a figure; the best value of each column in bold."""
@@ -208,6 +220,7 @@ def table2_figure(df, title: str = "Table 2"):
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
 
 def verifier_diagnostics(y_train, p_train, y_test, p_test, boot: dict):
     """Figure 9 (App H): ROC curves train vs test; bootstrap test ROC-AUCs with the train AUC and the 95% CI."""

@@ -18,6 +18,7 @@ from ..runtime import seed_everything
 PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "open_clip_torch", "peft", "accelerate",
             "huggingface_hub", "numpy", "pandas", "scikit-learn", "umap-learn", "papermill")
 
+
 def package_versions() -> dict[str, str | None]:
     """Installed versions of the packages a result depends on."""
     out: dict[str, str | None] = {"python": platform.python_version()}
@@ -27,6 +28,7 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
 
 NOTEBOOKS_ENV = "REBECA_NOTEBOOKS"
 

@@ -14,6 +14,7 @@ from .runs import package_versions
 
 FLICKR_EXPECTED = {"images": 40_988, "users": 210, "ratings": 193_208}  # paper §4.1
 
+
 def environment_report(device: str) -> pd.DataFrame:
     """Python/package versions, the resolved device and, on CUDA, the GPU and its memory."""
 
@@ -26,12 +27,14 @@ def environment_report(device: str) -> pd.DataFrame:
             rows.append({"item": f"cuda:{i}", "value": f"{p.name}, {p.total_memory / 2**30:.1f} GiB"})
     return pd.DataFrame(rows).set_index("item")
 
+
 def weights_report(models: ModelsConfig | None = None) -> pd.DataFrame:
     """Each paper-profile weight and whether it is already in the Hugging Face cache."""
 
     rows = [{"weights": e.label, "repo": e.repo_id, "files": ", ".join(e.files), "in_cache": weights_in_cache(e)}
             for e in paper_weights(models or ModelsConfig())]
     return pd.DataFrame(rows)
+
 
 def dsprites_status(data_dir: str | Path) -> dict:
     """Whether the official dSprites npz is under <data_dir>/dsprites/ and structurally valid."""
@@ -43,6 +46,7 @@ def dsprites_status(data_dir: str | Path) -> dict:
     chk = check_dsprites_npz(path, full=True)
     return {"dataset": "dSprites", "path": str(path), "present": True, "valid": bool(chk["ok"]),
             "note": "; ".join(chk["problems"]) or "ok"}
+
 
 def flickr_status(data_dir: str | Path) -> dict:
     """Whether FLICKR-AES is under <data_dir>/FLICKR-AES/, passes validation, and has the paper's counts."""
@@ -60,9 +64,11 @@ def flickr_status(data_dir: str | Path) -> dict:
     diffs = [f"{k} {counts[k]:,} (paper {v:,})" for k, v in FLICKR_EXPECTED.items() if counts[k] != v]
     return {**out, "valid": True, "note": "matches the paper's counts" if not diffs else "differs: " + "; ".join(diffs)}
 
+
 def datasets_report(data_dir: str | Path) -> pd.DataFrame:
     """Presence and validity of every dataset the kit uses."""
     return pd.DataFrame([dsprites_status(data_dir), flickr_status(data_dir)])
+
 
 def download_all(data_dir: str | Path, models: ModelsConfig | None = None) -> dict:
     """Fetch the paper weights (huggingface_hub, progress bars) and the official dSprites npz."""

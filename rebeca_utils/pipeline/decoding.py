@@ -34,6 +34,7 @@ SETTINGS_NAME = "decode_settings.json"
 def _has_ip_adapter(pipe) -> bool:
     return getattr(pipe.unet, "encoder_hid_proj", None) is not None
 
+
 def run_batch(pipe, items: Sequence[WorkItem], cfg: GenerationConfig) -> np.ndarray:
     """Decode items (same LoRA) in one pipeline call; (B, H, W, 3) floats in [0, 1]."""
     gens = [torch.Generator(device="cpu").manual_seed(it.seed) for it in items]  # CPU noise: same on any GPU
@@ -60,7 +61,9 @@ def run_batch(pipe, items: Sequence[WorkItem], cfg: GenerationConfig) -> np.ndar
             pipe.set_ip_adapter_scale(cfg.ip_adapter_scale)
     return out.images
 
+
 PNG_KEY = "rebeca"  # PNG text chunk holding the item fingerprint
+
 
 def _png_bytes(image: np.ndarray, fingerprint: str) -> bytes:
 
@@ -69,6 +72,7 @@ def _png_bytes(image: np.ndarray, fingerprint: str) -> bytes:
     buf = io.BytesIO()
     Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
+
 
 def valid_png(path: Path, size: tuple[int, int], fingerprint: str | None = None) -> bool:
     """True when `path` is a complete PNG of `size` = (width, height), made for `fingerprint` (if given)."""
@@ -82,11 +86,13 @@ def valid_png(path: Path, size: tuple[int, int], fingerprint: str | None = None)
     except Exception:  # noqa: BLE001 - missing, truncated or foreign file: not done
         return False
 
+
 def _record_settings(out_dir: Path, item: WorkItem, settings: dict, pipe) -> None:
     path = out_dir / item.method / item.setting / SETTINGS_NAME
     rec = {**settings, "dtype": str(pipe.unet.dtype).replace("torch.", ""), "scheduler": type(pipe.scheduler).__name__}
     if not path.is_file() or json.loads(path.read_text()) != json.loads(json.dumps(rec)):
         write_json(path, rec)
+
 
 class _Log:
     """Append-only JSON-lines log of this process (one file per process, so processes never interleave)."""
@@ -102,6 +108,7 @@ class _Log:
             f.flush()
             os.fsync(f.fileno())
 
+
 @dataclass
 class DecodeReport:
     """What one decode() call did."""
@@ -113,8 +120,10 @@ class DecodeReport:
     seconds: float = 0.0
     batches: int = 0
 
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
 
 def decode(pipe, items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: GenerationConfig, *,
            batch_size: int | None = None, overwrite: bool = False, rank: int = 0, world_size: int = 1,
@@ -174,6 +183,7 @@ def decode(pipe, items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: Gen
         rep.seconds = time.perf_counter() - t0
     return rep
 
+
 def _decode_with_retry(pipe, batch: list[WorkItem], cfg: GenerationConfig, rep: DecodeReport):
     """Yield (items, images | None, seconds, error): the batch, or on failure each item alone (one retry)."""
     t0 = time.perf_counter()
@@ -195,6 +205,7 @@ def _decode_with_retry(pipe, batch: list[WorkItem], cfg: GenerationConfig, rep: 
             if _is_oom(exc) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             yield [it], None, 0.0, f"{type(exc).__name__}: {exc}".splitlines()[0]
+
 
 def load_images(out_dir: str | os.PathLike, method: str, setting: str, user_id: int, n: int) -> np.ndarray:
     """(n, H, W, 3) floats in [0, 1]: images 0..n-1 of one user (missing ones are grey)."""

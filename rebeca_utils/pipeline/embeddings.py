@@ -41,6 +41,7 @@ INDEX_NAME = "index.json"
 
 PLAN_NAME = "plan.json"
 
+
 def check_embeddings(emb: torch.Tensor, names: Sequence[str], space: str, dim: int) -> None:
     """Refuse a (len(names), dim) batch that has another shape or non-finite values; the error names the images."""
     shape = tuple(emb.shape)
@@ -52,9 +53,11 @@ def check_embeddings(emb: torch.Tensor, names: Sequence[str], space: str, dim: i
         which = [n for n, b in zip(names, bad.tolist()) if b]
         raise EmbeddingError(f"{space} space: {_some(which)}: embedding has NaN/inf values")
 
+
 def _some(names: Sequence[str], k: int = 3) -> str:
     names = list(names)
     return ", ".join(names[:k]) + (f" (and {len(names) - k} more)" if len(names) > k else "")
+
 
 class _Images(torch.utils.data.Dataset):
     """(index, pixels or None, error or None) per name; reading and preprocessing errors are returned, not raised."""
@@ -75,18 +78,22 @@ class _Images(torch.utils.data.Dataset):
         except Exception as exc:  # noqa: BLE001 - any reading/decoding failure is reported with the name
             return i, None, f"{type(exc).__name__}: {exc}"
 
+
 def _collate(batch):
     """(indices read, stacked pixels or None, [(index, error)], batch size); stacking here lets pin_memory work."""
     ok = [(i, px) for i, px, err in batch if err is None]
     pixels = torch.stack([px for _, px in ok]) if ok else None
     return [i for i, _ in ok], pixels, [(i, err) for i, _, err in batch if err is not None], len(batch)
 
+
 def space_dir(out_dir: str | os.PathLike, space: str) -> Path:
     check_space(space)
     return Path(out_dir) / space
 
+
 def chunk_path(out_dir: str | os.PathLike, space: str, i: int) -> Path:
     return space_dir(out_dir, space) / f"chunk_{i:05d}.safetensors"
+
 
 @dataclass
 class _Chunk:
@@ -94,6 +101,7 @@ class _Chunk:
     failures: list[dict[str, str]]  # {"name", "error"}
     emb: torch.Tensor  # (len(rows), dim) float32
     dtype: str = ""
+
 
 def _write_chunk(path: Path, names: list[str], chunk: _Chunk, fp: dict, device: str) -> None:
 
@@ -103,6 +111,7 @@ def _write_chunk(path: Path, names: list[str], chunk: _Chunk, fp: dict, device: 
             "dtype": chunk.dtype, "device": device}
     with atomic_path(path) as tmp:
         save_file({"embeddings": chunk.emb.float().contiguous()}, str(tmp), metadata=meta)
+
 
 def _read_chunk(path: Path, names: list[str], fp: dict) -> tuple[_Chunk | None, str]:
     """The chunk at `path` if it is whole and matches (names, fingerprint, dim, finite); else (None, why)."""
@@ -130,14 +139,17 @@ def _read_chunk(path: Path, names: list[str], fp: dict) -> tuple[_Chunk | None, 
         return None, f"unreadable ({type(exc).__name__}: {exc})"
     return _Chunk(rows, failures, emb.float(), meta.get("dtype", "")), ""
 
+
 def _plan(names: list[str], chunk_size: int, fp: dict) -> dict[str, Any]:
     n_chunks = (len(names) + chunk_size - 1) // chunk_size
     return {"format": CHUNK_FORMAT, "space": fp["space"], "dim": fp["dim"], "fingerprint": fp,
             "chunk_size": chunk_size, "n_chunks": n_chunks, "names": names}
 
+
 def _chunk_names(plan: dict, i: int) -> list[str]:
     c = plan["chunk_size"]
     return plan["names"][i * c:(i + 1) * c]
+
 
 @dataclass
 class EmbeddingStore:
@@ -177,6 +189,7 @@ class EmbeddingStore:
         """Rows for `names`, in that order; unknown or failed names raise KeyError."""
         self.load()
         return _take(self._table[1], self._table[2], names, self.index_path)
+
 
 def embed_images(image_dir: str | os.PathLike, names: Sequence[str] | None, space: str, models: ModelsConfig,
                  out_dir: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype = "auto",
@@ -277,6 +290,7 @@ def embed_images(image_dir: str | os.PathLike, names: Sequence[str] | None, spac
         bar.close()
     return store
 
+
 def merge(out_dir: str | os.PathLike, space: str) -> Path:
     """Concatenate every chunk of the last plan into `embeddings.safetensors` (float32, (N, dim), rows sorted by
     name) + `index.json` (name -> row, failures); both atomic. Missing or invalid chunks raise EmbeddingError."""
@@ -316,6 +330,7 @@ def merge(out_dir: str | os.PathLike, space: str) -> Path:
                                 "rows": {n: r for r, n in enumerate(rows)}})
     return path
 
+
 def load_embeddings(out_dir: str | os.PathLike, space: str,
                     models: ModelsConfig | None = None) -> tuple[list[str], torch.Tensor]:
     """(sorted names, float32 (N, dim)) of a merged store; with `models`, the dim and encoder are checked too."""
@@ -339,15 +354,18 @@ def load_embeddings(out_dir: str | os.PathLike, space: str,
     check_embeddings(emb, names, space, int(meta["dim"]))
     return names, emb
 
+
 def failures(out_dir: str | os.PathLike, space: str) -> list[dict[str, str]]:
     """Images the merged store lacks because they could not be read: [{"name", "error"}]."""
     return json.loads((space_dir(out_dir, space) / INDEX_NAME).read_text())["failures"]
+
 
 def _take(emb: torch.Tensor, rows: dict[str, int], names: Sequence[str], where: Path) -> torch.Tensor:
     missing = [n for n in names if n not in rows]
     if missing:
         raise KeyError(f"{where}: no embedding for {_some(missing)}")
     return emb[torch.tensor([rows[n] for n in names], dtype=torch.long)]
+
 
 def lookup(out_dir: str | os.PathLike, space: str, names: Sequence[str]) -> torch.Tensor:
     """Rows of the merged store for `names`, in that order (loads the file; keep an EmbeddingStore to reuse it)."""

@@ -17,6 +17,7 @@ def decoder_seed(user_id: int, index: int, base: int = 42) -> int:
     """Decoder seed of image j of user u: 42 + 10,000 u + j (App G.3), the same for every method."""
     return int(base) + 10_000 * int(user_id) + int(index)
 
+
 @dataclass(frozen=True)
 class WorkItem:
     """One image to decode."""
@@ -39,6 +40,7 @@ class WorkItem:
     def relpath(self) -> str:
         return f"{self.method}/{self.setting}/u{self.user_id:03d}/{self.index:02d}.png"
 
+
 def make_items(method: str, setting: str, user_ids: Sequence[int], indices: Sequence[int], cfg: GenerationConfig,
                ip_embeddings: torch.Tensor | None = None, prompts: Sequence[str] | None = None,
                negative_prompts: Sequence[str] | None = None, loras: Sequence[str | None] | None = None
@@ -55,6 +57,7 @@ def make_items(method: str, setting: str, user_ids: Sequence[int], indices: Sequ
                      None if loras is None else loras[i])
             for i, (u, j) in enumerate(zip(user_ids, indices))]
 
+
 def image_settings(cfg: GenerationConfig, models: ModelsConfig | None = None) -> dict[str, Any]:
     """What determines every image of a run besides its item (device and dtype excluded, as for embeddings)."""
     keys = ("steps", "decoder_cfg", "height", "width", "ip_adapter_scale")
@@ -64,6 +67,7 @@ def image_settings(cfg: GenerationConfig, models: ModelsConfig | None = None) ->
                          "ip_adapter_weight": models.ip_adapter_weight,
                          **({"seed": models.seed} if models.builder == "tiny" else {})}
     return out
+
 
 _LORA_DIGESTS: dict[tuple, str] = {}
 
@@ -88,6 +92,7 @@ def item_fingerprint(item: WorkItem, settings: dict[str, Any]) -> str:
         h.update(item.ip_embedding.float().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
 
+
 def make_batches(items: Iterable[WorkItem], batch_size: int) -> list[list[WorkItem]]:
     """Items sorted by key, cut into batches of at most `batch_size` within one (method, setting, user)."""
     if batch_size < 1:
@@ -103,6 +108,7 @@ def make_batches(items: Iterable[WorkItem], batch_size: int) -> list[list[WorkIt
         groups.setdefault((it.method, it.setting, it.user_id, it.lora or "", it.ip_embedding is not None),
                           []).append(it)
     return [g[s:s + batch_size] for _, g in sorted(groups.items()) for s in range(0, len(g), batch_size)]
+
 
 def shard(batches: Sequence[Any], rank: int, world_size: int) -> list[Any]:
     """Batches of process `rank`: b, b + world_size, ... (no overlap, nothing left out)."""

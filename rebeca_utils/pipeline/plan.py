@@ -26,6 +26,7 @@ MANIFEST_NAME = "generation_manifest.csv"
 MANIFEST_COLUMNS = ["method", "setting", "user_id", "index", "seed", "prompt", "negative_prompt", "lora", "path",
                     "sha256", "seconds", "status", "error"]
 
+
 def save_plan(items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: GenerationConfig,
               models: ModelsConfig) -> Path:
     """Write the work (items, embeddings, configs) under <out_dir>/plan/ so `python -m rebeca_utils.pipeline.decode_cli` can run it."""
@@ -47,6 +48,7 @@ def save_plan(items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: Genera
                                  "sha256": {n: sha256(d / n) for n in ("ip_embeddings.safetensors", "items.parquet")}})
     return d
 
+
 def _config(cls, d: dict):
     kw = {}
     for f in fields(cls):
@@ -54,6 +56,7 @@ def _config(cls, d: dict):
             v = d[f.name]
             kw[f.name] = tuple(v) if isinstance(v, list) else v
     return cls(**kw)
+
 
 def load_plan(out_dir: str | os.PathLike) -> tuple[list[WorkItem], GenerationConfig, ModelsConfig]:
     """(items, generation config, models config) saved by save_plan."""
@@ -72,6 +75,7 @@ def load_plan(out_dir: str | os.PathLike) -> tuple[list[WorkItem], GenerationCon
              for r in df.itertuples(index=False)]
     return items, _config(GenerationConfig, meta["generation"]), _config(ModelsConfig, meta["models"])
 
+
 def _log_records(out_dir: Path) -> dict[tuple, dict]:
     latest: dict[tuple, dict] = {}
     for path in sorted((out_dir / LOG_DIR).glob("*.jsonl")):
@@ -84,6 +88,7 @@ def _log_records(out_dir: Path) -> dict[tuple, dict]:
             if key not in latest or rec["time"] >= latest[key]["time"]:
                 latest[key] = rec
     return latest
+
 
 def write_manifest(items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: GenerationConfig,
                    models: ModelsConfig | None = None):

@@ -20,6 +20,7 @@ from .items import WorkItem, make_items
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 
+
 def make_sampler(train_sched: DDPMScheduler, sampler: str, steps: int):
     """A sampling scheduler sharing the training betas; 'ddpm' is the paper's ancestral sampler."""
     if sampler not in SAMPLERS:
@@ -39,12 +40,15 @@ def make_sampler(train_sched: DDPMScheduler, sampler: str, steps: int):
     sched.set_timesteps(steps)
     return sched
 
+
 def sample_seed(seed: int, user_id: int, index: int) -> int:
     """Per-sample seed from (seed, user, sample index): independent of batching and of other users."""
     return int(np.random.SeedSequence([seed, user_id, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
+
 def _generators(seed, user_ids, indices, device):
     return [torch.Generator(device).manual_seed(sample_seed(seed, int(u), int(j))) for u, j in zip(user_ids, indices)]
+
 
 @torch.no_grad()
 def _sample_batch(model, sched, user_id, rating, gens, cfg_scale):
@@ -66,6 +70,7 @@ def _sample_batch(model, sched, user_id, rating, gens, cfg_scale):
         x = sched.step(out, t, x, generator=gens).prev_sample
     return x
 
+
 @torch.no_grad()
 def sample_prior(model, train_sched: DDPMScheduler, user_ids, ratings, indices, *, cfg_scale: float = 1.0,
                  sampler: str = "ddim", steps: int = 50, seed: int = 0, batch_size: int = 512,
@@ -86,6 +91,7 @@ def sample_prior(model, train_sched: DDPMScheduler, user_ids, ratings, indices, 
         out.append(_sample_batch(model, sched, u, r, gens, cfg_scale).float().cpu())
     return torch.cat(out) if out else torch.empty(0, model.emb_dim)
 
+
 def sample_users(model, train_sched, users, n_per_user: int, rating: int = 1, **kw) -> torch.Tensor:
     """(len(users), n_per_user, d) samples with R = rating, sample j of user u seeded by (seed, u, j)."""
     users = torch.as_tensor(users).long()
@@ -94,11 +100,14 @@ def sample_users(model, train_sched, users, n_per_user: int, rating: int = 1, **
     x = sample_prior(model, train_sched, u, torch.full_like(u, rating), j, **kw)
     return x.view(len(users), n_per_user, -1)
 
+
 METHOD = "rebeca"
+
 
 def prior_setting(cfg_scale: float) -> str:
     """Folder name of a prior guidance setting, e.g. prior_cfg5."""
     return f"prior_cfg{cfg_scale:g}"
+
 
 def state_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over a model's parameters and buffers: cached samples are tied to the exact weights."""
@@ -107,6 +116,7 @@ def state_fingerprint(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
 
 def prior_embeddings(prior, sched, users: Sequence[int], n_per_user: int, *, cfg_scale: float, path: str | os.PathLike,
                      rating: int = 1, seed: int = 0, sampler: str = "dpmsolver", steps: int = 20, normalizer=None,
@@ -136,6 +146,7 @@ def prior_embeddings(prior, sched, users: Sequence[int], n_per_user: int, *, cfg
     with atomic_path(path) as tmp:
         save_file(out, str(tmp), metadata={"rebeca": json.dumps(meta)})
     return out
+
 
 def rebeca_items(samples: dict[str, torch.Tensor], setting: str, cfg: GenerationConfig) -> list[WorkItem]:
     """Decoder work items for prior samples: decoder seed 42 + 10,000 u + j, the config's prompts."""

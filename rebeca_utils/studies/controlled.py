@@ -39,6 +39,7 @@ def fit_or_load_vae(study: DSpritesStudy, cfg: DSpritesConfig, folder: Path, see
     write_json(meta, {"key": key, "history": history})  # written last: marks the VAE complete
     return model, history
 
+
 def study_triplets(study: DSpritesStudy, latents: torch.Tensor, val_frac: float = 0.1, seed: int = 0):
     """(user, rating, latent) triplets for train and a validation slice carved from training images.
 
@@ -56,6 +57,7 @@ def study_triplets(study: DSpritesStudy, latents: torch.Tensor, val_frac: float 
         out[name] = Triplets(latents[images].float(), torch.as_tensor(users), torch.as_tensor(ratings.astype(np.int64)))
     return out["train"], out["val"]
 
+
 def baseline_samples(study: DSpritesStudy, latents: torch.Tensor, reps: int, k: int, seed: int):
     """Random (uniform draws from training latents, (reps, U, k, d)) and Mean (mean liked latent, (U, d))."""
     rng = np.random.default_rng(seed_sequence(seed, "dsprites_baselines"))
@@ -65,12 +67,14 @@ def baseline_samples(study: DSpritesStudy, latents: torch.Tensor, reps: int, k: 
     mean = np.stack([train_lat[liked[u]].mean(0) for u in range(study.n_users)])
     return random.astype(np.float32), mean.astype(np.float32)
 
+
 def rebeca_samples(prior, sched, n_users: int, reps: int, k: int, normalizer=None, **kw) -> np.ndarray:
     """(reps, U, k, d) latents with R = 1; repetition r uses sample indices r*k .. r*k + k - 1."""
     x = sample_users(prior, sched, list(range(n_users)), reps * k, rating=1, **kw)  # (U, reps*k, d)
     if normalizer is not None:
         x = normalizer.inverse(x)  # back from the prior's space to VAE latents
     return x.view(n_users, reps, k, -1).permute(1, 0, 2, 3).contiguous().numpy()
+
 
 @dataclass(frozen=True)
 class Table1Inputs:
@@ -91,11 +95,13 @@ class Table1Inputs:
                 np.savez(f, **arrays)
         return Path(path)
 
+
 def find_dsprites_npz(data_dir: str | Path) -> Path | None:
     """The official npz under `<data_dir>/dsprites/` when 00_setup put it there, else None (renderer)."""
 
     path = Path(data_dir) / "dsprites" / DSPRITES_FILENAME
     return path if path.exists() else None
+
 
 def precision_table(samples: dict[str, np.ndarray], test_latents, test_likes, ks):
     """P@k (mean, std over repetitions) for several sample sets of shape (reps, U, K, d)."""

@@ -26,6 +26,7 @@ def make_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
         prediction_type=cfg.prediction_type,
     )
 
+
 def diffusion_target(sched: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """What the network regresses: x0 (eq. 3), epsilon, or v."""
     kind = sched.config.prediction_type
@@ -34,6 +35,7 @@ def diffusion_target(sched: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor
     if kind == "epsilon":
         return noise
     return sched.get_velocity(x0, noise, t)
+
 
 @dataclass
 class Triplets:
@@ -58,6 +60,7 @@ class Triplets:
     def to(self, device) -> "Triplets":
         return Triplets(self.img_emb.to(device), self.user_id.to(device), self.rating.to(device))
 
+
 def epoch_indices(data: Triplets, samples_per_user: int, gen: torch.Generator) -> torch.Tensor:
     """An epoch: `samples_per_user` rows drawn uniformly (with replacement) per user, shuffled."""
     users, counts = torch.unique_consecutive(data.user_id, return_counts=True)
@@ -66,6 +69,7 @@ def epoch_indices(data: Triplets, samples_per_user: int, gen: torch.Generator) -
     offs = (torch.rand(len(u), generator=gen, device=counts.device) * counts[u]).long()
     idx = starts[u] + offs
     return idx[torch.randperm(len(idx), generator=gen, device=counts.device)]
+
 
 def drop_conditioning(user_id, rating, model, cfg: TrainConfig, gen: torch.Generator):
     """Classifier-free-guidance dropout: joint drop with p_uncond, plus independent user/rating drops."""
@@ -76,6 +80,7 @@ def drop_conditioning(user_id, rating, model, cfg: TrainConfig, gen: torch.Gener
     drop_r = joint | (r[2] < cfg.p_drop_rating)
     return user_id.masked_fill(drop_u, model.null_user), rating.masked_fill(drop_r, model.null_rating)
 
+
 def diffusion_loss(model, sched, x0, user_id, rating, gen: torch.Generator) -> torch.Tensor:
     """MSE between the network output and the objective's target at uniform t (eq. 3 for `sample`)."""
     B = x0.shape[0]
@@ -83,6 +88,7 @@ def diffusion_loss(model, sched, x0, user_id, rating, gen: torch.Generator) -> t
     noise = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
     x_t = sched.add_noise(x0, noise, t)
     return F.mse_loss(model(x_t, t, user_id, rating), diffusion_target(sched, x0, noise, t))
+
 
 @torch.no_grad()
 def validation_loss(model, sched, data: Triplets, batch_size: int = 1024, seed: int = 1234) -> float:
@@ -96,6 +102,7 @@ def validation_loss(model, sched, data: Triplets, batch_size: int = 1024, seed: 
         total += loss * len(data.img_emb[sl])
     model.train()
     return float(total) / len(data)
+
 
 @dataclass
 class TrainResult:
@@ -111,6 +118,7 @@ class TrainResult:
 
     def summary(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "history"}
+
 
 def train_prior(model, sched, train: Triplets, val: Triplets, cfg: TrainConfig, seed: int = 0,
                 device: str = "cpu", progress: bool = True) -> TrainResult:
@@ -146,11 +154,13 @@ def train_prior(model, sched, train: Triplets, val: Triplets, cfg: TrainConfig, 
             break
     return stopper.finish(model, res, t0)
 
+
 def flickr_triplets(splits: pd.DataFrame, img_emb: torch.Tensor, split: str, include_holdout: bool = False) -> Triplets:
     """(img_emb, user_id, like) rows of one split; `img_emb` is aligned with the rows of `splits` (join_embeddings)."""
     rows = np.flatnonzero(split_mask(splits, split, include_holdout))
     return Triplets(img_emb[rows].float(), torch.as_tensor(splits["user_id"].to_numpy()[rows]),
                     torch.as_tensor(splits["like"].to_numpy()[rows].astype(np.int64)))
+
 
 def training_log(result, model, extra: dict | None = None) -> dict:
     """What notebook 03 records about a run: epochs, wall time, best val loss, params, learning-rate drops."""

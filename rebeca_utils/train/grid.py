@@ -26,6 +26,7 @@ GRID_AXES = {  # App E.1
     "beta_schedule": ("laplace", "squaredcos_cap_v2"),
 }
 
+
 def grid_configs(**axes) -> list[dict]:
     """Cartesian product over the App E.1 axes; each axis defaults to the paper's list, any subset by keyword."""
     unknown = set(axes) - set(GRID_AXES)
@@ -34,9 +35,11 @@ def grid_configs(**axes) -> list[dict]:
     values = {k: tuple(axes.get(k, v)) for k, v in GRID_AXES.items()}
     return [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
 
+
 def config_name(c: dict) -> str:
     """Readable, file-safe name of one grid point."""
     return "_".join(f"{k}{v}" for k, v in c.items())
+
 
 def run_grid(configs: list[dict], profile: Profile, train: Triplets, val: Triplets, folder: Path,
              score_fn=None, seed: int = 0, device: str = "cpu") -> pd.DataFrame:

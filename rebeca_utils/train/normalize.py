@@ -11,6 +11,7 @@ from ..io import write_json
 
 KINDS = ("none", "standardize", "l2", "clamp")
 
+
 @dataclass(frozen=True)
 class Normalizer:
     """Maps embeddings to the prior's space (`forward`) and samples back (`inverse`)."""
@@ -43,6 +44,7 @@ class Normalizer:
     @classmethod
     def load(cls, path: str | Path) -> "Normalizer":
         return cls(**json.loads(Path(path).read_text()))
+
 
 def fit_normalizer(kind: str, emb: torch.Tensor, clamp_quantile: float = 0.999) -> Normalizer:
     """Fit on training embeddings (N, d)."""

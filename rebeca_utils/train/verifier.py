@@ -25,6 +25,7 @@ USER_WEIGHTINGS = ("none", "inverse_frequency")
 
 SPLITS = ("train", "val", "test")
 
+
 @dataclass
 class Interactions:
     """(user_id, img_emb, like) rows; `rows` indexes the split table, `n_dropped` counts rows without embedding."""
@@ -41,6 +42,7 @@ class Interactions:
     def to(self, device: str) -> "Interactions":
         return Interactions(self.user_id.to(device), self.img_emb.to(device), self.like.to(device), self.rows,
                             self.n_dropped)
+
 
 def interactions(splits: pd.DataFrame, store: Any, split: str | tuple[str, ...],
                  include_holdout: bool = False) -> Interactions:
@@ -82,6 +84,7 @@ class VerifierResult:
     def summary(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "history"}
 
+
 def user_weights(user_id: torch.Tensor, user_weighting: str) -> torch.Tensor:
     """Per-row loss weights with mean 1: all ones ("none") or 1/(the user's interactions), rescaled."""
     if user_weighting not in USER_WEIGHTINGS:
@@ -92,6 +95,7 @@ def user_weights(user_id: torch.Tensor, user_weighting: str) -> torch.Tensor:
     w = 1.0 / counts[user_id].float()
     return w * (len(w) / w.sum())  # mean 1, so losses stay on the plain-BCE scale
 
+
 def _check_data(model: NMFVerifier, data: Interactions, name: str) -> None:
     if len(data) == 0:
         raise ValueError(f"{name}: no interactions")
@@ -100,6 +104,7 @@ def _check_data(model: NMFVerifier, data: Interactions, name: str) -> None:
                          f"(N, {model.emb_dim})")
     if int(data.user_id.min()) < 0 or int(data.user_id.max()) >= model.n_users:
         raise ValueError(f"{name}: user_id outside 0..{model.n_users - 1} (max {int(data.user_id.max())})")
+
 
 @torch.no_grad()
 def _eval_loss_auc(model: NMFVerifier, data: Interactions, w: torch.Tensor, batch_size: int) -> tuple[float, float]:
@@ -111,6 +116,7 @@ def _eval_loss_auc(model: NMFVerifier, data: Interactions, w: torch.Tensor, batc
     y = data.like.cpu().numpy()
     auc = float(roc_auc_score(y, logits.cpu().numpy())) if 0 < y.sum() < len(y) else float("nan")
     return float(loss), auc
+
 
 def train_verifier(model: NMFVerifier, train: Interactions, val: Interactions, cfg: VerifierConfig, seed: int = 0,
                    device: str = "cpu", progress: bool = True) -> VerifierResult:
