@@ -150,7 +150,7 @@ def test_03_grid_records_failures(smoke_run, tmp_path):
 
     out = tmp_path / "out"
     shutil.copytree(smoke_run / "02_embed_flickr", out / "smoke" / "02_embed_flickr")
-    runner.run_notebooks("smoke", [runner.REPO / "notebooks/03_train_prior.ipynb"],
+    runner.run_notebooks("smoke", [REPO / "notebooks/03_train_prior.ipynb"],
                          {"run_grid": True, "grid_axes": {"n_layers": [1], "n_heads": [2, 3], "hidden_dim": [16],
                                                           "n_tokens": [8], "prediction_type": ["sample", "epsilon"],
                                                           "beta_schedule": ["squaredcos_cap_v2"]}},
@@ -342,7 +342,7 @@ def test_08_picks_up_any_method_folder(smoke_run, tmp_path):
     table = pd.read_csv(base / PLAN.MANIFEST_NAME, keep_default_na=False)
     table[table["setting"] == "prior_cfg5"].assign(method="lora", setting="shared").to_csv(
         base / PLAN.MANIFEST_NAME, index=False)
-    runner.run_notebooks("smoke", [runner.REPO / "notebooks/08_evaluate_methods.ipynb"], {"score_quality": False},
+    runner.run_notebooks("smoke", [REPO / "notebooks/08_evaluate_methods.ipynb"], {"score_quality": False},
                          tmp_path / "out", log=lambda *a, **k: None)
     m = manifest(root, "08_evaluate_methods")["metrics"]
     assert m["methods"][-1] == "Shared LoRA" and m["folders_missing"] == ["07_vlm_personas"]
