@@ -1,1 +1,1 @@
-"""Baselines REBECA is compared against (§4.3.1): per-user and shared LoRA (`lora`, `lora_cli`)."""
+"""Baselines (§4.3.1): the LoRA recipe (lora_recipe), its training loop and format (lora), the runner and CLI (lora_cli)."""

@@ -148,7 +148,8 @@ def denoising_loss(pipe, noise_scheduler, pixels: torch.Tensor, text: torch.Tens
     return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
-def _crop_batch(images: list[torch.Tensor], idx: list[int], res: int, g: torch.Generator) -> torch.Tensor:
+def crop_batch(images: list[torch.Tensor], idx: list[int], res: int, g: torch.Generator) -> torch.Tensor:
+    """Random crops of side `res` of images[idx], one generator for the whole batch."""
     out = []
     for i in idx:
         img = images[i]
@@ -251,7 +252,7 @@ def train_adapter(pipe, images: list[torch.Tensor], captions: Sequence[str], spe
                 total = 0.0
                 for micro in range(accum):
                     idx = [order[(step * accum + micro) * bs + b] for b in range(bs)]
-                    pixels = _crop_batch(images, idx, resolution, g)
+                    pixels = crop_batch(images, idx, resolution, g)
                     emb = torch.cat([text[captions[i]] for i in idx])
                     loss = denoising_loss(pipe, noise_scheduler, pixels, emb, g, amp) / accum
                     (scaler.scale(loss) if scaler else loss).backward()

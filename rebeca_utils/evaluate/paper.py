@@ -54,8 +54,6 @@ def table1(inputs: dict, ks=(1, 5, 10, 20)):
     return pd.DataFrame(rows)
 
 
-# §4.4 retrieval: Precision@k / Recall@k of generated images against each user's held-out pool P_u = L_u ∪ D_u
-
 # Table 2 of the paper (210 users, per-user pool of held-out likes + dislikes, cosine similarity in bigG space).
 # Read with care: in every row F1 < 2PR/(P+R) of the printed P and R, and for REBECA P@5 < P@1, which the §4.4
 # formula cannot give (1[Top-k ∩ L_u ≠ ∅] only grows with k). Both fit the reference code's definition

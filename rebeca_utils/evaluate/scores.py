@@ -11,7 +11,6 @@ from PIL import Image
 
 from ..models.nmf import NMFVerifier
 
-# Verifier scores (eq. 5), wins and ranks (App J), permutation tests (§4.5, App I), R² (§4.5, Figure 8b)
 
 
 def user_scores(scores, owner, **labels):
@@ -91,7 +90,7 @@ def score_matrix(model: NMFVerifier, user_ids: Any, img_emb: Any, batch_size: in
 
 
 def embed_pil(images: Sequence[Any], encoder, batch_size: int = 64) -> torch.Tensor:
-    """(N, encoder.dim) raw embeddings of PIL images or image paths, through an `embeddings.Encoder`."""
+    """(N, encoder.dim) raw embeddings of PIL images or image paths, through a `models.encoders.Encoder`."""
     out = []
     for s in range(0, len(images), batch_size):
         pixels = []
@@ -113,7 +112,7 @@ def score(model: NMFVerifier, user_ids: Any, x: Any, encoder=None, batch_size: i
     """Verifier score v(U, I) (eq. 5) of (N, d) embeddings, or of PIL images / image paths embedded by `encoder`."""
     if isinstance(x, (list, tuple)) and len(x) and _is_image(x[0]):
         if encoder is None:
-            raise ValueError("encoder is required to score images (pass embeddings.build_encoder('verifier', ...))")
+            raise ValueError("encoder is required to score images (pass models.encoders.build_encoder('verifier', ...))")
         if encoder.dim != model.emb_dim:
             raise ValueError(f"encoder gives {encoder.dim}-d embeddings, the model expects {model.emb_dim}")
         _user_vector(user_ids, len(x))  # length check before the expensive part

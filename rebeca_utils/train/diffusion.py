@@ -1,4 +1,4 @@
-"""Diffusion core shared by every study: schedules, the training loop (eq. 3) and CFG sampling (eq. 4)."""
+"""Diffusion core shared by every study: the training schedule, objectives and the prior's training loop (eq. 3)."""
 from __future__ import annotations
 
 import time

@@ -1,4 +1,4 @@
-"""Prior training on FLICKR-AES (notebook 03): triplets from the saved splits, a personalization score, the App E grid."""
+"""The App E.1 grid: every configuration trained, failures recorded, finished points skipped."""
 from __future__ import annotations
 
 import itertools
