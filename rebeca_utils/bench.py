@@ -207,6 +207,7 @@ def bench_metrics(n_users: int = 210, n_gen: int = 25, pool_size: int = 20, n_im
 
 
 def main(argv=None) -> int:
+    """`make bench`: run the benchmarks side by side and print one JSON summary."""
     ap = argparse.ArgumentParser(prog="python -m rebeca_utils.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps (a sanity run, not for the README)")
     ap.add_argument("--only", choices=("prior", "decoding", "metrics"), help="run one group of benchmarks")

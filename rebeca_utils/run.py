@@ -105,6 +105,7 @@ def run_notebooks(profile: str, nbs: list[Path], params: dict, output_dir: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m rebeca_utils.run`: select notebooks, run them in order, exit non-zero on the first failure."""
     ap = argparse.ArgumentParser(prog="python -m rebeca_utils.run", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", required=True, help=f"one of {', '.join(PROFILES)}")
     ap.add_argument("--only", nargs="+", metavar="NN", help="run just these notebook numbers")

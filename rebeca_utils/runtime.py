@@ -86,7 +86,6 @@ def kit_cache_dir() -> Path:
 
 
 @contextlib.contextmanager
-
 def seeded(seed: int) -> Iterator[None]:
     """Run a block under torch seed `seed` without touching the caller's global RNG stream."""    # fork_rng: tiny builds are reproducible without disturbing the caller's global RNG stream
     with torch.random.fork_rng(devices=[]):
@@ -115,7 +114,6 @@ def hub_reachable(timeout: float = 3.0, endpoint: str | None = None) -> bool:
 
 
 @dataclass
-
 class Share:
     """Rank, world size and device of this process; `state` is accelerate's PartialState when launched."""
     rank: int

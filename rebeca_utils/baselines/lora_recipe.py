@@ -167,6 +167,7 @@ def adapter_seed(seed: int, user_id: int | None) -> int:
 
 
 def step_seed(seed: int, step: int) -> int:
+    """Seed of optimiser step `step` of an adapter seeded `seed`: every draw of that step is keyed by it."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{step}".encode()).digest()[:7], "big")
 
 

@@ -27,17 +27,14 @@ training images (``studies.controlled.study_triplets``).
 """
 from __future__ import annotations
 
-from ..io import download_url, file_digest
-
-import hashlib
 import os
-import tempfile
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..io import download_url, file_digest
 
 DSPRITES_FILENAME = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
 
@@ -84,6 +81,7 @@ P_LIKE_PAPER = (0.95, 0.10, 0.05)  # both / exactly one / neither match (paper)
 
 P_LIKE_REFERENCE = (0.95, 0.10, 0.01)  # the reference code's "neither" probability
 
+
 # Download / check
 def check_dsprites_npz(path: str | os.PathLike, full: bool = True) -> dict:
     """Check a dSprites npz: structure (keys, shapes, dtypes) and, with ``full``, size / MD5 / SHA-256.
@@ -115,20 +113,24 @@ def check_dsprites_npz(path: str | os.PathLike, full: bool = True) -> dict:
     out["ok"] = not out["problems"]
     return out
 
+
 def download_dsprites(path: str | os.PathLike, url: str = DSPRITES_URL) -> Path:
     """Download the official npz to ``path`` (temp file + rename) and verify its MD5; kept when already valid."""
     return download_url(url, path, md5=DSPRITES_MD5)
+
 
 def _npz_member_header(path, key):
     with zipfile.ZipFile(path) as zf, zf.open(key + ".npy") as f:
         shape, _, dtype = _read_npy_header(f)
     return shape, dtype
 
+
 def _read_npy_header(f):
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
         return np.lib.format.read_array_header_1_0(f)
     return np.lib.format.read_array_header_2_0(f)
+
 
 def read_npz_rows(path, key: str, rows: np.ndarray, chunk_rows: int = 8192) -> np.ndarray:
     """Rows ``rows`` (any order, repeats allowed) of array ``key`` in an npz, reading it sequentially."""
@@ -156,10 +158,12 @@ def read_npz_rows(path, key: str, rows: np.ndarray, chunk_rows: int = 8192) -> n
             pos, start = end, stop
     return out
 
+
 # Procedural renderer
 def dsprites_factor_grid() -> np.ndarray:
     """All 737,280 factor combinations, int64 (N, 6), in the official order (posY varies fastest)."""
     return np.indices(FACTOR_SIZES).reshape(6, -1).T.astype(np.int64)
+
 
 def _inside(shape: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Implicit-function test in sprite coordinates (unit box [-1, 1]^2, y pointing down)."""
@@ -173,6 +177,7 @@ def _inside(shape: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         r = X * X + Y * Y - 1.0
         return r * r * r - X * X * Y * Y * Y <= 0.0
     raise ValueError(f"shape must be 0 (square), 1 (ellipse) or 2 (heart), got {shape}")
+
 
 def render_sprites(shape, scale_idx, orient_idx, posx_idx, posy_idx, chunk: int = 8192) -> np.ndarray:
     """Render dSprites-style binary images, uint8 (n, 64, 64) with values {0, 1}.
@@ -219,10 +224,12 @@ def render_sprites(shape, scale_idx, orient_idx, posx_idx, posy_idx, chunk: int 
             out[idx[:, None, None], rows[:, :, None], cols[:, None, :]] = mask
     return out
 
+
 def render_from_factors(factors: np.ndarray) -> np.ndarray:
     """Render images for factor-class rows (N, 6) laid out like ``latents_classes``."""
     f = np.asarray(factors)
     return render_sprites(f[:, 1], f[:, 2], f[:, 3], f[:, 4], f[:, 5])
+
 
 # Loading
 def load_factor_table(npz_path: str | os.PathLike | None = None) -> tuple[np.ndarray, str]:
@@ -238,6 +245,7 @@ def load_factor_table(npz_path: str | os.PathLike | None = None) -> tuple[np.nda
     if classes.ndim != 2 or classes.shape[1] != 6:
         raise ValueError(f"latents_classes in {npz_path} has shape {classes.shape}, expected (N, 6)")
     return classes, f"official npz: {npz_path}"
+
 
 def load_dsprites(npz_path: str | os.PathLike | None = None, rows=None) -> tuple[np.ndarray, np.ndarray, str]:
     """dSprites images uint8 (n, 64, 64) in {0, 1}, factor classes int64 (n, 6) and the source string.
@@ -260,11 +268,13 @@ def load_dsprites(npz_path: str | os.PathLike | None = None, rows=None) -> tuple
         imgs = (imgs > 0).astype(np.uint8)
     return imgs, factors, source
 
+
 def colourise(masks: np.ndarray, colour: np.ndarray) -> np.ndarray:
     """Binary masks (n, 64, 64) and colours (n,) 0=red / 1=blue -> uint8 RGB (n, 3, 64, 64), values {0, 255}."""
     masks = (np.asarray(masks) > 0).astype(np.uint8) * np.uint8(255)
     rgb = COLOUR_RGB[np.asarray(colour, dtype=np.int64)]  # (n, 3)
     return masks[:, None, :, :] * rgb[:, :, None, None]
+
 
 def like_probability(pair, user: int, p_like=P_LIKE_PAPER) -> np.ndarray:
     """P(like) of user ``user`` (who prefers pair ``user``) for images of pair id(s) ``pair``."""
@@ -273,6 +283,7 @@ def like_probability(pair, user: int, p_like=P_LIKE_PAPER) -> np.ndarray:
     match_colour = (pair % 2) == (user % 2)
     n_match = match_shape.astype(int) + match_colour.astype(int)
     return np.asarray(p_like, dtype=np.float64)[2 - n_match]
+
 
 @dataclass
 class DSpritesStudy:
@@ -303,6 +314,7 @@ class DSpritesStudy:
         """Empirical like rate (4 users x 4 pairs): rows users, columns pairs."""
         return np.array([[self.likes[u, self.pair == p].mean() if (self.pair == p).any() else np.nan
                           for p in range(4)] for u in range(self.n_users)])
+
 
 def make_study(n_images: int = 40_000, test_frac: float = 0.1, p_like=P_LIKE_PAPER, seed: int = 0,
                npz_path: str | os.PathLike | None = None) -> DSpritesStudy:

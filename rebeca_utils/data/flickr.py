@@ -1,8 +1,6 @@
 """FLICKR-AES ratings: the on-disk format, a validating reader with one-line errors, a summary table."""
 from __future__ import annotations
 
-from ..io import list_images
-
 import os
 import re
 from pathlib import Path
@@ -11,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..io import IMAGE_EXTS
+from ..io import list_images
 
 CSV_NAME = "FLICKR-AES_image_labeled_by_each_worker.csv"
 
@@ -21,12 +19,15 @@ IMAGE_DIR = "40K"
 
 CSV_HEADER = "worker, imagePair, score"
 
+
 class DataError(ValueError):
     """Invalid dataset file; the message is one line, ``<path>:<line>: <what>``."""
+
 
 def _fail(path: Path, lines: np.ndarray, what: str) -> None:
     extra = f" (and {len(lines) - 1} more such rows)" if len(lines) > 1 else ""
     raise DataError(f"{path}:{int(lines[0])}: {what}{extra}")
+
 
 def image_names(root: str | os.PathLike) -> list[str]:
     """Sorted file names of the images in `<root>/40K/`; the position in this list is the image id."""
@@ -34,6 +35,7 @@ def image_names(root: str | os.PathLike) -> list[str]:
         return list_images(Path(root) / IMAGE_DIR)
     except FileNotFoundError as exc:
         raise DataError(str(exc)) from None
+
 
 def load_ratings(root: str | os.PathLike, like_threshold: int = 4, missing_images: str = "error",
                  duplicates: str = "first") -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -131,6 +133,7 @@ def load_ratings(root: str | os.PathLike, like_threshold: int = 4, missing_image
         "duplicate_rows": n_dup_rows, "duplicate_policy": duplicates,
     }
     return out, report
+
 
 def ratings_report(ratings: pd.DataFrame) -> pd.DataFrame:
     """Summary table (index = metric, column ``value``): users, images, ratings, like rate overall and per user

@@ -1,28 +1,24 @@
 """Per-user train/val/test splits and hold-out workers, saved and reused; splits joined to embeddings."""
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
-
-from ..io import atomic_path
-from ..runtime import seed_sequence
-
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
+from ..io import atomic_path
+from ..runtime import seed_sequence
 from .flickr import DataError, load_ratings, ratings_report
 from .synthetic import write_synthetic_flickr
 
 _SPLIT_COLUMNS = ["user_id", "worker", "image_id", "image", "score", "like", "split", "holdout"]
+
 
 def make_splits(ratings: pd.DataFrame, n_test: int = 10, n_val: int = 10, n_holdout_workers: int = 37,
                 seed: int = 0) -> tuple[pd.DataFrame, list[str]]:
@@ -50,6 +46,7 @@ def make_splits(ratings: pd.DataFrame, n_test: int = 10, n_val: int = 10, n_hold
     df["holdout"] = df["worker"].isin(holdout)
     return df, holdout
 
+
 def save_splits(df: pd.DataFrame, holdout: list[str], path: str | os.PathLike,
                 meta: dict[str, Any] | None = None) -> Path:
     """Write the split table to parquet atomically (temp file + os.replace); byte-identical for equal input.
@@ -69,6 +66,7 @@ def save_splits(df: pd.DataFrame, holdout: list[str], path: str | os.PathLike,
         pq.write_table(table, tmp)
     return path
 
+
 def load_splits(path: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
     """Read a table written by `save_splits`: (ratings with split/holdout columns, sorted hold-out workers)."""
 
@@ -78,11 +76,13 @@ def load_splits(path: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
         raise DataError(f"{path}: not a split table (missing column(s) {missing})")
     return df, sorted(df.loc[df["holdout"], "worker"].unique().tolist())
 
+
 def split_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The `meta` dict stored by `save_splits`."""
 
     md = pq.read_schema(path).metadata or {}
     return json.loads(md.get(b"rebeca_splits", b"{}"))
+
 
 def prepare_flickr(cfg, out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None, seed: int = 0,
                    overwrite: bool = False, missing_images: str = "error",

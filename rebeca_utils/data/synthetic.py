@@ -1,20 +1,17 @@
 """A synthetic FLICKR-AES in the real on-disk format, with planted attributes and worker tastes."""
 from __future__ import annotations
 
-from ..io import atomic_dir
-from ..runtime import seed_sequence
-
 import colorsys
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from ..io import atomic_dir
+from ..runtime import seed_sequence
 from .flickr import CSV_HEADER, CSV_NAME, IMAGE_DIR, SCORE_NAME
 
 MARKER_NAME = ".rebeca_synthetic.json"
@@ -36,15 +33,18 @@ MIN_RATINGS_PER_WORKER = 30  # 10 test + 10 val + >= 10 train
 
 _ID_CHARS = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
 
+
 def _fixture_params(n_workers: int, n_images: int, image_size: int, ratings_per_image: int, seed: int) -> dict:
     return {"version": FIXTURE_VERSION, "n_workers": int(n_workers), "n_images": int(n_images),
             "image_size": int(image_size), "ratings_per_image": int(ratings_per_image), "seed": int(seed)}
+
 
 def _read_marker(root: Path) -> dict | None:
     try:
         return json.loads((root / MARKER_NAME).read_text())
     except (OSError, ValueError):
         return None
+
 
 def write_synthetic_flickr(root: str | os.PathLike, n_workers: int = 24, n_images: int = 400, image_size: int = 64,
                            ratings_per_image: int = 5, seed: int = 0) -> Path:
@@ -70,6 +70,7 @@ def write_synthetic_flickr(root: str | os.PathLike, n_workers: int = 24, n_image
         _build_fixture(tmp, params)
     return root
 
+
 def synthetic_truth(root: str | os.PathLike) -> dict[str, Any]:
     """Planted ground truth of a synthetic fixture: ``params``, ``attributes`` {image: {hue, texture, layout}},
     ``preferences`` {worker: {attribute: value}} and ``p_like`` {worker: [p_no_match, p_full_match]};
@@ -80,11 +81,13 @@ def synthetic_truth(root: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{Path(root) / MARKER_NAME}: not a synthetic FLICKR-AES fixture")
     return marker
 
+
 def match_fraction(truth: dict[str, Any], worker: str, image: str) -> float:
     """Fraction of `worker`'s preferred attribute values that `image` carries (0..1)."""
     prefs = truth["preferences"][worker]
     attrs = truth["attributes"][image]
     return sum(attrs[a] == v for a, v in prefs.items()) / len(prefs)
+
 
 def _unique_strings(make, n: int) -> list[str]:
     out: list[str] = []
@@ -98,9 +101,11 @@ def _unique_strings(make, n: int) -> list[str]:
                     break
     return out
 
+
 def _worker_ids(rng: np.random.Generator, n: int) -> list[str]:
     # AMT-style: 13 upper-case alphanumerics, starting with 'A'
     return _unique_strings(lambda m: ["A" + "".join(rng.choice(_ID_CHARS, 12)) for _ in range(m)], n)
+
 
 def _image_names(rng: np.random.Generator, n: int) -> list[str]:
     def make(m):
@@ -110,6 +115,7 @@ def _image_names(rng: np.random.Generator, n: int) -> list[str]:
         secret = rng.integers(0, 16**10, m)
         return [f"farm{f}_{s}_{p}_{c:010x}.jpg" for f, s, p, c in zip(farm, server, photo, secret)]
     return _unique_strings(make, n)
+
 
 def _target_counts(rng: np.random.Generator, n_workers: int, n_images: int, k: int) -> np.ndarray:
     """Ratings per worker: a floor of MIN_RATINGS_PER_WORKER (or the even share if smaller), rest ~ activity."""
@@ -135,6 +141,7 @@ def _target_counts(rng: np.random.Generator, n_workers: int, n_images: int, k: i
         rest = total - counts.sum()
     return counts
 
+
 def _assign(rng: np.random.Generator, counts: np.ndarray, n_images: int, k: int) -> np.ndarray:
     """(n_images, k) distinct workers per image with exact per-worker totals `counts` (sum = n_images*k)."""
     q = counts.astype(np.int64).copy()
@@ -152,6 +159,7 @@ def _assign(rng: np.random.Generator, counts: np.ndarray, n_images: int, k: int)
         out[i] = picked
         q[picked] -= 1
     return out
+
 
 def _draw_image(rng: np.random.Generator, attrs: dict[str, str], size: int) -> np.ndarray:
     """uint8 RGB image: hue-coloured background, texture over it, a white/black object at centre or corner."""
@@ -188,6 +196,7 @@ def _draw_image(rng: np.random.Generator, attrs: dict[str, str], size: int) -> n
     img[mask] = 0.96 if rng.uniform() < 0.6 else 0.06
     img = img + rng.normal(0, 0.02, img.shape)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
 
 def _build_fixture(out: Path, params: dict) -> None:
 
@@ -269,6 +278,7 @@ def _build_fixture(out: Path, params: dict) -> None:
         "p_like": {workers[w]: [round(float(p_lo[w]), 6), round(float(p_hi[w]), 6)] for w in range(nw)},
     }
     (out / MARKER_NAME).write_text(json.dumps(marker, sort_keys=True, indent=1) + "\n")  # last: marks completion
+
 
 def _fmt_mean(x: float) -> str:
     s = f"{x:.6f}".rstrip("0")

@@ -6,7 +6,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..models.vae import _as_tensor
 from ..pipeline.sampling import sample_users
 from ..runtime import seed_sequence
 
@@ -153,7 +152,7 @@ def personalization_score(prior, sched, splits: pd.DataFrame, pool_emb: torch.Te
 @torch.no_grad()
 def nn_label_agreement(z, labels, metric: str = "cosine", batch_size: int = 2048) -> float:
     """Fraction of points whose nearest other point (cosine or euclidean) has the same label."""
-    z = _as_tensor(z).float()
+    z = torch.as_tensor(np.asarray(z)).float()
     labels = torch.as_tensor(np.asarray(labels))
     if metric == "cosine":
         z = F.normalize(z, dim=1)

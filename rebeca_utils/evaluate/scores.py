@@ -12,7 +12,6 @@ from PIL import Image
 from ..models.nmf import NMFVerifier
 
 
-
 def user_scores(scores, owner, **labels):
     """Eq. 5 per user: mean verifier score v(u, I) over u's generated images -> DataFrame[user_id, score, n, *labels].
 

@@ -19,11 +19,11 @@ from ..io import atomic_write
 from ..runtime import kit_cache_dir, resolve_dtype, seeded
 from .encoders import build_tokenizer
 from .weights import (
-    _ip_adapter_entry,
-    _sd_entry,
     check_builder,
     hf_cache,
+    ip_adapter_entry,
     require_weights,
+    sd_entry,
 )
 
 SD15_UNET_CONFIG = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -119,9 +119,9 @@ def build_sd_pipeline(models: ModelsConfig, device: str = "cpu", dtype: torch.dt
         if dtype != torch.float32:  # (a float32 .to() only earns diffusers warnings)
             pipe = pipe.to(dtype=dtype)
     else:
-        require_weights(_sd_entry(models))
+        require_weights(sd_entry(models))
         if ip_adapter:
-            require_weights(_ip_adapter_entry(models))
+            require_weights(ip_adapter_entry(models))
         pipe = StableDiffusionPipeline.from_pretrained(
             models.sd_id, dtype=dtype, safety_checker=None, requires_safety_checker=False,
             cache_dir=hf_cache(), local_files_only=True)

@@ -22,11 +22,11 @@ from ..io import atomic_write
 from ..runtime import kit_cache_dir, seeded
 from .weights import (
     CLIP_ROLES,
-    _clip_entry,
-    _image_encoder_entry,
     cached_file,
     check_builder,
+    clip_entry,
     hf_cache,
+    image_encoder_entry,
     require_weights,
 )
 
@@ -41,7 +41,7 @@ VIT_H14_VISION_CONFIG = dict(hidden_size=1280, intermediate_size=5120, num_hidde
 
 
 def tiny_clip_name(models: ModelsConfig, role: str) -> str:
-
+    """Register (once) and name the tiny open_clip config of `role`, widths from `models`."""
     emb = {"verifier": models.verifier_emb_dim, "aesthetic": AESTHETIC_EMB_DIM,
            "decoder": models.decoder_emb_dim, "hps": TINY_HPS_EMB_DIM}[role]
     name = f"rebeca-tiny-{role}-{emb}"
@@ -69,7 +69,7 @@ def build_clip(models: ModelsConfig, role: str, device: str = "cpu", dtype: torc
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
     else:
         name, tag = getattr(models, f"{role}_clip")
-        entry = _clip_entry(models, role)
+        entry = clip_entry(models, role)
         require_weights(entry)
         pcfg = open_clip.get_pretrained_cfg(name, tag)
         # load the cached file by path (no Hub round-trip) with the tag's preprocessing and activation
@@ -97,7 +97,7 @@ def build_image_encoder(models: ModelsConfig, device: str = "cpu", dtype: torch.
         with seeded(models.seed):
             encoder = CLIPVisionModelWithProjection(tiny_image_encoder_config(models))
     else:
-        require_weights(_image_encoder_entry(models))
+        require_weights(image_encoder_entry(models))
         encoder = CLIPVisionModelWithProjection.from_pretrained(
             models.ip_adapter_id, subfolder=models.image_encoder_subfolder, dtype=dtype,
             cache_dir=hf_cache(), local_files_only=True)
@@ -241,5 +241,6 @@ def build_encoder(space: str, models: ModelsConfig, device: str = "cpu",
 
 
 def check_space(space: str) -> None:
+    """Refuse a space other than "decoder" and "verifier"."""
     if space not in SPACES:
         raise ValueError(f"space={space!r}: valid spaces are {', '.join(SPACES)}")

@@ -36,13 +36,14 @@ class WeightsEntry(NamedTuple):
 
 
 def check_builder(models: ModelsConfig) -> str:
+    """`models.builder` ("tiny" or "hub"), refused otherwise."""
     if models.builder not in ("tiny", "hub"):
         raise ValueError(f"models.builder={models.builder!r}: valid builders are 'tiny' and 'hub'")
     return models.builder
 
 
 def hf_cache() -> str:
-
+    """The Hugging Face hub cache folder, read at call time (so HF_HUB_CACHE can be redirected, e.g. by tests)."""
     # read at call time (not import time) so HF_HUB_CACHE can be redirected, e.g. by tests
     return constants.HF_HUB_CACHE
 
@@ -60,7 +61,8 @@ def _open_clip_entry(label: str, arch_tag: tuple[str, str]) -> WeightsEntry:
     return WeightsEntry(f"{label} (open_clip {arch} / {tag})", repo, files)
 
 
-def _sd_entry(models: ModelsConfig) -> WeightsEntry:
+def sd_entry(models: ModelsConfig) -> WeightsEntry:
+    """Stable Diffusion 1.5: the files StableDiffusionPipeline needs without its safety checker."""
     # only what StableDiffusionPipeline needs with safety_checker=None (the repo also holds ~30 GB of variants)
     files = ["model_index.json", "scheduler/scheduler_config.json", "feature_extractor/preprocessor_config.json",
              "text_encoder/config.json", "text_encoder/model.safetensors",
@@ -70,18 +72,21 @@ def _sd_entry(models: ModelsConfig) -> WeightsEntry:
     return WeightsEntry("Stable Diffusion 1.5 (decoder)", models.sd_id, files)
 
 
-def _ip_adapter_entry(models: ModelsConfig) -> WeightsEntry:
+def ip_adapter_entry(models: ModelsConfig) -> WeightsEntry:
+    """The IP-Adapter SD1.5 checkpoint."""
     return WeightsEntry("IP-Adapter SD1.5", models.ip_adapter_id,
                         [f"{models.ip_adapter_subfolder}/{models.ip_adapter_weight}"])
 
 
-def _image_encoder_entry(models: ModelsConfig) -> WeightsEntry:
+def image_encoder_entry(models: ModelsConfig) -> WeightsEntry:
+    """The IP-Adapter's image encoder (OpenCLIP ViT-H/14 as CLIPVisionModelWithProjection)."""
     sub = models.image_encoder_subfolder
     return WeightsEntry("IP-Adapter image encoder (OpenCLIP ViT-H/14)", models.ip_adapter_id,
                         [f"{sub}/config.json", f"{sub}/model.safetensors|{sub}/pytorch_model.bin"])
 
 
-def _clip_entry(models: ModelsConfig, role: str) -> WeightsEntry:
+def clip_entry(models: ModelsConfig, role: str) -> WeightsEntry:
+    """The open_clip checkpoint of a CLIP role (verifier, aesthetic, decoder)."""
     label = {"verifier": "CLIP verifier", "aesthetic": "CLIP for the LAION aesthetic head",
              "decoder": "CLIP in the decoder's space"}[role]
     return _open_clip_entry(label, getattr(models, f"{role}_clip"))
@@ -107,12 +112,12 @@ def aesthetic_head_entry(models: ModelsConfig, path: str | os.PathLike | None = 
 def paper_weights(models: ModelsConfig | None = None) -> list[WeightsEntry]:
     """Every checkpoint the paper profile loads, as (label, repo_id, files[, url])."""
     models = models or ModelsConfig()
-    return [_sd_entry(models), _ip_adapter_entry(models), _image_encoder_entry(models),
-            *(_clip_entry(models, role) for role in CLIP_ROLES), aesthetic_head_entry(models), hps_entry(models)]
+    return [sd_entry(models), ip_adapter_entry(models), image_encoder_entry(models),
+            *(clip_entry(models, role) for role in CLIP_ROLES), aesthetic_head_entry(models), hps_entry(models)]
 
 
 def cached_file(repo_id: str, spec: str) -> str | None:
-
+    """Local path of `spec` ("a|b": either file) of `repo_id` in the Hugging Face cache, or None."""
     for name in spec.split("|"):
         hit = try_to_load_from_cache(repo_id, name, cache_dir=hf_cache())
         if isinstance(hit, str) and os.path.isfile(hit):

@@ -87,11 +87,13 @@ def _collate(batch):
 
 
 def space_dir(out_dir: str | os.PathLike, space: str) -> Path:
+    """`<out_dir>/<space>`: the store folder of one space."""
     check_space(space)
     return Path(out_dir) / space
 
 
 def chunk_path(out_dir: str | os.PathLike, space: str, i: int) -> Path:
+    """Path of chunk i of a space."""
     return space_dir(out_dir, space) / f"chunk_{i:05d}.safetensors"
 
 
