@@ -184,15 +184,66 @@ def test_missing_image_error_or_drop(tmp_path):
 
 
 def test_duplicates_policies(tmp_path):
-    body = GOOD + f"WA,{IMG[0]},5\n"  # (WA, IMG[0]) first 2 at line 3, again 5 at line 6
+    body = GOOD + f"WA,{IMG[0]},5\n"  # (WA, IMG[0]) first 2 at line 3, again 5 at line 6: a conflict
     _check_error(tmp_path, body, f"{{csv}}:6: duplicate rating of '{IMG[0]}' by worker 'WA' (first at line 3)",
                  duplicates="error")
+    # the default refuses a conflicting repeat (nothing is dropped silently) ...
+    _check_error(tmp_path / "auto", body, f"{{csv}}:6: worker 'WA' rated '{IMG[0]}' 5 here and 2 at line 3; "
+                 "choose duplicates='first' or 'last' to keep one")
     root = _tiny(tmp_path / "p", body)
-    first, rep = FL.load_ratings(root)
-    assert rep["duplicate_rows"] == 1 and len(first) == 4
+    first, rep = FL.load_ratings(root, duplicates="first")
+    assert rep["duplicate_rows"] == 1 and rep["conflicting_duplicate_rows"] == 1 and len(first) == 4
     assert first.query("worker == 'WA' and image_id == 0")["score"].item() == 2
     last, _ = FL.load_ratings(root, duplicates="last")
     assert last.query("worker == 'WA' and image_id == 0")["score"].item() == 5
+    # ... and drops an exact repeat (the real test-worker file has one), counting it
+    same, rep = FL.load_ratings(_tiny(tmp_path / "s", GOOD + f"WA,{IMG[0]},2\n"))
+    assert len(same) == 4 and rep["duplicate_rows"] == 1 and rep["conflicting_duplicate_rows"] == 0
+
+
+def test_duplicates_reach_the_report(tmp_path):
+    root = _tiny(tmp_path, GOOD + f"WA,{IMG[0]},2\nWB,{IMG[1]},3\n")
+    cfg = FlickrConfig(synthetic=False, n_test=0, n_val=0, n_holdout_workers=1)
+    _, _, rep = SP.prepare_flickr(cfg, tmp_path / "out", data_dir=root.parent, duplicates="first")
+    assert rep["value"]["duplicate rows dropped"] == 2 and rep["value"]["of which conflicting"] == 1
+    _, _, again = SP.prepare_flickr(cfg, tmp_path / "out", data_dir=root.parent, duplicates="first")  # reused
+    assert again["value"]["of which conflicting"] == 1
+
+
+@pytest.mark.parametrize("raw, message", [
+    (GOOD.encode() + b"WC,\xff" + IMG[0].encode() + b",3\n",
+     "{csv}:6: not UTF-8 text (byte 0xff at column 4); save the file as UTF-8"),
+    (f'WA,{IMG[0]},2\n"W\nB",{IMG[1]},4\nWA,{IMG[2]},5\n'.encode(), "{csv}:3: an unclosed quote (a field cannot span lines)"),
+    (f'WA,{IMG[0]},2\nWB,"{IMG[1]},4\n'.encode(), "{csv}:3: an unclosed quote (a field cannot span lines)"),
+    ("".join(f"{ln},\n" for ln in GOOD.splitlines()).encode(), "{csv}:2: expected 3 fields, saw 4 (a trailing comma?)"),
+    (b"", "{csv}:1: no ratings after the header"),
+    (f"WA,{IMG[0]},3.0\n".encode(), "{csv}:2: score '3.0' is not an integer 1-5"),
+    (f"WA,{IMG[0]},4.\n".encode(), "{csv}:2: score '4.' is not an integer 1-5"),
+    (f"W\tA,{IMG[0]},4\n".encode(), "{csv}:2: worker id 'W\\tA' contains a control character or path separator"),
+    (f"../WA,{IMG[0]},4\n".encode(), "{csv}:2: worker id '../WA' contains a control character or path separator"),
+    (f"WA,40K/{IMG[0]},4\n".encode(), f"{{csv}}:2: imagePair '40K/{IMG[0]}' is not an image file name in 40K/ (name.jpg, no folders)"),
+    (b"WA,notes.txt,4\n", "{csv}:2: imagePair 'notes.txt' is not an image file name in 40K/ (name.jpg, no folders)"),
+], ids=["non-utf8", "newline-in-quotes", "unclosed-quote", "trailing-comma", "header-only", "score-3.0", "score-4.",
+        "control-char", "path-in-worker", "path-in-image", "not-an-image"])
+def test_malformed_csv_one_line_error(tmp_path, raw, message):
+    root = _tiny(tmp_path, "")
+    (root / FL.CSV_NAME).write_bytes(FL.CSV_HEADER.encode() + b"\n" + raw)
+    before = _files(root.parent)
+    with pytest.raises(FL.DataError) as e:
+        FL.load_ratings(root)
+    assert str(e.value) == message.format(csv=root / FL.CSV_NAME)
+    with pytest.raises(FL.DataError):  # the notebook entry point stops the same way and writes nothing
+        SP.prepare_flickr(FlickrConfig(synthetic=False, n_holdout_workers=1), tmp_path / "out", data_dir=root.parent)
+    assert _files(root.parent) == before and not (tmp_path / "out").exists()
+
+
+def test_header_trailing_comma_and_crlf(tmp_path):
+    root = _tiny(tmp_path, "")
+    (root / FL.CSV_NAME).write_bytes(b"worker,imagePair,score,\n" + GOOD.encode())
+    with pytest.raises(FL.DataError, match=r":1: empty column name in the header \(a trailing comma\?\)$"):
+        FL.load_ratings(root)
+    (root / FL.CSV_NAME).write_bytes(("\ufeff" + FL.CSV_HEADER + "\r\n" + GOOD.replace("\n", "\r\n")).encode())
+    pd.testing.assert_frame_equal(FL.load_ratings(root)[0], FL.load_ratings(_tiny(tmp_path / "lf", GOOD))[0])
 
 
 def test_bad_policy_names(tmp_path):
@@ -201,6 +252,7 @@ def test_bad_policy_names(tmp_path):
         FL.load_ratings(root, missing_images="skip")
     with pytest.raises(ValueError, match="duplicates"):
         FL.load_ratings(root, duplicates="mean")
+    assert FL.DUPLICATES == ("auto", "first", "last", "error")
 
 
 # ---------------------------------------------------------------- splits
@@ -261,3 +313,32 @@ def test_prepare_flickr_real_layout(tmp_path):
     assert len(holdout) == 2 and rep["value"]["ratings"] == 400 and not (tmp_path / "out" / "flickr_synthetic").exists()
     with pytest.raises(ValueError, match="data_dir"):
         SP.prepare_flickr(cfg, tmp_path / "out2")
+
+
+def test_prepare_flickr_keys_reuse_on_the_data(tmp_path):
+    """Splits are reused for the same data only; a moved output folder still reuses them (no absolute paths)."""
+    import shutil
+
+    SYN.write_synthetic_flickr(tmp_path / "data" / "FLICKR-AES", n_workers=8, n_images=80, image_size=16, seed=2)
+    cfg = FlickrConfig(synthetic=False, n_holdout_workers=2)
+    first = SP.prepare_flickr(cfg, tmp_path / "out", data_dir=tmp_path / "data")[0]
+    shutil.move(tmp_path / "out", tmp_path / "moved")
+    pd.testing.assert_frame_equal(SP.prepare_flickr(cfg, tmp_path / "moved", data_dir=tmp_path / "data")[0], first)
+    csv = tmp_path / "data" / "FLICKR-AES" / FL.CSV_NAME
+    original = csv.read_text()
+    lines = original.splitlines(keepends=True)
+    lines[1] = lines[1].rsplit(",", 1)[0] + ", 9\n"  # an edited (even invalid) score
+    csv.write_text("".join(lines))
+    split_file = tmp_path / "moved" / "flickr_splits.parquet"
+    before = split_file.read_bytes()
+    with pytest.raises(FL.DataError) as e:
+        SP.prepare_flickr(cfg, tmp_path / "moved", data_dir=tmp_path / "data")
+    assert re.fullmatch(rf"{re.escape(str(split_file))} was made from other data \({FL.CSV_NAME} [0-9a-f]{{12}} -> "
+                        r"[0-9a-f]{12}, sha256\); rerun with overwrite=True \(runner: -p overwrite=True\) or delete it",
+                        str(e.value))
+    with pytest.raises(FL.DataError, match=r":2: score '9' is not an integer 1-5$"):  # overwrite validates anew
+        SP.prepare_flickr(cfg, tmp_path / "moved", data_dir=tmp_path / "data", overwrite=True)
+    assert split_file.read_bytes() == before
+    csv.write_text(original)
+    with pytest.raises(FL.DataError, match=r"other parameters \(seed=0 -> 1\)"):
+        SP.prepare_flickr(cfg, tmp_path / "moved", data_dir=tmp_path / "data", seed=1)

@@ -1,6 +1,8 @@
 """FLICKR-AES ratings: the on-disk format, a validating reader with one-line errors, a summary table."""
 from __future__ import annotations
 
+import csv as csvlib
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -9,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..io import list_images
+from ..io import list_images, sha256
 
 CSV_NAME = "FLICKR-AES_image_labeled_by_each_worker.csv"
 
@@ -18,6 +20,10 @@ SCORE_NAME = "FLICKR-AES_image_score.txt"
 IMAGE_DIR = "40K"
 
 CSV_HEADER = "worker, imagePair, score"
+
+COLUMNS = ("worker", "imagePair", "score")
+
+DUPLICATES = ("auto", "first", "last", "error")  # auto: drop exact repeats (keep the first), refuse conflicting ones
 
 
 class DataError(ValueError):
@@ -29,6 +35,105 @@ def _fail(path: Path, lines: np.ndarray, what: str) -> None:
     raise DataError(f"{path}:{int(lines[0])}: {what}{extra}")
 
 
+def _text_lines(path: Path) -> list[str]:
+    """The file's lines (UTF-8, an optional BOM, LF or CRLF); a non-UTF-8 byte is a one-line error with its line."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        start = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data.count(b"\n", 0, start) + 1
+        col = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[start]:02x} at column {col}); "
+                        "save the file as UTF-8") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+
+
+def _split_line(path: Path, n: int, line: str) -> list[str]:
+    """Fields of one CSV line, stripped; a quote left open at the end of the line is an error (fields never span lines)."""
+    if '"' not in line:  # the real file has no quotes: the fast path
+        return [f.strip() for f in line.split(",")]
+    try:
+        return [f.strip() for f in next(csvlib.reader([line], strict=True, skipinitialspace=True))]
+    except csvlib.Error as e:
+        why = "an unclosed quote (a field cannot span lines)" if "end of data" in str(e) else f"bad quoting ({e})"
+        raise DataError(f"{path}:{n}: {why}") from None
+
+
+def _read_table(path: Path) -> tuple[list[str], pd.DataFrame, int]:
+    """(header, rows as worker/image/score_s/line, blank lines skipped) of the ratings CSV, every field checked."""
+    lines = _text_lines(path)
+    if not lines or not lines[0].strip():
+        raise DataError(f"{path}:1: empty file, expected header '{CSV_HEADER}'")
+    header = _split_line(path, 1, lines[0])
+    if "" in header:
+        raise DataError(f"{path}:1: empty column name in the header (a trailing comma?)")
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise DataError(f"{path}:1: missing column(s) {', '.join(repr(c) for c in missing)}; "
+                        f"header has {', '.join(repr(c) for c in header)}")
+    pos = [header.index(c) for c in COLUMNS]
+    rows, line_no, blank = [], [], 0
+    for n, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            blank += 1
+            continue
+        f = _split_line(path, n, line)
+        if len(f) != len(header):
+            hint = " (a trailing comma?)" if len(f) == len(header) + 1 and f[-1] == "" else ""
+            raise DataError(f"{path}:{n}: expected {len(header)} fields, saw {len(f)}{hint}")
+        rows.append([f[i] for i in pos])
+        line_no.append(n)
+    if not rows:
+        raise DataError(f"{path}:1: no ratings after the header")
+    df = pd.DataFrame(rows, columns=["worker", "image", "score_s"], dtype=object)
+    return header, df.assign(line=np.asarray(line_no, dtype=np.int64)), blank
+
+
+_BAD_CHARS = r"[\x00-\x1f\x7f/\\]"  # control characters and path separators
+
+_IMAGE_NAME = re.compile(r"[^\x00-\x1f\x7f/\\]+\.(?:jpe?g|png)", re.IGNORECASE)
+
+
+def _check_fields(path: Path, df: pd.DataFrame) -> None:
+    """Worker ids, image names and scores, each failure as `path:line: what (and N more such rows)`."""
+    checks = [
+        (df["worker"] == "", lambda r: "empty worker id"),
+        (df["worker"].str.contains(_BAD_CHARS), lambda r: f"worker id {r['worker']!r} contains a control character "
+                                                           "or path separator"),
+        (df["image"] == "", lambda r: "empty imagePair"),
+        (~df["image"].str.fullmatch(_IMAGE_NAME.pattern, case=False),
+         lambda r: f"imagePair {r['image']!r} is not an image file name in {IMAGE_DIR}/ (name.jpg, no folders)"),
+        (~df["score_s"].str.fullmatch(r"[1-5]"), lambda r: f"score {r['score_s']!r} is not an integer 1-5"),
+    ]
+    for bad, what in checks:
+        if bad.any():
+            _fail(path, df["line"][bad].to_numpy(), what(df[bad].iloc[0]))
+
+
+def _dedupe(path: Path, df: pd.DataFrame, policy: str) -> tuple[pd.DataFrame, int, int]:
+    """Drop repeated (worker, image) rows by `policy`; (rows kept, duplicate rows, of which conflicting)."""
+    key = ["worker", "image"]
+    later = df.duplicated(key, keep="first")
+    if not later.any():
+        return df, 0, 0
+    conflict = later & (df["score_s"] != df.groupby(key)["score_s"].transform("first"))  # differs from the first
+    n_dup, n_conflict = int(later.sum()), int(conflict.sum())
+    bad = conflict if policy == "auto" else later if policy == "error" else None
+    if bad is not None and bad.any():
+        r = df[bad].iloc[0]
+        prev = df[~later & (df["worker"] == r["worker"]) & (df["image"] == r["image"])].iloc[0]
+        what = (f"worker {r['worker']!r} rated {r['image']!r} {r['score_s']} here and {prev['score_s']} at line "
+                f"{prev['line']}; choose duplicates='first' or 'last' to keep one" if policy == "auto" else
+                f"duplicate rating of {r['image']!r} by worker {r['worker']!r} (first at line {prev['line']})")
+        _fail(path, df["line"][bad].to_numpy(), what)
+    keep = "first" if policy in ("auto", "error") else policy
+    return df[~df.duplicated(key, keep=keep)], n_dup, n_conflict
+
+
 def image_names(root: str | os.PathLike) -> list[str]:
     """Sorted file names of the images in `<root>/40K/`; the position in this list is the image id."""
     try:
@@ -37,58 +142,39 @@ def image_names(root: str | os.PathLike) -> list[str]:
         raise DataError(str(exc)) from None
 
 
+def data_fingerprint(root: str | os.PathLike) -> dict[str, str]:
+    """What the ratings table depends on: sha256 of the ratings CSV and of the sorted image-name list of 40K/."""
+    root = Path(root)
+    names = "\n".join(image_names(root)).encode()
+    return {CSV_NAME: sha256(root / CSV_NAME), f"{IMAGE_DIR}/ (file names)": hashlib.sha256(names).hexdigest()}
+
+
 def load_ratings(root: str | os.PathLike, like_threshold: int = 4, missing_images: str = "error",
-                 duplicates: str = "first") -> tuple[pd.DataFrame, dict[str, Any]]:
+                 duplicates: str = "auto") -> tuple[pd.DataFrame, dict[str, Any]]:
     """Read and validate the FLICKR-AES ratings under `root`.
 
     Returns (ratings, report). ratings: one row per (worker, image), sorted by (user_id, image_id), columns
     user_id, worker, image_id, image, score (int), like (bool). Raises DataError ``<csv>:<line>: ...`` (line is
-    1-based in the file, header = 1) for a missing column, an empty worker id or image name, a score that is not
-    an integer 1-5, a rated image missing from 40K/ (``missing_images="drop"`` drops and counts them instead) and,
-    with ``duplicates="error"``, a repeated (worker, image) pair (``"first"``/``"last"`` keep one and count).
-    Blank lines are skipped. Nothing is written.
+    1-based in the file, header = 1) for bytes that are not UTF-8, a quote left open, a wrong field count, a
+    missing column, an empty or malformed worker id or image name, a score that is not one of 1-5 (``3.0`` is
+    refused too: the real file has integers), a rated image missing from 40K/ (``missing_images="drop"`` drops
+    and counts them instead) and a repeated (worker, image) pair with a different score (``duplicates="auto"``;
+    exact repeats are dropped and counted; ``"first"``/``"last"`` keep one of any repeat, ``"error"`` refuses
+    every repeat). Blank lines are skipped. Nothing is written.
     """
     if missing_images not in ("error", "drop"):
         raise ValueError(f"missing_images={missing_images!r}: valid values are 'error', 'drop'")
-    if duplicates not in ("first", "last", "error"):
-        raise ValueError(f"duplicates={duplicates!r}: valid values are 'first', 'last', 'error'")
+    if duplicates not in DUPLICATES:
+        raise ValueError(f"duplicates={duplicates!r}: valid values are {', '.join(map(repr, DUPLICATES))}")
     root = Path(root)
     csv = root / CSV_NAME
     if not csv.is_file():
         raise DataError(f"{csv}: ratings file not found")
     names = image_names(root)
 
-    try:
-        raw = pd.read_csv(csv, sep=",", dtype=str, keep_default_na=False, skipinitialspace=True,
-                          skip_blank_lines=False, engine="c")
-    except pd.errors.ParserError as e:
-        m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(e))
-        if m:
-            raise DataError(f"{csv}:{m.group(2)}: expected {m.group(1)} fields, saw {m.group(3)}") from None
-        raise DataError(f"{csv}: cannot parse CSV ({str(e).strip().splitlines()[0]})") from None
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{csv}:1: empty file, expected header '{CSV_HEADER}'") from None
-    raw.columns = [str(c).strip() for c in raw.columns]
-    missing_cols = [c for c in ("worker", "imagePair", "score") if c not in raw.columns]
-    if missing_cols:
-        raise DataError(f"{csv}:1: missing column(s) {', '.join(repr(c) for c in missing_cols)}; "
-                        f"header has {', '.join(repr(c) for c in raw.columns)}")
-    n_read = len(raw)
-    df = pd.DataFrame({"worker": raw["worker"].str.strip(), "image": raw["imagePair"].str.strip(),
-                       "score_s": raw["score"].str.strip(), "line": np.arange(n_read, dtype=np.int64) + 2})
-    blank = (df["worker"] == "") & (df["image"] == "") & (df["score_s"] == "")
-    df = df[~blank]
-
-    bad = df["worker"] == ""
-    if bad.any():
-        _fail(csv, df["line"][bad].to_numpy(), "empty worker id")
-    bad = df["image"] == ""
-    if bad.any():
-        _fail(csv, df["line"][bad].to_numpy(), "empty imagePair")
-    bad = ~df["score_s"].str.fullmatch(r"[1-5](?:\.0*)?")
-    if bad.any():
-        first = df[bad].iloc[0]
-        _fail(csv, df["line"][bad].to_numpy(), f"score {first['score_s']!r} is not an integer 1-5")
+    _, df, blank = _read_table(csv)
+    n_read = len(df)
+    _check_fields(csv, df)
 
     name_index = pd.Index(names)
     image_id = name_index.get_indexer(df["image"])
@@ -102,17 +188,7 @@ def load_ratings(root: str | os.PathLike, like_threshold: int = 4, missing_image
                   f"image {first['image']!r} not found in {root / IMAGE_DIR}")
         df, image_id = df[~miss], image_id[~miss]
     df = df.assign(image_id=image_id.astype(np.int64))
-
-    dup = df.duplicated(["worker", "image"], keep=False)
-    n_dup_rows = int(df.duplicated(["worker", "image"], keep="first").sum())
-    if n_dup_rows:
-        if duplicates == "error":
-            later = df.duplicated(["worker", "image"], keep="first")
-            first = df[later].iloc[0]
-            prev = df[dup & (df["worker"] == first["worker"]) & (df["image"] == first["image"])]["line"].iloc[0]
-            _fail(csv, df["line"][later].to_numpy(),
-                  f"duplicate rating of {first['image']!r} by worker {first['worker']!r} (first at line {prev})")
-        df = df[~df.duplicated(["worker", "image"], keep=duplicates)]
+    df, n_dup_rows, n_conflicts = _dedupe(csv, df, duplicates)
 
     workers = np.sort(df["worker"].unique())
     out = pd.DataFrame({
@@ -120,17 +196,17 @@ def load_ratings(root: str | os.PathLike, like_threshold: int = 4, missing_image
         "worker": df["worker"].to_numpy(dtype=object),
         "image_id": df["image_id"].to_numpy(),
         "image": df["image"].to_numpy(dtype=object),
-        "score": df["score_s"].str.slice(0, 1).astype(np.int64).to_numpy(),
+        "score": df["score_s"].astype(np.int64).to_numpy(),
     })
     out["like"] = out["score"] >= like_threshold
     out = out.sort_values(["user_id", "image_id"], kind="stable").reset_index(drop=True)
     report = {
-        "csv": str(csv), "rows_read": n_read, "blank_lines": int(blank.sum()),
+        "csv": str(csv), "rows_read": n_read, "blank_lines": blank,
         "users": len(workers), "images_in_folder": len(names), "images_rated": int(out["image_id"].nunique()),
         "ratings": len(out), "like_threshold": like_threshold,
         "like_rate": float(out["like"].mean()) if len(out) else 0.0,
         "missing_image_rows": n_missing_rows, "missing_images": n_missing_images, "missing_policy": missing_images,
-        "duplicate_rows": n_dup_rows, "duplicate_policy": duplicates,
+        "duplicate_rows": n_dup_rows, "conflicting_duplicate_rows": n_conflicts, "duplicate_policy": duplicates,
     }
     return out, report
 

@@ -14,7 +14,7 @@ import torch
 
 from ..io import atomic_path
 from ..runtime import seed_sequence
-from .flickr import DataError, load_ratings, ratings_report
+from .flickr import DataError, data_fingerprint, load_ratings, ratings_report
 from .synthetic import write_synthetic_flickr
 
 _SPLIT_COLUMNS = ["user_id", "worker", "image_id", "image", "score", "like", "split", "holdout"]
@@ -86,11 +86,14 @@ def split_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 def prepare_flickr(cfg, out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None, seed: int = 0,
                    overwrite: bool = False, missing_images: str = "error",
-                   duplicates: str = "first") -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
+                   duplicates: str = "auto") -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
     """Notebook entry point: data (``cfg.synthetic``: the fixture under `out_dir`/flickr_synthetic; else the real
-    dataset under `data_dir`/FLICKR-AES) -> validated ratings -> splits saved at `out_dir`/flickr_splits.parquet,
-    reused when present with the same parameters (else an error unless `overwrite`). `cfg` is a FlickrConfig.
-    Returns (splits, holdout, report table). Nothing is written when validation fails."""
+    dataset under `data_dir`/FLICKR-AES) -> validated ratings -> splits saved at `out_dir`/flickr_splits.parquet.
+
+    A saved table is reused only when it was made with the same parameters from the same data (sha256 of the
+    ratings CSV and of the image-name list); otherwise DataError says what changed, unless `overwrite`. `cfg` is
+    a FlickrConfig. Returns (splits, holdout, report table incl. duplicate and dropped-row counts). Nothing is
+    written when validation fails."""
     out_dir = Path(out_dir)
     if cfg.synthetic:
         root = write_synthetic_flickr(out_dir / "flickr_synthetic", cfg.n_workers, cfg.n_images, cfg.image_size,
@@ -99,21 +102,45 @@ def prepare_flickr(cfg, out_dir: str | os.PathLike, data_dir: str | os.PathLike 
         raise ValueError("flickr.synthetic=False needs data_dir (the folder holding FLICKR-AES/)")
     else:
         root = Path(data_dir) / "FLICKR-AES"
-    meta = {"data": str(root), "like_threshold": cfg.like_threshold, "n_test": cfg.n_test, "n_val": cfg.n_val,
-            "n_holdout_workers": cfg.n_holdout_workers, "seed": seed, "missing_images": missing_images,
-            "duplicates": duplicates}
+    params = {"like_threshold": cfg.like_threshold, "n_test": cfg.n_test, "n_val": cfg.n_val,
+              "n_holdout_workers": cfg.n_holdout_workers, "seed": seed, "missing_images": missing_images,
+              "duplicates": duplicates}
+    inputs = data_fingerprint(root)
     path = out_dir / "flickr_splits.parquet"
-    if path.exists() and not overwrite:
-        old = split_meta(path)
-        if old != meta:
-            raise ValueError(f"{path} was made with {old}, not {meta}; delete it or pass overwrite=True")
+    old = split_meta(path) if path.exists() and not overwrite else None
+    if old is not None:
+        _check_reuse(path, old, params, inputs)
         df, holdout = load_splits(path)
+        loaded = old["ratings"]
     else:
-        ratings, _ = load_ratings(root, like_threshold=cfg.like_threshold, missing_images=missing_images,
-                                  duplicates=duplicates)
+        ratings, loaded = load_ratings(root, like_threshold=cfg.like_threshold, missing_images=missing_images,
+                                       duplicates=duplicates)
         df, holdout = make_splits(ratings, cfg.n_test, cfg.n_val, cfg.n_holdout_workers, seed)
-        save_splits(df, holdout, path, meta)
-    return df, holdout, ratings_report(df)
+        keep = ("rows_read", "blank_lines", "duplicate_rows", "conflicting_duplicate_rows", "missing_image_rows",
+                "missing_images")
+        loaded = {k: loaded[k] for k in keep}
+        save_splits(df, holdout, path, {"params": params, "inputs": inputs, "ratings": loaded})
+    extra = pd.DataFrame({"value": pd.Series([loaded[k] for k in _LOAD_ROWS], dtype=object).to_numpy()},
+                         index=pd.Index(list(_LOAD_ROWS.values()), name="metric"))
+    return df, holdout, pd.concat([ratings_report(df), extra])
+
+
+_LOAD_ROWS = {"duplicate_rows": "duplicate rows dropped", "conflicting_duplicate_rows": "of which conflicting",
+              "missing_image_rows": "rows of missing images dropped"}
+
+
+def _check_reuse(path: Path, old: dict[str, Any], params: dict[str, Any], inputs: dict[str, str]) -> None:
+    """Refuse a saved split table made from other data or parameters, saying which and how to redo it."""
+    redo = "rerun with overwrite=True (runner: -p overwrite=True) or delete it"
+    if set(old) != {"params", "inputs", "ratings"}:
+        raise DataError(f"{path}: made by an older version of the kit; {redo}")
+    changed = [f"{k} {old['inputs'].get(k, '?')[:12]} -> {v[:12]}" for k, v in inputs.items()
+               if old["inputs"].get(k) != v]
+    if changed:
+        raise DataError(f"{path} was made from other data ({'; '.join(changed)}, sha256); {redo}")
+    diff = [f"{k}={old['params'].get(k)!r} -> {v!r}" for k, v in params.items() if old["params"].get(k) != v]
+    if diff:
+        raise DataError(f"{path} was made with other parameters ({', '.join(diff)}); {redo}")
 
 
 def split_mask(splits: pd.DataFrame, split: str | Sequence[str] | None = None, include_holdout: bool = True) -> np.ndarray:
