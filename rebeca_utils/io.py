@@ -3,14 +3,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
+import math
 import os
+import re
 import shutil
+import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from safetensors import safe_open
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
@@ -41,8 +47,21 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Atomically write pretty JSON."""
-    return atomic_write(path, (json.dumps(obj, indent=2, default=_jsonable) + "\n").encode())
+    """Atomically write pretty, strict JSON (NaN and infinities become null)."""
+    text = json.dumps(_finite(obj), indent=2, default=_jsonable, allow_nan=False)
+    return atomic_write(path, (text + "\n").encode())
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if hasattr(o, "tolist") and not isinstance(o, (str, bytes)):  # numpy / torch scalars and arrays
+        return _finite(o.tolist())
+    return o
 
 
 def _jsonable(o: Any) -> Any:
@@ -77,6 +96,92 @@ def atomic_dir(folder: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+ORPHAN_AGE_S = 600  # in a folder shared by processes, a temp file this old belongs to no live one
+
+TEMP_NAME = re.compile(r"^\..+\.(?:tmp|old-)")  # what atomic_path / atomic_dir name their temporaries
+
+
+def remove_orphans(folder: str | os.PathLike, recursive: bool = False, min_age_s: float = 0.0) -> int:
+    """Delete temporaries of atomic writes left in `folder` by a killed run; returns how many.
+
+    Only the step that owns the folder calls this. `min_age_s` spares the fresh temporaries of other processes
+    still writing into a shared folder (multi-process runs)."""
+    folder, now, n = Path(folder), time.time(), 0
+    if not folder.is_dir():
+        return 0
+    for p in sorted(folder.rglob(".*") if recursive else folder.glob(".*")):
+        try:
+            if not TEMP_NAME.match(p.name) or now - p.lstat().st_mtime < min_age_s:
+                continue
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            n += 1
+        except FileNotFoundError:  # removed meanwhile (by its own process, or inside a removed folder)
+            continue
+    return n
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file atomically and byte-reproducibly (sorted names and metadata keys).
+
+    safetensors' own writer orders the metadata by a hash map, so equal inputs gave different bytes."""
+    header: dict[str, Any] = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}} if metadata else {}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        blob = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
+    return atomic_write(path, struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+class CorruptFileError(OSError):
+    """A file the kit wrote earlier is truncated or unreadable; the message names it and what to do."""
+
+
+def read_safetensors(path: str | os.PathLike, redo: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a missing, truncated or corrupt file is one line naming it and `redo`."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except FileNotFoundError:
+        raise CorruptFileError(f"{path}: file not found; {redo}") from None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for truncated files
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptFileError(f"{path}: truncated or corrupt safetensors file ({why}); delete it and {redo}") from None
+
+
+def save_model(model: Any, folder: str | os.PathLike) -> Path:
+    """`save_pretrained` (config.json + model.safetensors) into a temp folder swapped into place: never half-written."""
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+    return Path(folder)
+
+
+def load_model(cls: Any, folder: str | os.PathLike, redo: str) -> Any:
+    """`cls.from_pretrained(folder)`; a missing, truncated or corrupt file is one line naming it and `redo`."""
+    folder = Path(folder)
+    for name in ("config.json", "model.safetensors"):
+        if not (folder / name).is_file():
+            raise CorruptFileError(f"{folder / name}: not found; {redo}")
+    read_safetensors(folder / "model.safetensors", redo)  # the hub mixin's own error would not name the file
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the hub mixin prints "Loading weights from local directory"
+            return cls.from_pretrained(folder)
+    except (ValueError, TypeError, OSError) as exc:  # e.g. a config.json of another model or version
+        raise CorruptFileError(f"{folder}: cannot load ({str(exc).splitlines()[0]}); {redo}") from None
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:

@@ -327,3 +327,62 @@ def test_lora_items_load_their_adapter_and_leave_the_pipeline_clean(pipe, tmp_pa
     a, b = (np.asarray(Image.open(tmp_path / "out" / it.relpath), dtype=float) for it in (plain[0], with_lora[0]))
     assert plain[0].seed == with_lora[0].seed and np.abs(a - b).mean() > 1  # same seed: the adapter made the change
     np.testing.assert_allclose(DECODE.run_batch(pipe, plain, CFG), before, atol=1e-6)  # adapter unloaded afterwards
+
+
+# ----------------------------------------------------------------------------------------------- bad embeddings
+
+@pytest.mark.parametrize("value, why", [
+    (float("nan"), "has NaN/inf values"), (float("inf"), "has NaN/inf values"),
+    (0.0, "has norm 0 (valid: 1e-06 to 1000)"), (1e5, "has norm 5.66e+05 (valid: 1e-06 to 1000)")])
+def test_non_finite_or_absurd_embeddings_refused_with_the_item(pipe, tmp_path, value, why):
+    items = _items(2, 2)
+    bad = replace(items[3], ip_embedding=torch.full_like(items[3].ip_embedding, value))
+    msg = f"item (method='rebeca', setting='prior_cfg5', user_id=1, index=1): ip_embedding {why}; refusing to decode it"
+    with pytest.raises(ValueError) as e:  # hand-made items and plans are checked when decoding starts ...
+        DECODE.decode(pipe, items[:3] + [bad], tmp_path, CFG, models=TINY, progress=False)
+    assert str(e.value) == msg and not list(tmp_path.rglob("*.png"))
+    with pytest.raises(ValueError) as e:  # ... and prior samples when their items are made
+        ITEMS.make_items("rebeca", "prior_cfg5", [0, 1], [0, 1], CFG, ip_embeddings=torch.stack(
+            [items[0].ip_embedding, bad.ip_embedding]))
+    assert str(e.value) == msg
+
+
+def test_blank_decoder_output_is_failed_not_ok(pipe, tmp_path):
+    """A NaN inside the decoder gives black PNGs; they are marked failed with the reason and not written."""
+
+    class Black:
+        def __init__(self, pipe):
+            self.pipe = pipe
+
+        def __getattr__(self, name):
+            return getattr(self.pipe, name)
+
+        def __call__(self, **kw):
+            out = self.pipe(**kw)
+            out.images[0] = np.nan  # first image of every call
+            out.images[1:] = 0.0 if len(out.images) > 1 else out.images[1:]
+            return out
+
+    items = _items(1, 3)
+    rep = DECODE.decode(Black(pipe), items, tmp_path, CFG, batch_size=3, models=TINY, progress=False)
+    assert rep.written == 0 and [f["error"] for f in rep.failed] == [
+        "decoder returned NaN/inf pixels (numerical overflow; try generation.dtype: fp32)"] + [
+        "decoder returned a constant image (every pixel 0.000; NaN in the UNet/VAE, or a zero embedding?)"] * 2
+    df = PLAN.write_manifest(items, tmp_path, CFG, TINY)
+    assert (df["status"] == "failed").all() and df["error"].str.startswith("decoder returned").all()
+
+
+def test_decode_removes_orphaned_temp_files(pipe, tmp_path):
+    items = _items(1, 1)
+    orphans = [tmp_path / "rebeca/prior_cfg5/u000/.00.png.x1y2.tmp.png",
+               tmp_path / "rebeca/prior_cfg5/.decode_settings.json.ab12.tmp.json", tmp_path / ".generation_manifest.csv.k.tmp.csv"]
+    for p in orphans:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half")
+    DECODE.decode(pipe, items, tmp_path, CFG, models=TINY, progress=False)
+    assert not any(p.exists() for p in orphans) and (tmp_path / items[0].relpath).is_file()
+    # several processes share the folder: a fresh temp file may be another process's write in flight
+    fresh = tmp_path / "rebeca/prior_cfg5/u000/.01.png.zz.tmp.png"
+    fresh.write_bytes(b"in flight")
+    DECODE.decode(pipe, items, tmp_path, CFG, models=TINY, progress=False, rank=0, world_size=2)
+    assert fresh.exists()

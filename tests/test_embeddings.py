@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rebeca_utils import io as IO
 from rebeca_utils import runtime as RT
 from rebeca_utils.config import get_profile
 from rebeca_utils.data.flickr import image_names
@@ -147,12 +148,13 @@ def test_interrupted_run_leaves_whole_chunks_and_resumes(images, reference, tmp_
         STORE.merge(tmp_path, "decoder")
 
     # killed while writing chunk 2: the half-written temp file never becomes a chunk
-    def half_write(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"\0" * 100)
-        raise KeyboardInterrupt
+    def half_write(path, data):
+        with IO.atomic_path(path) as tmp:
+            tmp.write_bytes(data[:100])
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(ENC.Encoder, "encode", encode)
-    monkeypatch.setattr(STORE, "save_file", half_write)
+    monkeypatch.setattr(IO, "atomic_write", half_write)
     with pytest.raises(KeyboardInterrupt):
         STORE.embed_images(images, None, "decoder", TINY, tmp_path, **KW)
     assert len(_chunks(tmp_path)) == 2 and not _stray(tmp_path)
@@ -268,3 +270,67 @@ def test_shares_then_merge_only(images, reference, tmp_path, counts):
     assert a[0] == b[0] and torch.allclose(a[1], b[1], atol=1e-5)
     n = counts["encode"]
     assert EMBED_CLI.main(base) == 0 and counts["encode"] == n  # a full rerun does no model work
+
+
+# ----------------------------------------------------------------------------------------------- damaged store
+
+
+def test_corrupt_chunk_is_recomputed_and_merged_file_names_itself(images, reference, tmp_path, counts):
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    chunk = STORE.chunk_path(out, "decoder", 1)
+    chunk.write_bytes(chunk.read_bytes()[:-10])  # truncated (disk full, copied half)
+    with pytest.raises(ENC.EmbeddingError, match=r"chunk_00001.safetensors \(.*truncated or corrupt"):
+        STORE.merge(out, "decoder")
+    store = STORE.embed_images(images, None, "decoder", TINY, out, **KW)  # resume: the chunk is missing, not fatal
+    assert store.computed == [1] and store.reused == [0, 2, 3, 4]
+    merged = store.merge()
+    assert merged.read_bytes() == (reference / "decoder" / STORE.MERGED_NAME).read_bytes()
+    merged.write_bytes(merged.read_bytes()[:50])
+    with pytest.raises(ENC.EmbeddingError) as e:
+        STORE.load_embeddings(out, "decoder")
+    assert re.fullmatch(rf"{re.escape(str(merged))}: truncated or corrupt safetensors file \(.+\); delete it and "
+                        r"rerun notebook 02 \(its chunks are reused\)", str(e.value))
+
+
+def test_replaced_image_recomputes_only_its_chunk(images, reference, tmp_path):
+    src = tmp_path / "imgs"
+    shutil.copytree(images, src)  # copy2 keeps sizes and mtimes: the reference's chunks stay valid
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    name = sorted(p.name for p in src.iterdir())[9]  # chunk 1
+    shutil.copy(src / sorted(p.name for p in src.iterdir())[0], src / name)  # another image under the same name
+    store = STORE.embed_images(src, None, "decoder", TINY, out, **KW)
+    assert store.computed == [1] and store.reused == [0, 2, 3, 4]
+
+
+def test_embedding_run_removes_orphaned_temp_files(images, tmp_path):
+    d = tmp_path / "decoder"
+    d.mkdir(parents=True)
+    orphan = d / ".chunk_00003.safetensors.a1b2c3.tmp.safetensors"
+    orphan.write_bytes(b"\0" * 64)
+    STORE.embed_images(images, None, "decoder", TINY, tmp_path, **KW)
+    assert not orphan.exists() and not _stray(tmp_path)
+
+
+def test_store_files_byte_reproducible_across_processes(images, tmp_path):
+    """safetensors' writer orders metadata by a per-process hash: ours sorts it, so sha256 of outputs compare."""
+    code = ("import sys; from rebeca_utils.config import get_profile; from rebeca_utils.pipeline import embeddings as S;"
+            "S.embed_images(sys.argv[1], None, 'decoder', get_profile('smoke').models, sys.argv[2], chunk_size=20,"
+            " progress=False, device='cpu').merge()")
+    for k in ("a", "b"):
+        subprocess.run([sys.executable, "-c", code, str(images), str(tmp_path / k)], check=True, timeout=300,
+                       env={**os.environ, "PYTHONHASHSEED": "random"})
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors"))
+    assert len(files) == 3
+    for f in files:
+        assert IO.sha256(tmp_path / "a" / f) == IO.sha256(tmp_path / "b" / f), f
+
+
+def test_manifest_json_is_strict(tmp_path):
+    import numpy as np
+
+    p = IO.write_json(tmp_path / "m.json", {"auc": float("nan"), "x": [np.float32("inf"), 1.5], "t": torch.tensor(2.0)})
+    text = p.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"auc": None, "x": [None, 1.5], "t": 2.0}

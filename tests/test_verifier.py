@@ -6,6 +6,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from rebeca_utils import io as IO
 from rebeca_utils.config import VerifierConfig, get_profile
 from rebeca_utils.data import flickr as FL
 from rebeca_utils.data import splits as SP
@@ -163,8 +165,15 @@ def test_forward_shape_save_load_round_trip_and_score_broadcast(trained, planted
     loaded = NMF.load_verifier(folder)
     assert not loaded.training and loaded.mlp_dims == CFG.mlp_dims and loaded.n_users == 20
     assert np.array_equal(SCORES.predict(loaded, test.user_id, test.img_emb), p)  # standardizer buffers included
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(IO.CorruptFileError) as e:
         NMF.load_verifier(tmp_path / "nothing")
+    assert str(e.value) == f"{tmp_path / 'nothing' / 'config.json'}: not found; rerun notebook 05"
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])  # truncated by a full disk or a kill outside our atomic write
+    with pytest.raises(IO.CorruptFileError) as e:
+        NMF.load_verifier(folder)
+    assert re.fullmatch(rf"{re.escape(str(weights))}: truncated or corrupt safetensors file \(.+\); delete it and "
+                        "rerun notebook 05", str(e.value))
 
     per_row = SCORES.score(model, torch.full((50,), 7), x)
     assert np.array_equal(SCORES.score(model, 7, x), per_row)

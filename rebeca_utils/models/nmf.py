@@ -11,7 +11,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from ..config import VerifierConfig
-from ..io import atomic_dir
+from ..io import load_model, save_model
 
 
 class NMFVerifier(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", repo_url=None):
@@ -73,15 +73,10 @@ class NMFVerifier(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", re
 
 
 def save_verifier(model: NMFVerifier, folder: str | os.PathLike) -> Path:
-    """`save_pretrained` into a temp folder next to `folder`, then swapped into place (no half-written model)."""
-    with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp)
-    return Path(folder)
+    """Save atomically (no half-written model)."""
+    return save_model(model, folder)
 
 
 def load_verifier(folder: str | os.PathLike, device: str = "cpu") -> NMFVerifier:
-    """A verifier saved by `save_verifier`, in eval mode."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: no saved verifier (config.json missing)")
-    return NMFVerifier.from_pretrained(folder).to(device).eval()
+    """A verifier saved by `save_verifier`, in eval mode; a missing or corrupt file names itself."""
+    return load_model(NMFVerifier, folder, "rerun notebook 05").to(device).eval()

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from ..io import load_model, save_model
+
 FREQ_DIM = 256  # sinusoidal timestep features, as in DiT
 
 
@@ -154,3 +156,13 @@ class RebecaPrior(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", re
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_prior(model: RebecaPrior, folder):
+    """Save atomically (a killed run never leaves a half-written prior)."""
+    return save_model(model, folder)
+
+
+def load_prior(folder, device: str = "cpu") -> RebecaPrior:
+    """A prior saved by `save_prior`, in eval mode; a missing or corrupt file names itself."""
+    return load_model(RebecaPrior, folder, "rerun notebook 03").to(device).eval()

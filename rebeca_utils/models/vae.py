@@ -28,7 +28,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..io import atomic_dir
+from ..io import load_model, save_model
 
 POS_SCALE = 10.0  # pixels per latent unit on the position dims
 
@@ -206,17 +206,13 @@ def decode(model: ConvVAE, z, batch_size: int = 1024) -> torch.Tensor:
 
 
 def save_vae(model: ConvVAE, folder: str | Path) -> Path:
-    """`save_pretrained` (safetensors + config.json, as the prior) into a temp folder, then swapped into place."""
-    with atomic_dir(folder) as tmp:  # a killed run never leaves a half-written VAE
-        model.save_pretrained(tmp)
-    return Path(folder)
+    """Save atomically (a killed run never leaves a half-written VAE)."""
+    return save_model(model, folder)
 
 
 def load_vae(folder: str | Path, device: str = "cpu") -> ConvVAE:
     """A :class:`ConvVAE` saved by :func:`save_vae`, frozen (eval, no grad)."""
-    if not (Path(folder) / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: no saved VAE (config.json missing)")
-    return freeze(ConvVAE.from_pretrained(folder).to(device))
+    return freeze(load_model(ConvVAE, folder, "delete its folder and rerun notebook 01").to(device))
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -19,10 +19,17 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
 from ..config import GenerationConfig, ModelsConfig
-from ..io import atomic_path, sha256, write_json
+from ..io import ORPHAN_AGE_S, atomic_path, remove_orphans, sha256, write_json
 from ..models.decoder import ip_adapter_embeds
 from .adapters import Adapters
-from .items import WorkItem, image_settings, item_fingerprint, make_batches, shard
+from .items import (
+    WorkItem,
+    check_ip_embeddings,
+    image_settings,
+    item_fingerprint,
+    make_batches,
+    shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,16 @@ def run_batch(pipe, items: Sequence[WorkItem], cfg: GenerationConfig) -> np.ndar
         if _has_ip_adapter(pipe) and not all(with_emb):
             pipe.set_ip_adapter_scale(cfg.ip_adapter_scale)
     return out.images
+
+
+def blank_image(image: np.ndarray) -> str:
+    """Why a decoded image is no image (non-finite or one flat colour, e.g. black from a NaN), else ""."""
+    if not np.isfinite(image).all():
+        return "decoder returned NaN/inf pixels (numerical overflow; try generation.dtype: fp32)"
+    if float(image.max() - image.min()) < 1 / 255:
+        return (f"decoder returned a constant image (every pixel {float(image.mean()):.3f}; NaN in the UNet/VAE, "
+                "or a zero embedding?)")
+    return ""
 
 
 PNG_KEY = "rebeca"  # PNG text chunk holding the item fingerprint
@@ -136,6 +153,8 @@ def decode(pipe, items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: Gen
     """
 
     out_dir = Path(out_dir)
+    check_ip_embeddings(items)  # before any work: plans and hand-made items are checked too
+    remove_orphans(out_dir, recursive=True, min_age_s=0 if world_size == 1 else ORPHAN_AGE_S)  # a killed run's
     batches = shard(make_batches(items, batch_size or cfg.batch_size), rank, world_size)
     settings = image_settings(cfg, models)
     size = (cfg.width, cfg.height)
@@ -164,6 +183,8 @@ def decode(pipe, items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: Gen
                 for it, img in zip(group, images if images is not None else [None] * len(group)):
                     if it not in todo:
                         continue
+                    if img is not None and (bad := blank_image(img)):
+                        img, error = None, bad
                     if img is None:
                         rep.failed.append({"key": list(it.key), "error": error})
                         logger.write({"key": list(it.key), "status": "failed", "error": error})

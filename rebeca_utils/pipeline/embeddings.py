@@ -1,6 +1,7 @@
 """Embedding store: images embedded in chunks, atomic and resumable, shardable across processes, merged into one table."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -10,12 +11,18 @@ from typing import Any, Sequence
 
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..config import ModelsConfig
-from ..io import atomic_path, list_images, write_json
+from ..io import (
+    ORPHAN_AGE_S,
+    CorruptFileError,
+    list_images,
+    read_safetensors,
+    remove_orphans,
+    save_safetensors,
+    write_json,
+)
 from ..models.encoders import (
     EmbeddingError,
     Encoder,
@@ -105,47 +112,60 @@ class _Chunk:
     dtype: str = ""
 
 
-def _write_chunk(path: Path, names: list[str], chunk: _Chunk, fp: dict, device: str) -> None:
+def sources_digest(image_dir: Path, names: Sequence[str]) -> str:
+    """sha256 over (name, size, mtime) of the images: a chunk is recomputed when one of its images is replaced."""
+    h = hashlib.sha256()
+    for n in names:
+        try:
+            st = (image_dir / n).stat()
+            h.update(f"{n}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{n}\0missing\n".encode())
+    return h.hexdigest()
+
+
+def _write_chunk(path: Path, names: list[str], chunk: _Chunk, fp: dict, device: str, sources: str) -> None:
 
     meta = {"format": CHUNK_FORMAT, "space": fp["space"], "dim": str(fp["dim"]),
             "fingerprint": json.dumps(fp, sort_keys=True), "names": json.dumps(names),
             "rows": json.dumps(chunk.rows), "failures": json.dumps(chunk.failures),
-            "dtype": chunk.dtype, "device": device}
-    with atomic_path(path) as tmp:
-        save_file({"embeddings": chunk.emb.float().contiguous()}, str(tmp), metadata=meta)
+            "dtype": chunk.dtype, "device": device, "sources": sources}
+    save_safetensors({"embeddings": chunk.emb.float().contiguous()}, path, meta)
 
 
-def _read_chunk(path: Path, names: list[str], fp: dict) -> tuple[_Chunk | None, str]:
-    """The chunk at `path` if it is whole and matches (names, fingerprint, dim, finite); else (None, why)."""
+def _read_chunk(path: Path, names: list[str], fp: dict, sources: str) -> tuple[_Chunk | None, str]:
+    """The chunk at `path` if it is whole and matches (names, images, fingerprint, dim, finite); else (None, why)."""
 
     if not path.is_file():
         return None, "missing"
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            emb = f.get_tensor("embeddings")
+        tensors, meta = read_safetensors(path, "rerun")
+        emb = tensors["embeddings"]
         if meta.get("format") != CHUNK_FORMAT:
             return None, f"unknown format {meta.get('format')!r}"
         if json.loads(meta["fingerprint"]) != fp:
             return None, f"made by another encoder ({meta['fingerprint']})"
         if json.loads(meta["names"]) != names:
             return None, "holds other names (image list or chunk size changed)"
+        if meta.get("sources") != sources:
+            return None, "its images changed on disk (size or modification time)"
         rows, failures = json.loads(meta["rows"]), json.loads(meta["failures"])
         failed = [f_["name"] for f_ in failures]
         if sorted(rows + failed) != names or len(set(rows)) != len(rows):
             return None, "rows and failures do not cover the names"
         check_embeddings(emb, rows, fp["space"], fp["dim"])
-    except EmbeddingError as exc:
+    except (EmbeddingError, CorruptFileError) as exc:
         return None, str(exc)
     except Exception as exc:  # noqa: BLE001 - truncated / foreign file: recompute
         return None, f"unreadable ({type(exc).__name__}: {exc})"
     return _Chunk(rows, failures, emb.float(), meta.get("dtype", "")), ""
 
 
-def _plan(names: list[str], chunk_size: int, fp: dict) -> dict[str, Any]:
+def _plan(names: list[str], chunk_size: int, fp: dict, image_dir: Path) -> dict[str, Any]:
     n_chunks = (len(names) + chunk_size - 1) // chunk_size
+    sources = [sources_digest(image_dir, names[i * chunk_size:(i + 1) * chunk_size]) for i in range(n_chunks)]
     return {"format": CHUNK_FORMAT, "space": fp["space"], "dim": fp["dim"], "fingerprint": fp,
-            "chunk_size": chunk_size, "n_chunks": n_chunks, "names": names}
+            "chunk_size": chunk_size, "n_chunks": n_chunks, "names": names, "sources": sources}
 
 
 def _chunk_names(plan: dict, i: int) -> list[str]:
@@ -228,13 +248,15 @@ def embed_images(image_dir: str | os.PathLike, names: Sequence[str] | None, spac
     if fp.get("space") != space:
         raise ValueError(f"encoder of space {fp.get('space')!r} passed for space {space!r}")
 
-    plan = _plan(names, chunk_size, fp)
+    plan = _plan(names, chunk_size, fp, image_dir)
+    # temporaries of a killed run; with several processes, spare the fresh ones of the others
+    remove_orphans(space_dir(out_dir, space), min_age_s=0 if world_size == 1 else ORPHAN_AGE_S)
     write_json(space_dir(out_dir, space) / PLAN_NAME, plan)  # identical from every process
     store = EmbeddingStore(Path(out_dir), space, dim, plan["n_chunks"], rank, world_size)
 
     todo: list[int] = []
     for i in range(rank, plan["n_chunks"], world_size):
-        chunk, why = _read_chunk(chunk_path(out_dir, space, i), _chunk_names(plan, i), fp)
+        chunk, why = _read_chunk(chunk_path(out_dir, space, i), _chunk_names(plan, i), fp, plan["sources"][i])
         if chunk is None:
             if why != "missing":
                 log.warning("%s: recomputing: %s", chunk_path(out_dir, space, i), why)
@@ -284,7 +306,8 @@ def embed_images(image_dir: str | os.PathLike, names: Sequence[str] | None, spac
             if end is not None:
                 chunk = _Chunk(rows, failures, torch.cat(embs) if embs else torch.zeros(0, dim),
                                str(encoder.dtype).replace("torch.", ""))
-                _write_chunk(chunk_path(out_dir, space, end), _chunk_names(plan, end), chunk, fp, device)
+                _write_chunk(chunk_path(out_dir, space, end), _chunk_names(plan, end), chunk, fp, device,
+                             plan["sources"][end])
                 store.computed.append(end)
                 store.failures += failures
                 rows, embs, failures = [], [], []
@@ -309,7 +332,7 @@ def merge(out_dir: str | os.PathLike, space: str) -> Path:
     dtypes: set[str] = set()
     bad = []
     for i in range(plan["n_chunks"]):
-        chunk, why = _read_chunk(chunk_path(out_dir, space, i), _chunk_names(plan, i), fp)
+        chunk, why = _read_chunk(chunk_path(out_dir, space, i), _chunk_names(plan, i), fp, plan["sources"][i])
         if chunk is None:
             bad.append(f"{chunk_path(out_dir, space, i).name} ({why})")
             continue
@@ -324,9 +347,7 @@ def merge(out_dir: str | os.PathLike, space: str) -> Path:
     check_embeddings(emb, rows, space, dim)
     meta = {"format": MERGED_FORMAT, "space": space, "dim": str(dim), "fingerprint": json.dumps(fp, sort_keys=True),
             "names": json.dumps(rows)}
-    path = d / MERGED_NAME
-    with atomic_path(path) as tmp:
-        save_file({"embeddings": emb.contiguous()}, str(tmp), metadata=meta)
+    path = save_safetensors({"embeddings": emb.contiguous()}, d / MERGED_NAME, meta)
     write_json(d / INDEX_NAME, {"format": MERGED_FORMAT, "space": space, "dim": dim, "fingerprint": fp,
                                 "n": len(rows), "dtypes": sorted(dtypes), "failures": failures,
                                 "rows": {n: r for r, n in enumerate(rows)}})
@@ -338,13 +359,17 @@ def load_embeddings(out_dir: str | os.PathLike, space: str,
     """(sorted names, float32 (N, dim)) of a merged store; with `models`, the dim and encoder are checked too."""
 
     d = space_dir(out_dir, space)
+    if not (d / MERGED_NAME).is_file():
+        raise EmbeddingError(f"{d / MERGED_NAME}: no merged embeddings; run embed_images and merge first "
+                             "(notebook 02)")
     try:
-        with safe_open(str(d / MERGED_NAME), "pt") as f:
-            meta = f.metadata() or {}
-            emb = f.get_tensor("embeddings").float()
+        tensors, meta = read_safetensors(d / MERGED_NAME, "rerun notebook 02 (its chunks are reused)")
+        emb = tensors["embeddings"].float()
         index = json.loads((d / INDEX_NAME).read_text())
+    except CorruptFileError as exc:
+        raise EmbeddingError(str(exc)) from None
     except (OSError, ValueError) as exc:
-        raise EmbeddingError(f"{d}: no merged embeddings ({exc}); run embed_images and merge first") from exc
+        raise EmbeddingError(f"{d / INDEX_NAME}: unreadable ({exc}); rerun notebook 02") from None
     names = json.loads(meta.get("names", "null"))
     if meta.get("format") != MERGED_FORMAT or names is None:
         raise EmbeddingError(f"{d / MERGED_NAME}: not a merged embedding file")

@@ -41,6 +41,23 @@ class WorkItem:
         return f"{self.method}/{self.setting}/u{self.user_id:03d}/{self.index:02d}.png"
 
 
+MAX_EMB_NORM = 1e3  # far above any CLIP image embedding; a prior that diverged or a wrong unit lands here
+
+
+def check_ip_embeddings(items: Iterable[WorkItem]) -> None:
+    """Refuse an item whose IP-Adapter embedding is NaN/inf, zero or of absurd norm, naming the item."""
+    for it in items:
+        e = it.ip_embedding
+        if e is None:
+            continue
+        norm = float(e.float().norm()) if torch.isfinite(e).all() else None
+        if norm is not None and 1e-6 < norm <= MAX_EMB_NORM:
+            continue
+        why = "has NaN/inf values" if norm is None else f"has norm {norm:.3g} (valid: 1e-06 to {MAX_EMB_NORM:g})"
+        raise ValueError(f"item (method={it.method!r}, setting={it.setting!r}, user_id={it.user_id}, index={it.index}): "
+                         f"ip_embedding {why}; refusing to decode it")
+
+
 def make_items(method: str, setting: str, user_ids: Sequence[int], indices: Sequence[int], cfg: GenerationConfig,
                ip_embeddings: torch.Tensor | None = None, prompts: Sequence[str] | None = None,
                negative_prompts: Sequence[str] | None = None, loras: Sequence[str | None] | None = None
@@ -50,12 +67,14 @@ def make_items(method: str, setting: str, user_ids: Sequence[int], indices: Sequ
     if len(indices) != n or any(x is not None and len(x) != n for x in (ip_embeddings, prompts, negative_prompts, loras)):
         raise ValueError(f"make_items: user_ids has {n} entries; indices, ip_embeddings, prompts, negative_prompts "
                          f"and loras must have as many")
-    return [WorkItem(method, setting, int(u), int(j), decoder_seed(u, j, cfg.seed_base),
+    items = [WorkItem(method, setting, int(u), int(j), decoder_seed(u, j, cfg.seed_base),
                      cfg.prompt if prompts is None else prompts[i],
                      cfg.negative_prompt if negative_prompts is None else negative_prompts[i],
                      None if ip_embeddings is None else ip_embeddings[i].detach().float().cpu(),
                      None if loras is None else loras[i])
-            for i, (u, j) in enumerate(zip(user_ids, indices))]
+             for i, (u, j) in enumerate(zip(user_ids, indices))]
+    check_ip_embeddings(items)
+    return items
 
 
 def image_settings(cfg: GenerationConfig, models: ModelsConfig | None = None) -> dict[str, Any]:

@@ -10,10 +10,16 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..config import GenerationConfig, ModelsConfig
-from ..io import atomic_path, sha256, write_json
+from ..io import (
+    atomic_path,
+    read_safetensors,
+    remove_orphans,
+    save_safetensors,
+    sha256,
+    write_json,
+)
 from .decoding import LOG_DIR, valid_png
 from .items import WorkItem, image_settings, item_fingerprint
 
@@ -39,8 +45,8 @@ def save_plan(items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: Genera
         if it.ip_embedding is not None:
             embs.append(it.ip_embedding.float())
         rows.append(row)
-    with atomic_path(d / "ip_embeddings.safetensors") as tmp:
-        save_file({"img_emb": torch.stack(embs) if embs else torch.zeros(0, models.decoder_emb_dim)}, str(tmp))
+    save_safetensors({"img_emb": torch.stack(embs) if embs else torch.zeros(0, models.decoder_emb_dim)},
+                     d / "ip_embeddings.safetensors")
     with atomic_path(d / "items.parquet") as tmp:
         pd.DataFrame(rows).to_parquet(tmp, index=False)
     # written last, with the digests of the two files: a plan interrupted half-way is refused by load_plan
@@ -68,7 +74,7 @@ def load_plan(out_dir: str | os.PathLike) -> tuple[list[WorkItem], GenerationCon
     for name, digest in meta["sha256"].items():
         if sha256(d / name) != digest:
             raise ValueError(f"{d / name} does not match {d / 'plan.json'} (a save_plan was interrupted); save the plan again")
-    emb = load_file(str(d / "ip_embeddings.safetensors"))["img_emb"]
+    emb = read_safetensors(d / "ip_embeddings.safetensors", "save the plan again")[0]["img_emb"]
     df = pd.read_parquet(d / "items.parquet")
     items = [WorkItem(r.method, r.setting, int(r.user_id), int(r.index), int(r.seed), r.prompt, r.negative_prompt,
                       None if r.emb_row < 0 else emb[int(r.emb_row)], r.lora if isinstance(r.lora, str) else None)
@@ -99,9 +105,7 @@ def write_manifest(items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: G
     out_dir = Path(out_dir)
     logs = _log_records(out_dir)
     settings = image_settings(cfg, models)
-    for folder in sorted({out_dir / it.method / it.setting for it in items}):
-        for tmp in folder.glob("u*/.*.tmp*"):  # atomic_path's temp files, orphaned by a SIGKILL
-            tmp.unlink(missing_ok=True)
+    remove_orphans(out_dir, recursive=True)  # every temp file a SIGKILL left (PNGs, settings, plan, manifest)
     rows = []
     for it in sorted(items, key=lambda it: it.key):
         path = out_dir / it.relpath

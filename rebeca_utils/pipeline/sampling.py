@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -10,13 +11,13 @@ from typing import Sequence
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..config import GenerationConfig
-from ..io import atomic_path
+from ..io import CorruptFileError, read_safetensors, save_safetensors
 from .items import WorkItem, make_items
+
+log = logging.getLogger(__name__)
 
 SAMPLERS = ("ddpm", "ddim", "dpmsolver")
 
@@ -131,11 +132,11 @@ def prior_embeddings(prior, sched, users: Sequence[int], n_per_user: int, *, cfg
     path = Path(path)
     if path.is_file():
         try:
-            with safe_open(str(path), "pt") as f:
-                if json.loads((f.metadata() or {}).get("rebeca", "null")) == json.loads(json.dumps(meta)):
-                    return {k: f.get_tensor(k) for k in ("user_id", "index", "img_emb")}
-        except Exception:  # noqa: BLE001 - unreadable cache: resample
-            pass
+            tensors, saved = read_safetensors(path, "resample")
+            if json.loads(saved.get("rebeca", "null")) == json.loads(json.dumps(meta)):
+                return {k: tensors[k] for k in ("user_id", "index", "img_emb")}
+        except CorruptFileError as exc:  # a truncated cache (killed run) is resampled, with a note
+            log.warning("%s", exc)
     x = sample_users(prior, sched, users, n_per_user, rating=rating, cfg_scale=cfg_scale, sampler=sampler,
                      steps=steps, seed=seed, device=device, progress=progress)
     if normalizer is not None:
@@ -143,8 +144,7 @@ def prior_embeddings(prior, sched, users: Sequence[int], n_per_user: int, *, cfg
     out = {"user_id": torch.tensor(users).repeat_interleave(n_per_user),
            "index": torch.arange(n_per_user).repeat(len(users)),
            "img_emb": x.reshape(len(users) * n_per_user, -1).float().contiguous()}
-    with atomic_path(path) as tmp:
-        save_file(out, str(tmp), metadata={"rebeca": json.dumps(meta)})
+    save_safetensors(out, path, {"rebeca": json.dumps(meta)})
     return out
 
 
