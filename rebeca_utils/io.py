@@ -195,6 +195,18 @@ def sha256(path: str | os.PathLike) -> str:
     return file_digest(path, "sha256")
 
 
+def path_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a folder's files (relative names and contents; temporaries left out)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()
+                    and not any(TEMP_NAME.match(x) for x in p.relative_to(path).parts)):
+        h.update(f"{f.relative_to(path).as_posix()}\0{sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
 def list_images(image_dir: str | os.PathLike) -> list[str]:
     """Sorted names of the image files (.jpg/.jpeg/.png) directly in `image_dir`."""
     d = Path(image_dir)

@@ -57,6 +57,63 @@ def test_committed_notebook_is_clean(nb):
     assert re.search(r'^device: str = "auto"', src, re.M)
     assert node.cells[0].cell_type == "markdown" and node.cells[0].source.startswith("# ")
     assert re.match(r"^\d\d_[a-z0-9_]+$", nb.stem)
+    long = [line for line in src.splitlines() if len(line) > 100]
+    assert not long, f"{nb.name}: parameters-cell lines over 100 characters: {long}"
+
+
+def _outputs(path) -> list[str]:
+    """Every text output of an executed notebook, cell by cell."""
+    node = nbformat.read(path, as_version=4)
+    out = []
+    for cell in (c for c in node.cells if c.cell_type == "code"):
+        texts = [o.get("text", "") if o.output_type == "stream" else
+                 o.get("data", {}).get("text/plain", "") if "data" in o else
+                 "\n".join(o.get("traceback", [])) for o in cell.outputs]
+        out.append("".join(t if isinstance(t, str) else "".join(t) for t in texts))
+    return out
+
+
+@pytest.mark.slow  # executes notebooks
+def test_executed_notebooks_end_with_done_line_and_stay_quiet(smoke_run):
+    for nb in NOTEBOOKS:
+        cells = _outputs(smoke_run / "notebooks" / nb.name)
+        last = cells[-1].strip().splitlines()[-1]
+        assert re.fullmatch(rf"done: results in {re.escape(str(smoke_run / nb.stem))}(; .+)?; next: "
+                            r"(\d\d_[a-z0-9_]+|nothing, this is the last notebook)", last), (nb.name, last)
+        text = "\n".join(cells)
+        for noise in ("No pretrained weights loaded", "is not writable", "PosixPath(", "Loading weights from local"):
+            assert noise not in text, (nb.name, noise)
+    setup = "\n".join(_outputs(smoke_run / "notebooks/00_setup.ipynb"))
+    assert "smoke profile: ready." in setup and "needs no downloads" in setup
+
+
+@pytest.mark.slow  # executes notebooks
+def test_missing_prerequisite_stops_at_the_top(smoke_run, tmp_path):
+    import shutil
+
+    shutil.copytree(smoke_run / "02_embed_flickr", tmp_path / "smoke" / "02_embed_flickr")
+    with pytest.raises(SystemExit) as e:
+        runner.run_notebooks("smoke", [REPO / "notebooks/04_generate_images.ipynb"], {}, tmp_path,
+                             log=lambda *a, **k: None)
+    assert ("PrerequisiteError: 04_generate_images needs the outputs of 03_train_prior, which has not finished in "
+            f"{tmp_path / 'smoke/03_train_prior'}; run: python -m rebeca_utils.run --profile smoke --output-dir "
+            f"{tmp_path} --only 03") in str(e.value)
+    assert not (tmp_path / "smoke" / "04_generate_images").exists()  # checked before anything is written
+
+
+@pytest.mark.slow  # executes notebooks
+def test_02_unreadable_image_listed_in_manifest_and_closing_line(smoke_run, tmp_path):
+    import shutil
+
+    d = tmp_path / "smoke" / "02_embed_flickr"
+    shutil.copytree(smoke_run / "02_embed_flickr", d)
+    bad = sorted((d / "flickr_synthetic/40K").iterdir())[7]
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated: its chunk is recomputed, the image skipped
+    runner.run_notebooks("smoke", [REPO / "notebooks/02_embed_flickr.ipynb"], {}, tmp_path, log=lambda *a, **k: None)
+    m = manifest(tmp_path / "smoke", "02_embed_flickr")
+    assert [s["image"] for s in m["skipped_images"]] == [bad.name] and m["metrics"]["unreadable_images"] == 1
+    last = _outputs(tmp_path / "smoke/notebooks/02_embed_flickr.ipynb")[-1].strip().splitlines()[-1]
+    assert "; 1 unreadable image(s) skipped, listed in manifest.json; next: 03_train_prior" in last
 
 
 @pytest.mark.slow  # executes notebooks
@@ -117,6 +174,8 @@ def test_02_flickr_ratings_and_embeddings(smoke_run):
     smoke = get_profile("smoke")
     assert m["users"] == smoke.flickr.n_workers and m["images"] == smoke.flickr.n_images
     assert 0.28 < m["like_rate"] < 0.40 and m["unreadable_images"] == 0
+    assert manifest(smoke_run, "02_embed_flickr")["skipped_images"] == []
+    assert m["duplicate_rows"] == m["conflicting_duplicate_rows"] == 0
     assert m["split_sizes"]["test"] == m["split_sizes"]["val"] == 10 * m["users"]
     assert m["holdout_workers"] == smoke.flickr.n_holdout_workers
     assert m["embedding_dims"] == {"decoder": smoke.models.decoder_emb_dim, "verifier": smoke.models.verifier_emb_dim}

@@ -1,8 +1,10 @@
 """Image encoders of the two CLIP spaces (decoder = IP-Adapter's ViT-H/14, verifier = bigG), tiny or paper weights."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -58,6 +60,21 @@ def tiny_clip_name(models: ModelsConfig, role: str) -> str:
     return name
 
 
+def _random_init_warning(record: logging.LogRecord) -> bool:
+    return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    """The tiny stand-ins are random by design: drop open_clip's "No pretrained weights loaded" warning."""
+    root = logging.getLogger()  # open_clip logs through the root logger
+    root.addFilter(_random_init_warning)
+    try:
+        yield
+    finally:
+        root.removeFilter(_random_init_warning)
+
+
 def build_clip(models: ModelsConfig, role: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, preprocess, tokenizer) from open_clip for role verifier | aesthetic | decoder."""
 
@@ -65,7 +82,7 @@ def build_clip(models: ModelsConfig, role: str, device: str = "cpu", dtype: torc
         raise ValueError(f"role={role!r}: valid roles are {', '.join(CLIP_ROLES)}")
     if check_builder(models) == "tiny":
         name = tiny_clip_name(models, role)
-        with seeded(models.seed):
+        with seeded(models.seed), _quiet_random_init():
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
     else:
         name, tag = getattr(models, f"{role}_clip")

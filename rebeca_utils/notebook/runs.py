@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import as_dict, get_profile
-from ..io import atomic_path, write_json
+from ..io import atomic_path, path_digest, write_json
 from ..runtime import seed_everything
 
 PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "open_clip_torch", "peft", "accelerate",
@@ -32,6 +32,12 @@ def package_versions() -> dict[str, str | None]:
 
 NOTEBOOKS_ENV = "REBECA_NOTEBOOKS"
 
+MANIFEST = "manifest.json"
+
+
+class PrerequisiteError(RuntimeError):
+    """An output this notebook reads is missing or older than what it was made from; the message says what to run."""
+
 
 @dataclass
 class Run:
@@ -44,6 +50,8 @@ class Run:
     params: dict = field(default_factory=dict)
     t0: float = field(default_factory=time.perf_counter)
     artifacts: list[str] = field(default_factory=list)
+    inputs: dict[str, str | None] = field(default_factory=dict)  # "<notebook>/<file>" -> its digest when read
+    notebooks: list[str] = field(default_factory=list)  # the numbered notebooks next to this one, in order
 
     @property
     def dir(self) -> Path:
@@ -61,18 +69,45 @@ class Run:
         """Output folder of another notebook of the same profile (e.g. splits from 02)."""
         return self.output_root / self.profile / notebook
 
-    def savefig(self, fig, name: str, dpi: int = 150) -> list[Path]:
-        """Save a figure as PNG and PDF under the run folder."""
-        paths = []
-        for ext in ("png", "pdf"):
-            p = self.path(f"{name}.{ext}")
-            with atomic_path(p) as tmp:
-                fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=ext)
-            paths.append(p)
-        return paths
+    def command(self, *notebooks: str) -> str:
+        """The runner command that (re)makes `notebooks` in this profile and output folder."""
+        default = self.output_root == (Path.cwd().parent / "outputs").resolve()  # the kernel runs in notebooks/
+        out = "" if default else f" --output-dir {self.output_root}"
+        return f"python -m rebeca_utils.run --profile {self.profile}{out} --only {' '.join(n[:2] for n in notebooks)}"
 
-    def finish(self, metrics: dict, device: str, config: Any = None) -> Path:
-        """Write manifest.json: the notebook's parameters, the resolved device, versions, seed, wall time, metrics."""
+    def require(self, *notebooks: str) -> None:
+        """Check that each notebook has finished in this profile and read nothing that was remade since."""
+        for nb in notebooks:
+            m = _manifest(self.sibling(nb))
+            if m is None:
+                raise PrerequisiteError(f"{self.notebook} needs the outputs of {nb}, which has not finished in "
+                                        f"{self.sibling(nb)}; run: {self.command(nb)}")
+            for key, digest in (m.get("inputs") or {}).items():
+                src, rel = key.split("/", 1)
+                if digest is not None and _artifact_digest(self.sibling(src), rel) != digest:
+                    raise PrerequisiteError(f"{nb} is out of date: {src} has remade {rel} since {nb} read it; "
+                                            f"run: {self.command(nb)}")
+
+    def input(self, notebook: str, name: str) -> Path:
+        """Path of an output of another notebook, recorded (with its digest) in this run's manifest."""
+        path = self.sibling(notebook) / name
+        if not path.exists():
+            raise PrerequisiteError(f"{path} not found: {self.notebook} reads it from {notebook}; "
+                                    f"run: {self.command(notebook)}")
+        self.inputs[f"{notebook}/{name}"] = _artifact_digest(self.sibling(notebook), name)
+        return path
+
+    def savefig(self, fig, name: str, dpi: int = 150) -> None:
+        """Save a figure as PNG and PDF under the run folder (returns nothing: a cell ending in it echoes no paths)."""
+        for ext in ("png", "pdf"):
+            with atomic_path(self.path(f"{name}.{ext}")) as tmp:
+                fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=ext)
+
+    def finish(self, metrics: dict, device: str, config: Any = None,
+               skipped_images: list[dict[str, str]] | None = None) -> Path:
+        """Write manifest.json (parameters, device, versions, seed, wall time, metrics, inputs read and digests of
+        the artifacts, images skipped as unreadable) and print the closing line: where results are, what is next."""
+        skipped = sorted(skipped_images or [], key=lambda r: r["image"])
         manifest = {
             "notebook": self.notebook,
             "profile": self.profile,
@@ -83,9 +118,29 @@ class Run:
             "packages": package_versions(),
             "wall_time_s": round(time.perf_counter() - self.t0, 3),
             "metrics": metrics,
+            "inputs": dict(sorted(self.inputs.items())),
             "artifacts": sorted(self.artifacts),
+            "digests": {a: path_digest(self.dir / a) for a in sorted(self.artifacts) if (self.dir / a).exists()},
+            "skipped_images": skipped,
         }
-        return write_json(self.dir / "manifest.json", manifest)
+        path = write_json(self.dir / MANIFEST, manifest)
+        later = [n for n in self.notebooks if n > self.notebook]
+        note = f"; {len(skipped)} unreadable image(s) skipped, listed in {MANIFEST}" if skipped else ""
+        print(f"done: results in {self.dir}{note}; next: {later[0] if later else 'nothing, this is the last notebook'}")
+        return path
+
+
+def _manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _artifact_digest(folder: Path, name: str) -> str | None:
+    """Digest of a notebook's output as its manifest recorded it (hashed now when it recorded none)."""
+    recorded = ((_manifest(folder) or {}).get("digests") or {}).get(name)
+    return recorded if recorded is not None else path_digest(folder / name) if (folder / name).exists() else None
 
 
 def notebooks_dir() -> Path:
@@ -109,17 +164,22 @@ def parameter_names(nb: str | os.PathLike) -> list[str]:
     raise ValueError(f"{nb}: no cell tagged 'parameters'")
 
 
-def start_run(notebook: str, namespace: dict[str, Any]) -> Run:
+def start_run(notebook: str, namespace: dict[str, Any], requires: tuple[str, ...] = ()) -> Run:
     """Create `<output_dir>/<profile>/<notebook>`, record the parameters cell's values, seed the global RNGs.
 
     `namespace` is the notebook's `globals()`: the names of its parameters cell are read from the notebook file
-    (next to the kernel's working folder, else in notebooks_dir()), so each notebook lists them exactly once."""
+    (next to the kernel's working folder, else in notebooks_dir()), so each notebook lists them exactly once.
+    `requires`: notebooks whose outputs this one reads; each must have finished and be current (`Run.require`),
+    checked before anything is written."""
     here = Path.cwd() / f"{notebook}.ipynb"
-    names = parameter_names(here if here.is_file() else notebooks_dir() / f"{notebook}.ipynb")
+    nb_file = here if here.is_file() else notebooks_dir() / f"{notebook}.ipynb"
+    names = parameter_names(nb_file)
     params = {k: namespace[k] for k in names}
     profile, seed = params["profile"], int(params.get("seed", 0))
     get_profile(profile)  # unknown profile -> error listing the valid ones, before anything is written
-    run = Run(Path(params["output_dir"]).resolve(), profile, notebook, seed, params)
+    siblings = sorted(p.stem for p in nb_file.parent.glob("[0-9][0-9]_*.ipynb"))
+    run = Run(Path(params["output_dir"]).resolve(), profile, notebook, seed, params, notebooks=siblings)
+    run.require(*requires)
     run.dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     return run

@@ -76,3 +76,22 @@ def download_all(data_dir: str | Path, models: ModelsConfig | None = None) -> di
     weights = download_paper_weights(models=models or ModelsConfig())
     npz = download_dsprites(Path(data_dir) / "dsprites" / DSPRITES_FILENAME)
     return {"weights": weights, "dsprites": str(npz)}
+
+
+def readiness(profile: str, models: ModelsConfig, weights: pd.DataFrame, datasets: pd.DataFrame) -> str:
+    """One plain paragraph: can this profile run here, and if not, what to fetch."""
+    if models.builder == "tiny":
+        return (f"{profile} profile: ready. It builds tiny models from configs (seeded) and writes a synthetic "
+                "FLICKR-AES in the real on-disk format, so it needs no downloads and no GPU; the weights and "
+                "datasets below matter only for the paper profile.")
+    missing = weights.loc[~weights["in_cache"], "weights"].tolist()
+    absent = datasets.loc[~datasets["valid"], "dataset"].tolist()
+    if not missing and not absent:
+        return f"{profile} profile: ready; every weight is in the Hugging Face cache and every dataset is valid."
+    todo = []
+    if missing:
+        todo.append(f"{len(missing)} of {len(weights)} weights are not cached ({', '.join(missing)}): rerun with "
+                    "download=True on a machine with internet")
+    if absent:
+        todo.append(f"dataset(s) {', '.join(absent)} missing or invalid: see README 'Data' and the notes below")
+    return f"{profile} profile: not ready; " + "; ".join(todo) + "."

@@ -1,0 +1,65 @@
+"""Run folders: prerequisites checked at the top of a notebook, inputs and digests in the manifest, the closing line."""
+import json
+
+import pytest
+
+from rebeca_utils.notebook.runs import PrerequisiteError, Run
+
+NBS = ["02_embed_flickr", "03_train_prior", "04_generate_images"]
+
+
+def _run(root, name):
+    return Run(root, "smoke", name, 0, {"seed": 0}, notebooks=NBS)
+
+
+def _produce(root, text, capsys=None):
+    r = _run(root, "02_embed_flickr")
+    r.path("flickr_splits.parquet").parent.mkdir(parents=True, exist_ok=True)
+    r.path("flickr_splits.parquet").write_text(text)
+    r.finish({}, "cpu")
+
+
+def test_missing_prerequisite_says_what_to_run(tmp_path):
+    with pytest.raises(PrerequisiteError) as e:
+        _run(tmp_path, "04_generate_images").require("02_embed_flickr", "03_train_prior")
+    assert str(e.value) == (f"04_generate_images needs the outputs of 02_embed_flickr, which has not finished in "
+                            f"{tmp_path / 'smoke/02_embed_flickr'}; run: python -m rebeca_utils.run --profile smoke "
+                            f"--output-dir {tmp_path} --only 02")
+    _produce(tmp_path, "splits v1")
+    with pytest.raises(PrerequisiteError) as e:
+        _run(tmp_path, "03_train_prior").input("02_embed_flickr", "embeddings/decoder/embeddings.safetensors")
+    assert str(e.value) == (f"{tmp_path / 'smoke/02_embed_flickr/embeddings/decoder/embeddings.safetensors'} not "
+                            "found: 03_train_prior reads it from 02_embed_flickr; run: python -m rebeca_utils.run "
+                            f"--profile smoke --output-dir {tmp_path} --only 02")
+
+
+def test_stale_prerequisite_after_its_input_was_remade(tmp_path):
+    _produce(tmp_path, "splits v1")
+    r3 = _run(tmp_path, "03_train_prior")
+    r3.require("02_embed_flickr")
+    assert r3.input("02_embed_flickr", "flickr_splits.parquet").read_text() == "splits v1"
+    r3.finish({}, "cpu")
+    m3 = json.loads((tmp_path / "smoke/03_train_prior/manifest.json").read_text())
+    m2 = json.loads((tmp_path / "smoke/02_embed_flickr/manifest.json").read_text())
+    assert m3["inputs"] == {"02_embed_flickr/flickr_splits.parquet": m2["digests"]["flickr_splits.parquet"]}
+    _run(tmp_path, "04_generate_images").require("02_embed_flickr", "03_train_prior")  # current: fine
+    _produce(tmp_path, "splits v1")  # 02 rerun with the same result: still current
+    _run(tmp_path, "04_generate_images").require("03_train_prior")
+    _produce(tmp_path, "splits v2")  # 02 rerun with other data or parameters: 03 is out of date
+    with pytest.raises(PrerequisiteError) as e:
+        _run(tmp_path, "04_generate_images").require("02_embed_flickr", "03_train_prior")
+    assert str(e.value) == ("03_train_prior is out of date: 02_embed_flickr has remade flickr_splits.parquet since "
+                            "03_train_prior read it; run: python -m rebeca_utils.run --profile smoke --output-dir "
+                            f"{tmp_path} --only 03")
+
+
+def test_finish_lists_skipped_images_and_says_what_is_next(tmp_path, capsys):
+    r = _run(tmp_path, "02_embed_flickr")
+    r.finish({"auc": float("nan")}, "cpu", skipped_images=[{"image": "b.jpg", "reason": "OSError: truncated"},
+                                                           {"image": "a.jpg", "reason": "empty file"}])
+    m = json.loads((tmp_path / "smoke/02_embed_flickr/manifest.json").read_text())
+    assert [s["image"] for s in m["skipped_images"]] == ["a.jpg", "b.jpg"] and m["metrics"] == {"auc": None}
+    assert capsys.readouterr().out == (f"done: results in {tmp_path / 'smoke/02_embed_flickr'}; 2 unreadable image(s) "
+                                       "skipped, listed in manifest.json; next: 03_train_prior\n")
+    _run(tmp_path, "04_generate_images").finish({}, "cpu")
+    assert capsys.readouterr().out.endswith("; next: nothing, this is the last notebook\n")
