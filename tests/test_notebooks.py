@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from papermill.translators import PythonTranslator
 
 from rebeca_utils import run as runner
 from rebeca_utils.baselines import lora_cli as LC
@@ -23,6 +24,7 @@ from rebeca_utils.evaluate.paper import table1
 from rebeca_utils.models import decoder as DEC
 from rebeca_utils.models import encoders as ENC
 from rebeca_utils.models import nmf as NMF
+from rebeca_utils.notebook.runs import parameter_names
 from rebeca_utils.pipeline import decoding as DECODE
 from rebeca_utils.pipeline import embeddings as STORE
 from rebeca_utils.pipeline import plan as PLAN
@@ -57,6 +59,8 @@ def test_committed_notebook_is_clean(nb):
     assert re.search(r'^device: str = "auto"', src, re.M)
     assert node.cells[0].cell_type == "markdown" and node.cells[0].source.startswith("# ")
     assert re.match(r"^\d\d_[a-z0-9_]+$", nb.stem)
+    # papermill's own reading of the cell (its warnings otherwise flood every run): each parameter, once
+    assert [p.name for p in PythonTranslator.inspect(params[0])] == parameter_names(nb), nb.name
     long = [line for line in src.splitlines() if len(line) > 100]
     assert not long, f"{nb.name}: parameters-cell lines over 100 characters: {long}"
 

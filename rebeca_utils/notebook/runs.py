@@ -104,7 +104,7 @@ class Run:
                 fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=ext)
 
     def finish(self, metrics: dict, device: str, config: Any = None,
-               skipped_images: list[dict[str, str]] | None = None) -> Path:
+               skipped_images: list[dict[str, str]] | None = None) -> None:
         """Write manifest.json (parameters, device, versions, seed, wall time, metrics, inputs read and digests of
         the artifacts, images skipped as unreadable) and print the closing line: where results are, what is next."""
         skipped = sorted(skipped_images or [], key=lambda r: r["image"])
@@ -123,11 +123,10 @@ class Run:
             "digests": {a: path_digest(self.dir / a) for a in sorted(self.artifacts) if (self.dir / a).exists()},
             "skipped_images": skipped,
         }
-        path = write_json(self.dir / MANIFEST, manifest)
+        write_json(self.dir / MANIFEST, manifest)  # returns nothing: the closing cell echoes only the line below
         later = [n for n in self.notebooks if n > self.notebook]
         note = f"; {len(skipped)} unreadable image(s) skipped, listed in {MANIFEST}" if skipped else ""
         print(f"done: results in {self.dir}{note}; next: {later[0] if later else 'nothing, this is the last notebook'}")
-        return path
 
 
 def _manifest(folder: Path) -> dict | None:
