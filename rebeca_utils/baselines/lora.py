@@ -29,7 +29,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..config import LoraBaselineConfig
 from ..io import atomic_path, write_json

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..config import GenerationConfig, LoraBaselineConfig, ModelsConfig
 from ..io import write_json

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..io import atomic_dir
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..config import GenerationConfig, ModelsConfig
 from ..io import atomic_path, sha256, write_json

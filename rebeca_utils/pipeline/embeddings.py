@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..config import ModelsConfig
 from ..io import atomic_path, list_images, write_json

@@ -12,7 +12,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..config import GenerationConfig
 from ..io import atomic_path

@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..config import DiffusionConfig, TrainConfig
 from ..data.splits import split_mask

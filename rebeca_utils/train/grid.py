@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..config import Profile
 from ..io import write_json

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
-from tqdm.auto import tqdm
+from ..progress import tqdm
 
 from ..config import VerifierConfig
 from ..data.splits import join_embeddings, split_mask
