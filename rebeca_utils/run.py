@@ -62,7 +62,7 @@ def parameter_types(nb: Path) -> dict[str, tuple[str, str]]:
                 elif isinstance(node, ast.Assign):  # unannotated: the type of the default value
                     try:
                         kind = type(ast.literal_eval(node.value)).__name__
-                    except ValueError:
+                    except (ValueError, TypeError, SyntaxError):  # not a literal: any value goes
                         kind = "object"
                     for t in node.targets:
                         if isinstance(t, ast.Name):
