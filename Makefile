@@ -10,7 +10,7 @@ KERNEL ?= rebeca
 RUN = $(PY) -m rebeca_utils.run
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: install demo test test-fast smoke paper lab bench clean-outputs
+.PHONY: install demo test test-fast smoke paper lab lab-command git-filter bench clean-outputs
 
 $(STAMP): pyproject.toml
 	@s=$$SECONDS; \
@@ -22,7 +22,18 @@ $(STAMP): pyproject.toml
 	mkdir -p $(dir $(STAMP)) && touch $(STAMP); \
 	echo "== install done in $$((SECONDS - s)) s"
 
-install: $(STAMP)
+# Lab saves outputs into the notebook it runs: the nbstripout git filter (.gitattributes) strips them from what git
+# compares and commits, so `git status` stays clean. Set up in this clone's .git/config; skipped outside git.
+NBSTRIPOUT = "$(abspath $(PY))" -m nbstripout --keep-id --extra-keys "$(NBSTRIP_KEYS)"
+NBSTRIP_KEYS = metadata.widgets metadata.papermill cell.metadata.papermill cell.metadata.execution \
+	$(addprefix metadata.language_info.,codemirror_mode file_extension mimetype nbconvert_exporter pygments_lexer version)
+
+install: $(STAMP) git-filter
+
+git-filter:
+	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	  git config filter.nbstripout.clean '$(NBSTRIPOUT)' && git config filter.nbstripout.smudge cat && \
+	  git config diff.ipynb.textconv '$(NBSTRIPOUT) -t'; fi
 
 demo: install
 	@s=$$SECONDS; $(RUN) --profile demo --only 01 && echo "== demo done in $$((SECONDS - s)) s"
@@ -41,8 +52,15 @@ smoke: install
 paper: install
 	$(RUN) --profile paper
 
+# JupyterLab at the repository root, so outputs/ can be browsed beside notebooks/; tests/test_lab.py starts it with
+# this same command (`make -s lab-command`). As root in a container: make lab LAB_ARGS="--allow-root --ip=0.0.0.0"
+LAB = $(PY) -m jupyter lab --ServerApp.root_dir=.
+LAB_ARGS ?=
 lab: install
-	$(PY) -m jupyter lab notebooks/
+	$(LAB) $(LAB_ARGS)
+
+lab-command:
+	@echo '$(LAB)'
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) -m rebeca_utils.bench

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "rebeca_utils"
-# data -> models -> train -> pipeline -> baselines -> evaluate -> studies -> notebook; config, io, runtime below all
-STAGES = ["config", "io", "runtime", "data", "models", "train", "pipeline", "baselines", "evaluate", "studies",
-          "notebook"]
+# data -> models -> train -> pipeline -> baselines -> evaluate -> studies -> notebook; config, io, runtime, progress
+# below all
+STAGES = ["config", "io", "runtime", "progress", "data", "models", "train", "pipeline", "baselines", "evaluate",
+          "studies", "notebook"]
 OUTERMOST = {"run", "bench", "__init__", "__main__"}  # entry points: may import any stage
 MODULES = sorted(p for p in PKG.rglob("*.py"))
 MAX_LINES = 400
@@ -53,7 +54,7 @@ def test_imports_flow_from_data_to_figures(path):
     for line, target, _ in _kit_imports(path):
         ok = _stage(target) < _stage(me) or (_stage(target) == _stage(me) and me.count(".") > 1 and
                                               target.split(".")[1] == me.split(".")[1])
-        if _stage(me) < STAGES.index("data"):  # the base modules: config <- io <- runtime, in that order
+        if _stage(me) < STAGES.index("data"):  # the base modules: config <- io <- runtime <- progress
             ok = _stage(target) < _stage(me)
         assert ok, f"{path.relative_to(PKG)}:{line} imports {target}: stages only import earlier stages"
 

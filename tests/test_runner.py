@@ -1,5 +1,6 @@
 """The headless runner: selection, parameters, failures, manifests."""
 import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -93,3 +94,88 @@ def test_cli_exit_code_on_bad_selection(capsys):
     with pytest.raises(SystemExit) as err:
         runner.main(["--profile", "smoke", "--only", "99"])
     assert "no notebook numbered '99'" in str(err.value)
+
+
+def _cli(nbdir, out, *args):
+    with pytest.raises(SystemExit) as err:
+        runner.main(["--profile", "smoke", "--notebooks-dir", str(nbdir), "--output-dir", str(out), *args])
+    return err.value.code
+
+
+TYPED = 'profile: str = "smoke"\noutput_dir: str = "out"\nseed: int = 0  # why: test\nsampler: str = "ddim"\nflag: bool = False'
+
+
+@pytest.mark.parametrize("arg, msg", [
+    ("seed=abc", "error: -p seed='abc': expected int, as a Python literal (01_a.ipynb parameters cell: seed: int = 0)"),
+    ("seed=1.5", "error: -p seed=1.5: expected int, as a Python literal (01_a.ipynb parameters cell: seed: int = 0)"),
+    ("flag=1", "error: -p flag=1: expected bool, as a Python literal (01_a.ipynb parameters cell: flag: bool = False)"),
+    ("profile=demo", "error: -p profile='demo' conflicts with --profile smoke; choose the profile with --profile only"),
+])
+def test_bad_parameter_values_are_refused_before_anything_is_written(tmp_path, arg, msg):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    _nb(nbdir / "01_a.ipynb", "pass", params=TYPED)
+    assert _cli(nbdir, tmp_path / "out", "-p", arg) == msg  # a str code: SystemExit exits 1 with it on stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_parameter_must_agree_with_the_option(tmp_path):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    _nb(nbdir / "01_a.ipynb", "pass", params=TYPED)
+    out = tmp_path / "out"
+    assert _cli(nbdir, out, "-p", "output_dir=elsewhere") == (
+        f"error: -p output_dir='elsewhere' conflicts with --output-dir {out}; choose the output folder with "
+        f"--output-dir only")
+    assert not out.exists()
+
+
+def test_a_bare_word_is_text_only_where_the_parameter_is_a_str():
+    declared = {"sampler": ["str"], "name": ["str"], "seed": ["int"], "users": ["list"]}
+    assert runner.parse_params(["sampler=ddpm", "name=3", "seed=3", "users=[1, 2]", "sampler2='x'"], declared) == {
+        "sampler": "ddpm", "name": "3", "seed": 3, "users": [1, 2], "sampler2": "x"}
+    assert runner.parse_params(["seed=abc"], declared) == {"seed": "abc"}  # refused by run_notebooks, with the type
+
+
+@pytest.mark.slow  # executes a notebook
+def test_a_dead_kernel_fails_like_any_cell(tmp_path):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    _nb(nbdir / "01_dead.ipynb", "import os\nos._exit(3)")
+    with pytest.raises(SystemExit) as err:
+        runner.run_notebooks("smoke", runner.discover(nbdir), {}, tmp_path / "out", log=lambda *a, **k: None)
+    assert str(err.value) == ("FAILED 01_dead.ipynb, cell [3]:\n    import os\n    os._exit(3)\nDeadKernelError: the "
+                              "kernel died while running this cell (os._exit, out of memory, or killed by a signal)")
+
+
+BARS = """
+import json, time
+from rebeca_utils.progress import tqdm
+for _ in tqdm(range(40), desc="train prior"):
+    time.sleep(0.05)
+NAME = '01_bars'
+""" + WRITE_MANIFEST + """
+m = run.dir / "manifest.json"
+man = json.loads(m.read_text())
+man["skipped_images"] = [{"image": "a.jpg", "reason": "empty file"}, {"image": "b.jpg", "reason": "not an image"}]
+m.write_text(json.dumps(man))
+"""
+
+
+@pytest.mark.slow  # executes a notebook
+def test_progress_lines_saved_bars_and_summary(tmp_path, capfd):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    _nb(nbdir / "01_bars.ipynb", BARS)
+    lines = []
+    runner.run_notebooks("smoke", runner.discover(nbdir), {}, tmp_path / "out", log=lambda *a, **k: lines.append(a[0]))
+    assert lines[0] == "[1/1] 01_bars (smoke) ..."
+    cells = [re.sub(r", \d+ s$", ", N s", x) for x in lines if " cell " in x]
+    assert cells == ["    [01] cell 1/3, N s", "    [01] cell 2/3, N s", "    [01] cell 3/3, N s"]  # with the injected one
+    bars = [x for x in lines if "train prior" in x]
+    assert bars[-1].startswith("    [01] train prior: 100%") and "40/40" in bars[-1] and len(bars) <= 3
+    assert re.fullmatch(r"\[1/1\] 01_bars ok in [\d.]+ s \(2 unreadable images skipped; see manifest\) -> .*", lines[-1])
+    assert "without encryption" not in capfd.readouterr().err
+    saved = nbformat.read(tmp_path / "out/smoke/notebooks/01_bars.ipynb", as_version=4)
+    stderr = [o.text for c in saved.cells for o in c.get("outputs", []) if o.get("name") == "stderr"]
+    assert len(stderr) == 1 and "40/40" in stderr[0] and not re.search(r"(?<!\d)0/40", stderr[0]) and "\r" not in stderr[0]

@@ -29,10 +29,10 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from ..config import LoraBaselineConfig
 from ..io import atomic_path, write_json
+from ..progress import tqdm
 from .lora_recipe import (
     ADAPTER_NAME,
     INFO_NAME,

@@ -32,12 +32,12 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..config import GenerationConfig, LoraBaselineConfig, ModelsConfig
 from ..io import write_json
 from ..models.decoder import build_sd_pipeline
 from ..pipeline.items import WorkItem, make_items
+from ..progress import tqdm
 from ..runtime import process_share
 from . import lora as L
 from . import lora_recipe as R

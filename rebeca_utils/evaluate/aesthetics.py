@@ -13,7 +13,6 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from torch import nn
 from torchvision import transforms as T
-from tqdm.auto import tqdm
 
 from ..config import ModelsConfig
 from ..models.encoders import AESTHETIC_EMB_DIM, build_clip, tiny_clip_name
@@ -23,6 +22,7 @@ from ..models.weights import (
     hps_entry,
     require_weights,
 )
+from ..progress import tqdm
 from ..runtime import seeded
 
 ImageLike = Union[Image.Image, str, os.PathLike]

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..io import load_model, save_model
+from ..progress import tqdm
 
 POS_SCALE = 10.0  # pixels per latent unit on the position dims
 

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from tqdm.auto import tqdm
 
 from ..config import GenerationConfig, ModelsConfig
 from ..io import ORPHAN_AGE_S, atomic_path, remove_orphans, sha256, write_json
 from ..models.decoder import ip_adapter_embeds
+from ..progress import tqdm
 from .adapters import Adapters
 from .items import (
     WorkItem,

@@ -11,7 +11,6 @@ from typing import Any, Sequence
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..config import ModelsConfig
 from ..io import (
@@ -31,6 +30,7 @@ from ..models.encoders import (
     expected_dim,
     fingerprint,
 )
+from ..progress import tqdm
 from ..runtime import resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)

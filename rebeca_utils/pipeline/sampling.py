@@ -11,10 +11,10 @@ from typing import Sequence
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from tqdm.auto import tqdm
 
 from ..config import GenerationConfig
 from ..io import CorruptFileError, read_safetensors, save_safetensors
+from ..progress import tqdm
 from .items import WorkItem, make_items
 
 log = logging.getLogger(__name__)

@@ -9,11 +9,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from tqdm.auto import tqdm
 
 from ..config import DiffusionConfig, TrainConfig
 from ..data.splits import split_mask
 from ..models.prior import count_parameters
+from ..progress import tqdm
 from .early_stopping import EarlyStopping
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from ..config import Profile
 from ..io import write_json
 from ..models.prior import RebecaPrior, count_parameters
+from ..progress import tqdm
 from .diffusion import Triplets, make_scheduler, train_prior
 
 GRID_AXES = {  # App E.1

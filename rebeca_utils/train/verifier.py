@@ -11,11 +11,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
-from tqdm.auto import tqdm
 
 from ..config import VerifierConfig
 from ..data.splits import join_embeddings, split_mask
 from ..models.nmf import NMFVerifier
+from ..progress import tqdm
 from .early_stopping import EarlyStopping
 
 log = logging.getLogger(__name__)
