@@ -35,10 +35,9 @@ class _TextBar(_text_tqdm):
 def _pick():
     """The bar class for this process."""
     if interactive_frontend():
-        from tqdm.notebook import (
-            tqdm as widget,  # imports ipywidgets: only worth it where a frontend draws it
-        )
-        return widget
+        import tqdm.notebook  # loads ipywidgets: only for a live frontend
+
+        return tqdm.notebook.tqdm
     return _TextBar
 
 
