@@ -302,6 +302,10 @@ def test_prior_embeddings_cached_and_tied_to_weights(tmp_path, monkeypatch):
         next(prior.parameters()).add_(1.0)  # other weights: resampled
     SAMPLE.prior_embeddings(prior, sched, [0, 2], 3, **{**kw, "cfg_scale": 7.0})
     assert calls == [5.0, 7.0, 7.0]
+    cache = kw["path"]
+    cache.write_bytes(cache.read_bytes()[:-5])  # a truncated cache: resampled, not fatal
+    SAMPLE.prior_embeddings(prior, sched, [0, 2], 3, **{**kw, "cfg_scale": 7.0})
+    assert calls == [5.0, 7.0, 7.0, 7.0]
     items = SAMPLE.rebeca_items(a, "prior_cfg5", CFG)
     assert [it.seed for it in items] == [42, 43, 44, 20_042, 20_043, 20_044]
     assert torch.equal(items[4].ip_embedding, a["img_emb"][4])
