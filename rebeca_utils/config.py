@@ -163,7 +163,7 @@ class EvalConfig:
 
     ks: tuple[int, ...] = (1, 5)
     min_likes: int = 1  # users with fewer held-out likes are dropped (the reference code used 3, silently)
-    pr_definition: str = "paper"  # or "reference"
+    pr_definition: str = "paper"  # or "reference", "reference_exact" (the printed Table 2; README)
     n_permutations: int = 1000
     n_bootstrap: int = 1000
     hps_version: str = "v2.0"  # or "v2.1"

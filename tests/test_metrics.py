@@ -16,6 +16,7 @@ from rebeca_utils.evaluate.paper import (
 from rebeca_utils.evaluate.retrieval import (
     cosine_nn,
     precision_recall_at_k,
+    reference_axis_normalise,
     retrieval_metrics,
 )
 from rebeca_utils.evaluate.scores import user_scores, wins_and_ranks
@@ -107,6 +108,36 @@ def test_single_user_by_hand(definition, k, expected):
     assert precision_recall_at_k(GEN, POOL, LIKED, k, definition) == pytest.approx(expected)
 
 
+def test_reference_axis_normalise_is_the_reference_bug():
+    # rows stacked to (N, 1, d) and L2-normalised over the size-1 axis: each entry divided by its own |x| -> sign(x)
+    x = np.array([[3.0, -0.5, 2.0], [-1e-3, 4.0, -7.0]], dtype=np.float32)
+    bug = torch.nn.functional.normalize(torch.as_tensor(x)[:, None, :], dim=1)[:, 0].numpy()
+    np.testing.assert_allclose(reference_axis_normalise(x), bug, rtol=1e-6)
+    np.testing.assert_array_equal(reference_axis_normalise(x), np.sign(x))
+
+
+def test_reference_exact_ranks_like_the_reference_notebook():
+    # pool a = (1, .05) liked, b = (.9, -.5) disliked; sample g = (1, -.01): cosine NN a, but sign(g) . sign(b) = 2
+    pool, liked, g = np.array([[1, 0.05], [0.9, -0.5]]), np.array([True, False]), np.array([[1, -0.01]])
+    assert precision_recall_at_k(g, pool, liked, 1, "reference") == (1.0, 1.0)
+    assert precision_recall_at_k(g, pool, liked, 1, "reference_exact") == (0.0, 0.0)
+    # REBECA's samples were normalised correctly, the pool was not: unit(g) . sign(p) ranks
+    g2 = np.array([[1, 0.3]])  # unit(g2) . (1, 1) = 1.245 > unit(g2) . (1, -1) = 0.67
+    assert precision_recall_at_k(g2, pool, liked, 1, "reference_exact", gen_exact=True) == (1.0, 1.0)
+    # in general: reference on sign(pool) and sign(gen) (gen_exact False) or unit(gen) (True), dot-product ranking
+    rng = np.random.default_rng(3)
+    pool, gen, liked = rng.normal(size=(30, 8)), rng.normal(size=(6, 8)), rng.random(30) < 0.4
+    exact = np.array([True, False] * 3)
+    for k in (1, 3, 5):
+        got = precision_recall_at_k(gen, pool, liked, k, "reference_exact", exact)
+        sim = np.where(exact[:, None], gen / np.linalg.norm(gen, axis=1, keepdims=True), np.sign(gen)) @ np.sign(pool).T
+        top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+        retrieved = np.unique(top)
+        assert got == pytest.approx((liked[retrieved].mean(), liked[retrieved].sum() / liked.sum()))
+    with pytest.raises(ValueError):
+        precision_recall_at_k(gen, pool, liked, 1, "reference_exact", exact[:4])  # one flag per sample
+
+
 def test_single_user_errors():
     with pytest.raises(ValueError, match="k=5 but the user's pool has 4 items"):
         precision_recall_at_k(GEN, POOL, LIKED, 5)
@@ -193,7 +224,7 @@ def test_table2_both_builds_each_definition_per_label():
     labels = np.concatenate([label, np.array(["B"] * len(label))])  # B: the same samples under another name
     tables, per_user, summary = table2_both(**gen, gen_label=labels, pool_emb=HAND["pool_emb"],
                                             pool_user=HAND["pool_user"], pool_liked=HAND["pool_liked"], ks=(1, 2))
-    assert list(tables) == ["paper", "reference"]
+    assert list(tables) == ["paper", "reference", "reference_exact"]
     for definition, t in tables.items():
         rows, s = retrieval_metrics(**HAND, ks=(1, 2), definition=definition)
         pd.testing.assert_frame_equal(t, table2({"A": s, "B": s}, (1, 2)))
@@ -201,11 +232,26 @@ def test_table2_both_builds_each_definition_per_label():
         pd.testing.assert_frame_equal(got.drop(columns=["label", "definition"]).reset_index(drop=True), rows)
     assert tables["reference"].loc["A", ("@2", "F1")] == pytest.approx(11 / 15)
     assert per_user[["definition", "label"]].drop_duplicates().values.tolist() == [
-        ["paper", "A"], ["paper", "B"], ["reference", "A"], ["reference", "B"]]
-    assert set(summary["users_dropped"]) == {2} and len(summary) == 8  # 2 definitions x 2 labels x 2 ks
+        [d, label] for d in ("paper", "reference", "reference_exact") for label in ("A", "B")]
+    assert set(summary["users_dropped"]) == {2} and len(summary) == 12  # 3 definitions x 2 labels x 2 ks
     with pytest.raises(ValueError, match="gen_label has 1 entries"):
         table2_both(**gen, gen_label=["A"], pool_emb=HAND["pool_emb"], pool_user=HAND["pool_user"],
                     pool_liked=HAND["pool_liked"])
+
+
+def test_table2_reference_exact_normalises_rebeca_rows_only():
+    # the same samples as a baseline row and as a REBECA row: reference_exact treats them differently
+    rng = np.random.default_rng(6)
+    pool, liked = rng.normal(size=(40, 8)), rng.random(40) < 0.4
+    gen = rng.normal(size=(10, 8))
+    labels = np.array(["Shared LoRA"] * 5 + [rebeca_label(5)] * 5)
+    gen2 = np.concatenate([gen[:5], gen[:5]])
+    _, per_user, _ = table2_both(gen2, np.zeros(10, int), labels, pool, np.zeros(40, int), liked, ks=(1, 5))
+    got = per_user[per_user["definition"] == "reference_exact"].set_index(["label", "k"])
+    for label, exact in (("Shared LoRA", False), (rebeca_label(5), True)):
+        for k in (1, 5):
+            exp = precision_recall_at_k(gen[:5], pool, liked, k, "reference_exact", exact)
+            assert (got.loc[(label, k), "precision"], got.loc[(label, k), "recall"]) == pytest.approx(exp)
 
 
 # --- verifier scores, wins and ranks ----------------------------------------------------------------------------

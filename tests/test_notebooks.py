@@ -236,13 +236,14 @@ def test_08_evaluation_tables_recomputable(smoke_run):
     names, real = STORE.load_embeddings(smoke_run / "02_embed_flickr/embeddings", "verifier", models)
     pool = METHODS.heldout_pool(splits, names, real, ("test",))
     pr = pd.read_csv(d / "precision_recall_per_user.csv")
-    assert set(pr["definition"]) == {"paper", "reference"} and pr["user_id"].nunique() > 1
-    for _, r in pr.sample(12, random_state=0).iterrows():
+    assert set(pr["definition"]) == {"paper", "reference", "reference_exact"} and pr["user_id"].nunique() > 1
+    for _, r in pr.sample(18, random_state=0).iterrows():
         g = (images["label"] == r["label"]).to_numpy() & (images["user_id"] == r["user_id"]).to_numpy()
         p = pool["user_id"] == r["user_id"]
         exp = RET.precision_recall_at_k(gen_emb[g], pool["img_emb"].numpy()[p], pool["liked"][p], int(r["k"]),
-                                            r["definition"])
+                                        r["definition"], PAPER.reference_normalised_correctly(r["label"]))
         assert (r["precision"], r["recall"]) == pytest.approx(exp)
+    assert all((d / f"table2_{name}.csv").is_file() for name in RET.DEFINITIONS)
     t = pd.read_csv(d / "table2_paper.csv", header=[0, 1], index_col=0)
     assert {"Per-user LoRA", "Shared LoRA"} <= set(t.index)  # Table 2's two LoRA rows (notebook 06)
     label = m["methods"][0]

@@ -103,13 +103,19 @@ def table2(per_method: dict, ks=(1, 5), with_paper: bool = False):
     return both[[(a, b, s) for a, b in cols for s in ("ours", "paper")]]
 
 
+def reference_normalised_correctly(label: str) -> bool:
+    """Whether the reference evaluation L2-normalised a row's samples correctly: REBECA's only (README, deviations)."""
+    return str(label).startswith("REBECA")
+
+
 def table2_both(gen_emb, gen_user, gen_label, pool_emb, pool_user, pool_liked, ks=(1, 5), min_likes: int = 1,
                 with_paper: bool = False):
-    """Table 2 under both P/R definitions -> (tables {definition: table2}, per_user, summary) for every label.
+    """Table 2 under every P/R definition -> (tables {definition: table2}, per_user, summary) for every label.
 
     gen_label[i] names the row (method) of generated sample i; rows keep the labels' order of first appearance.
     per_user and summary are the `retrieval_metrics` frames of every (definition, label), with those two columns
-    added, definition-major.
+    added, definition-major. "reference_exact" ranks as the reference notebook did: REBECA rows
+    (`reference_normalised_correctly`) L2-normalised, the pool and the other rows reduced to sign(x).
     """
     gen_emb, gen_user, gen_label = np.asarray(gen_emb), np.asarray(gen_user), np.asarray(gen_label)
     if len(gen_label) != len(gen_emb):
@@ -121,7 +127,8 @@ def table2_both(gen_emb, gen_user, gen_label, pool_emb, pool_user, pool_liked, k
         for label in labels:
             m = gen_label == label
             rows, per_label[label] = retrieval_metrics(gen_emb[m], gen_user[m], pool_emb, pool_user, pool_liked,
-                                                       ks=ks, definition=definition, min_likes=min_likes)
+                                                       ks=ks, definition=definition, min_likes=min_likes,
+                                                       gen_exact=reference_normalised_correctly(label))
             per_user.append(rows.assign(label=label, definition=definition))
             summary.append(per_label[label].assign(label=label, definition=definition))
         tables[definition] = table2(per_label, ks, with_paper=with_paper)
