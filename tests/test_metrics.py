@@ -6,9 +6,11 @@ import torch
 from scipy import stats
 
 from rebeca_utils.evaluate.paper import (
+    PAPER_TABLE1,
     PAPER_TABLE2,
     rebeca_label,
     section33_pr,
+    standardize,
     table1,
     table2,
     table2_both,
@@ -76,6 +78,62 @@ def test_table1_perfect_and_random():
     assert t.loc[("Mean", 1), "recall"] == pytest.approx(1 / 25)
     assert 0.1 < t.loc[("Random", 20), "precision"] < 0.45
     assert t.loc[("REBECA", 1), "paper_precision"] == 0.782
+
+
+def test_section33_recall_denominator_all_users():
+    # the paper's Table 1 divides every user's retrieved likes by the liked pool rows of all users together
+    rng = np.random.default_rng(4)
+    pool, liked = rng.normal(size=(40, 6)).astype(np.float32), rng.random((3, 40)) < 0.3
+    gen = rng.normal(size=(2, 3, 5, 6)).astype(np.float32)
+    nn = cosine_nn(gen, pool)
+    p_u, r_u = section33_pr(gen, pool, liked, 5)
+    p_a, r_a = section33_pr(gen, pool, liked, 5, recall_denominator="all_users")
+    np.testing.assert_array_equal(p_u, p_a)
+    for rep in range(2):
+        for u in range(3):
+            assert r_a[rep, u] == pytest.approx(liked[u, np.unique(nn[rep, u])].sum() / liked.sum())
+    with pytest.raises(ValueError, match="valid values are user, all_users"):
+        section33_pr(gen, pool, liked, 5, recall_denominator="pooled")
+
+
+def test_table1_all_users_recall_is_k_p_over_all_likes():
+    # distinct neighbours: R@k = k * P@k / (liked rows of all users), the relation every row of the paper's Table 1
+    # satisfies with ~4,682 (e.g. REBECA k=20: 20 * 0.799 / 4,682 = 3.41e-3)
+    pool = np.eye(12, dtype=np.float32)
+    liked = np.zeros((2, 12), bool)
+    liked[0, :3] = liked[1, 3:8] = True
+    x = np.stack([np.stack([pool[[0, 1, 9, 10]], pool[[3, 4, 5, 11]]])])  # (1 rep, 2 users, 4, 12)
+    inputs = dict(test_latents=pool, test_likes=liked, rebeca=x, random=x, mean=x[0, :, 0])
+    t = table1(inputs, ks=(4,), recall_denominator="all_users").set_index(["method", "k"])
+    assert t.loc[("REBECA", 4), "precision"] == pytest.approx((2 / 4 + 3 / 4) / 2)
+    assert t.loc[("REBECA", 4), "recall"] == pytest.approx(4 * t.loc[("REBECA", 4), "precision"] / 8)
+    per_user = table1(inputs, ks=(4,)).set_index(["method", "k"])
+    assert per_user.loc[("REBECA", 4), "recall"] == pytest.approx((2 / 3 + 3 / 5) / 2)
+    for (name, k), (p, r) in PAPER_TABLE1.items():  # the printed table: R = k P / N with N = 4,682 +- 1 %
+        assert k * p / r == pytest.approx(4682, rel=0.012), (name, k)
+
+
+def test_table1_oracle_row_and_standardized_space():
+    rng = np.random.default_rng(5)
+    pool = rng.normal(size=(60, 4)).astype(np.float32) + np.array([8, 0, 0, 0], np.float32)  # an offset, as the VAE's
+    liked = rng.random((2, 60)) < 0.4
+    x = rng.normal(size=(3, 2, 5, 4)).astype(np.float32) + np.array([8, 0, 0, 0], np.float32)
+    mu, sd = pool.mean(0), pool.std(0)
+    inputs = dict(test_latents=pool, test_likes=liked, rebeca=x, random=x[::-1], mean=x[0, :, 0], oracle=x[:, ::-1],
+                  latent_mean=mu, latent_std=sd)
+    t = table1(inputs, ks=(1, 5))
+    assert t["method"].tolist() == ["REBECA", "REBECA", "Oracle", "Oracle", "Mean", "Random", "Random"]
+    oracle = t.set_index(["method", "k"]).loc[("Oracle", 5), "precision"]
+    assert oracle == pytest.approx(section33_pr(x[:, ::-1], pool, liked, 5)[0].mean())
+    # standardized: the same table on z-scores of every array
+    z = {k: standardize(v, mu, sd) if k in ("test_latents", "rebeca", "random", "mean", "oracle") else v
+         for k, v in inputs.items()}
+    pd.testing.assert_frame_equal(table1(inputs, ks=(1, 5), space="standardized"), table1(z, ks=(1, 5)))
+    assert not table1(inputs, ks=(1, 5), space="standardized").equals(t)  # the offset dominates raw cosines
+    with pytest.raises(ValueError, match="valid values are latent, standardized"):
+        table1(inputs, space="whitened")
+    no_oracle = {k: v for k, v in inputs.items() if k != "oracle"}  # older inputs files: no Oracle row
+    assert "Oracle" not in set(table1(no_oracle, ks=(1,))["method"])
 
 
 # --- §4.4 (Table 2): Top-k pool items of every generated sample -------------------------------------------------
