@@ -61,11 +61,13 @@ def table1(inputs: dict, ks=(1, 5, 10, 20), recall_denominator: str = "user", sp
 
     Oracle (when the inputs have it) draws uniformly from the user's liked training latents: the ceiling of any
     sampler of p(latent | user, like). space "latent": cosine neighbours between VAE means (default);
-    "standardized": between per-dimension z-scores with the training latents' `latent_mean` / `latent_std`.
+    "standardized": between per-dimension z-scores with the training latents' `latent_mean` / `latent_std` (a
+    reading of §3.3 checked for the paper's Mean P@1 = 1.0; it does not give it, README).
     recall_denominator: see `section33_pr`.
     """
     if space not in NN_SPACES:
         raise ValueError(f"space={space!r}: valid values are {', '.join(NN_SPACES)}")
+
     def to_space(x):
         return standardize(x, inputs["latent_mean"], inputs["latent_std"]) if space == "standardized" else x
 
