@@ -23,7 +23,7 @@ CACHE_ENV = "REBECA_CACHE"
 RNG_STREAMS = {
     "split_order": 1, "holdout_workers": 2,  # data.splits
     "fixture_images": 7, "fixture": 0x5EBECA,  # data.synthetic: per-image pixels; names, attributes, tastes, ratings
-    "dsprites_val": 101, "dsprites_baselines": 202,  # studies.controlled
+    "dsprites_val": 101, "dsprites_baselines": 202, "dsprites_oracle": 404,  # studies.controlled
     "random_draws": 303,  # evaluate.retrieval: random training embeddings as the selection score's floor
 }
 

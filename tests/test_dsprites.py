@@ -203,3 +203,46 @@ def test_nn_label_agreement():
     z = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     assert RET.nn_label_agreement(z, [0, 0, 1, 1]) == 1.0
     assert RET.nn_label_agreement(z, [0, 1, 0, 1], metric="euclidean") == 0.0
+
+
+def test_oracle_draws_only_the_users_liked_training_latents(study):
+    latents = torch.as_tensor(np.random.default_rng(0).normal(size=(study.n_images, 5)), dtype=torch.float32)
+    random, mean, oracle = CTRL.baseline_samples(study, latents, reps=3, k=7, seed=1)
+    assert random.shape == oracle.shape == (3, 4, 7, 5) and mean.shape == (4, 5)
+    train = latents[study.train_idx].numpy()
+    for u in range(4):
+        liked = train[study.likes[u, study.train_idx]]
+        # every Oracle sample is one of the user's liked training latents, and they are not all the same one
+        hit = (np.abs(oracle[:, u].reshape(-1, 1, 5) - liked[None]).max(-1) == 0).any(1)
+        assert hit.all() and len(np.unique(oracle[:, u].reshape(-1, 5), axis=0)) > 10
+    again = CTRL.baseline_samples(study, latents, reps=3, k=7, seed=1)
+    for a, b in zip((random, mean, oracle), again):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_landing_pairs_counts_nearest_pool_pairs():
+    pool = np.eye(4, dtype=np.float32)
+    pair = np.array([0, 1, 2, 3])
+    x = np.zeros((2, 2, 3, 4), np.float32)
+    x[:, 0, :, 0] = 1  # user 0's samples all land on pair 0
+    x[0, 1, :, 1] = 1  # user 1: 3 on pair 1, 3 on pair 3
+    x[1, 1, :, 3] = 1
+    np.testing.assert_allclose(CTRL.landing_pairs(x, pool, pair), [[1, 0, 0, 0], [0, 0.5, 0, 0.5]])
+
+
+def test_table1_default_like_rule_is_the_reference_one():
+    # the paper's Table 1 was produced under P(like | neither) = 0.01 (README): notebook 01 and the profiles use it
+    import ast
+    import json
+    from pathlib import Path
+
+    from rebeca_utils.config import get_profile
+
+    for name in ("smoke", "demo", "paper"):
+        assert get_profile(name).dsprites.p_like == DS.P_LIKE_REFERENCE
+        assert get_profile(name).dsprites.recall_denominator == "user"
+    nb = Path(__file__).resolve().parents[1] / "notebooks" / "01_simulate_dsprites.ipynb"
+    cell = next(c for c in json.loads(nb.read_text())["cells"] if "parameters" in c["metadata"].get("tags", []))
+    values = {n.target.id: ast.literal_eval(n.value) for n in ast.parse("".join(cell["source"])).body
+              if isinstance(n, ast.AnnAssign)}
+    assert values["p_like_neither"] == 0.01 and values["overrides"] == {}

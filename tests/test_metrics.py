@@ -6,9 +6,11 @@ import torch
 from scipy import stats
 
 from rebeca_utils.evaluate.paper import (
+    PAPER_TABLE1,
     PAPER_TABLE2,
     rebeca_label,
     section33_pr,
+    standardize,
     table1,
     table2,
     table2_both,
@@ -16,6 +18,7 @@ from rebeca_utils.evaluate.paper import (
 from rebeca_utils.evaluate.retrieval import (
     cosine_nn,
     precision_recall_at_k,
+    reference_axis_normalise,
     retrieval_metrics,
 )
 from rebeca_utils.evaluate.scores import user_scores, wins_and_ranks
@@ -77,6 +80,62 @@ def test_table1_perfect_and_random():
     assert t.loc[("REBECA", 1), "paper_precision"] == 0.782
 
 
+def test_section33_recall_denominator_all_users():
+    # the paper's Table 1 divides every user's retrieved likes by the liked pool rows of all users together
+    rng = np.random.default_rng(4)
+    pool, liked = rng.normal(size=(40, 6)).astype(np.float32), rng.random((3, 40)) < 0.3
+    gen = rng.normal(size=(2, 3, 5, 6)).astype(np.float32)
+    nn = cosine_nn(gen, pool)
+    p_u, r_u = section33_pr(gen, pool, liked, 5)
+    p_a, r_a = section33_pr(gen, pool, liked, 5, recall_denominator="all_users")
+    np.testing.assert_array_equal(p_u, p_a)
+    for rep in range(2):
+        for u in range(3):
+            assert r_a[rep, u] == pytest.approx(liked[u, np.unique(nn[rep, u])].sum() / liked.sum())
+    with pytest.raises(ValueError, match="valid values are user, all_users"):
+        section33_pr(gen, pool, liked, 5, recall_denominator="pooled")
+
+
+def test_table1_all_users_recall_is_k_p_over_all_likes():
+    # distinct neighbours: R@k = k * P@k / (liked rows of all users), the relation every row of the paper's Table 1
+    # satisfies with ~4,682 (e.g. REBECA k=20: 20 * 0.799 / 4,682 = 3.41e-3)
+    pool = np.eye(12, dtype=np.float32)
+    liked = np.zeros((2, 12), bool)
+    liked[0, :3] = liked[1, 3:8] = True
+    x = np.stack([np.stack([pool[[0, 1, 9, 10]], pool[[3, 4, 5, 11]]])])  # (1 rep, 2 users, 4, 12)
+    inputs = dict(test_latents=pool, test_likes=liked, rebeca=x, random=x, mean=x[0, :, 0])
+    t = table1(inputs, ks=(4,), recall_denominator="all_users").set_index(["method", "k"])
+    assert t.loc[("REBECA", 4), "precision"] == pytest.approx((2 / 4 + 3 / 4) / 2)
+    assert t.loc[("REBECA", 4), "recall"] == pytest.approx(4 * t.loc[("REBECA", 4), "precision"] / 8)
+    per_user = table1(inputs, ks=(4,)).set_index(["method", "k"])
+    assert per_user.loc[("REBECA", 4), "recall"] == pytest.approx((2 / 3 + 3 / 5) / 2)
+    for (name, k), (p, r) in PAPER_TABLE1.items():  # the printed table: R = k P / N with N = 4,682 +- 1 %
+        assert k * p / r == pytest.approx(4682, rel=0.012), (name, k)
+
+
+def test_table1_oracle_row_and_standardized_space():
+    rng = np.random.default_rng(5)
+    pool = rng.normal(size=(60, 4)).astype(np.float32) + np.array([8, 0, 0, 0], np.float32)  # an offset, as the VAE's
+    liked = rng.random((2, 60)) < 0.4
+    x = rng.normal(size=(3, 2, 5, 4)).astype(np.float32) + np.array([8, 0, 0, 0], np.float32)
+    mu, sd = pool.mean(0), pool.std(0)
+    inputs = dict(test_latents=pool, test_likes=liked, rebeca=x, random=x[::-1], mean=x[0, :, 0], oracle=x[:, ::-1],
+                  latent_mean=mu, latent_std=sd)
+    t = table1(inputs, ks=(1, 5))
+    assert t["method"].tolist() == ["REBECA", "REBECA", "Oracle", "Oracle", "Mean", "Random", "Random"]
+    oracle = t.set_index(["method", "k"]).loc[("Oracle", 5), "precision"]
+    assert oracle == pytest.approx(section33_pr(x[:, ::-1], pool, liked, 5)[0].mean())
+    # standardized: the same table on z-scores of every array
+    z = {k: standardize(v, mu, sd) if k in ("test_latents", "rebeca", "random", "mean", "oracle") else v
+         for k, v in inputs.items()}
+    pd.testing.assert_frame_equal(table1(inputs, ks=(1, 5), space="standardized"), table1(z, ks=(1, 5)))
+    assert not table1(inputs, ks=(1, 5), space="standardized").equals(t)  # the offset dominates raw cosines
+    with pytest.raises(ValueError, match="valid values are latent, standardized"):
+        table1(inputs, space="whitened")
+    no_oracle = {k: v for k, v in inputs.items() if k != "oracle"}  # older inputs files: no Oracle row
+    assert "Oracle" not in set(table1(no_oracle, ks=(1,))["method"])
+
+
 # --- §4.4 (Table 2): Top-k pool items of every generated sample -------------------------------------------------
 # User A = (GEN, POOL, LIKED), L_A = {0, 1}. Cosine ranks of the pool:
 #   g1 = (2, .1): 0, 1, 3, 2     g2 = (1, .2): 0, 1, 3, 2     g3 = (-1, .1): 2, 1, 3, 0
@@ -105,6 +164,36 @@ HAND = dict(
 ])
 def test_single_user_by_hand(definition, k, expected):
     assert precision_recall_at_k(GEN, POOL, LIKED, k, definition) == pytest.approx(expected)
+
+
+def test_reference_axis_normalise_is_the_reference_bug():
+    # rows stacked to (N, 1, d) and L2-normalised over the size-1 axis: each entry divided by its own |x| -> sign(x)
+    x = np.array([[3.0, -0.5, 2.0], [-1e-3, 4.0, -7.0]], dtype=np.float32)
+    bug = torch.nn.functional.normalize(torch.as_tensor(x)[:, None, :], dim=1)[:, 0].numpy()
+    np.testing.assert_allclose(reference_axis_normalise(x), bug, rtol=1e-6)
+    np.testing.assert_array_equal(reference_axis_normalise(x), np.sign(x))
+
+
+def test_reference_exact_ranks_like_the_reference_notebook():
+    # pool a = (1, .05) liked, b = (.9, -.5) disliked; sample g = (1, -.01): cosine NN a, but sign(g) . sign(b) = 2
+    pool, liked, g = np.array([[1, 0.05], [0.9, -0.5]]), np.array([True, False]), np.array([[1, -0.01]])
+    assert precision_recall_at_k(g, pool, liked, 1, "reference") == (1.0, 1.0)
+    assert precision_recall_at_k(g, pool, liked, 1, "reference_exact") == (0.0, 0.0)
+    # REBECA's samples were normalised correctly, the pool was not: unit(g) . sign(p) ranks
+    g2 = np.array([[1, 0.3]])  # unit(g2) . (1, 1) = 1.245 > unit(g2) . (1, -1) = 0.67
+    assert precision_recall_at_k(g2, pool, liked, 1, "reference_exact", gen_exact=True) == (1.0, 1.0)
+    # in general: reference on sign(pool) and sign(gen) (gen_exact False) or unit(gen) (True), dot-product ranking
+    rng = np.random.default_rng(3)
+    pool, gen, liked = rng.normal(size=(30, 8)), rng.normal(size=(6, 8)), rng.random(30) < 0.4
+    exact = np.array([True, False] * 3)
+    for k in (1, 3, 5):
+        got = precision_recall_at_k(gen, pool, liked, k, "reference_exact", exact)
+        sim = np.where(exact[:, None], gen / np.linalg.norm(gen, axis=1, keepdims=True), np.sign(gen)) @ np.sign(pool).T
+        top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+        retrieved = np.unique(top)
+        assert got == pytest.approx((liked[retrieved].mean(), liked[retrieved].sum() / liked.sum()))
+    with pytest.raises(ValueError):
+        precision_recall_at_k(gen, pool, liked, 1, "reference_exact", exact[:4])  # one flag per sample
 
 
 def test_single_user_errors():
@@ -193,7 +282,7 @@ def test_table2_both_builds_each_definition_per_label():
     labels = np.concatenate([label, np.array(["B"] * len(label))])  # B: the same samples under another name
     tables, per_user, summary = table2_both(**gen, gen_label=labels, pool_emb=HAND["pool_emb"],
                                             pool_user=HAND["pool_user"], pool_liked=HAND["pool_liked"], ks=(1, 2))
-    assert list(tables) == ["paper", "reference"]
+    assert list(tables) == ["paper", "reference", "reference_exact"]
     for definition, t in tables.items():
         rows, s = retrieval_metrics(**HAND, ks=(1, 2), definition=definition)
         pd.testing.assert_frame_equal(t, table2({"A": s, "B": s}, (1, 2)))
@@ -201,11 +290,26 @@ def test_table2_both_builds_each_definition_per_label():
         pd.testing.assert_frame_equal(got.drop(columns=["label", "definition"]).reset_index(drop=True), rows)
     assert tables["reference"].loc["A", ("@2", "F1")] == pytest.approx(11 / 15)
     assert per_user[["definition", "label"]].drop_duplicates().values.tolist() == [
-        ["paper", "A"], ["paper", "B"], ["reference", "A"], ["reference", "B"]]
-    assert set(summary["users_dropped"]) == {2} and len(summary) == 8  # 2 definitions x 2 labels x 2 ks
+        [d, label] for d in ("paper", "reference", "reference_exact") for label in ("A", "B")]
+    assert set(summary["users_dropped"]) == {2} and len(summary) == 12  # 3 definitions x 2 labels x 2 ks
     with pytest.raises(ValueError, match="gen_label has 1 entries"):
         table2_both(**gen, gen_label=["A"], pool_emb=HAND["pool_emb"], pool_user=HAND["pool_user"],
                     pool_liked=HAND["pool_liked"])
+
+
+def test_table2_reference_exact_normalises_rebeca_rows_only():
+    # the same samples as a baseline row and as a REBECA row: reference_exact treats them differently
+    rng = np.random.default_rng(6)
+    pool, liked = rng.normal(size=(40, 8)), rng.random(40) < 0.4
+    gen = rng.normal(size=(10, 8))
+    labels = np.array(["Shared LoRA"] * 5 + [rebeca_label(5)] * 5)
+    gen2 = np.concatenate([gen[:5], gen[:5]])
+    _, per_user, _ = table2_both(gen2, np.zeros(10, int), labels, pool, np.zeros(40, int), liked, ks=(1, 5))
+    got = per_user[per_user["definition"] == "reference_exact"].set_index(["label", "k"])
+    for label, exact in (("Shared LoRA", False), (rebeca_label(5), True)):
+        for k in (1, 5):
+            exp = precision_recall_at_k(gen[:5], pool, liked, k, "reference_exact", exact)
+            assert (got.loc[(label, k), "precision"], got.loc[(label, k), "recall"]) == pytest.approx(exp)
 
 
 # --- verifier scores, wins and ranks ----------------------------------------------------------------------------

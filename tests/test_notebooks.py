@@ -152,13 +152,27 @@ def test_01_dsprites_table1(smoke_run):
     assert list(t.columns) == ["method", "k", "precision", "precision_std", "recall", "recall_std",
                                "paper_precision", "paper_recall"]
     inputs = dict(np.load(d / "table1_inputs.npz"))
-    assert set(inputs) == {"test_latents", "test_likes", "rebeca", "random", "mean"}
+    assert set(inputs) == {"test_latents", "test_likes", "rebeca", "random", "mean", "oracle", "latent_mean",
+                           "latent_std"}
     reps = inputs["rebeca"].shape[0]
     n_test = inputs["test_latents"].shape[0]
-    assert inputs["rebeca"].shape == inputs["random"].shape == (reps, 4, 20, 32)
+    assert inputs["rebeca"].shape == inputs["random"].shape == inputs["oracle"].shape == (reps, 4, 20, 32)
     assert inputs["test_likes"].shape == (4, n_test) and inputs["test_likes"].dtype == bool
     assert inputs["mean"].shape == (4, 32) and inputs["test_latents"].dtype == np.float32
+    assert inputs["latent_mean"].shape == inputs["latent_std"].shape == (32,)
     pd.testing.assert_frame_equal(table1(inputs), t, check_exact=False, atol=1e-9)  # recomputable from the npz alone
+    assert t["method"].drop_duplicates().tolist() == ["REBECA", "Oracle", "Mean", "Random"]
+    assert m["p_like"] == [0.95, 0.10, 0.01]  # the reference rule that produced the paper's Table 1 (README)
+    # both recall denominators and both neighbour spaces, recomputable from the npz alone
+    readings = pd.read_csv(d / "table1_readings.csv").set_index(["method", "k"])
+    for col, kw in (("recall_all_users", dict(recall_denominator="all_users")),
+                    ("precision_standardized", dict(space="standardized"))):
+        other = table1(inputs, **kw).set_index(["method", "k"])
+        np.testing.assert_allclose(readings[col], other["recall" if "recall" in col else "precision"])
+    n_u, n_all = inputs["test_likes"].sum(1), inputs["test_likes"].sum()
+    assert (readings["recall_all_users"] < readings["recall_user"]).all() and n_all > n_u.max()
+    assert set(m["mean_precision_at_1_by_space"]) == {"latent", "standardized"}
+    assert m["oracle_precision"]["20"] > m["random_precision"]["20"] + 0.2  # the ceiling sits on the liked cluster
     # planted signal: REBECA's samples land on what each user likes far more often than random draws
     ks = ("1", "5", "10", "20")
     rebeca, random = (np.mean([m[f"{name}_precision"][k] for k in ks]) for name in ("rebeca", "random"))
@@ -299,13 +313,14 @@ def test_08_evaluation_tables_recomputable(smoke_run):
     names, real = STORE.load_embeddings(smoke_run / "02_embed_flickr/embeddings", "verifier", models)
     pool = METHODS.heldout_pool(splits, names, real, ("test",))
     pr = pd.read_csv(d / "precision_recall_per_user.csv")
-    assert set(pr["definition"]) == {"paper", "reference"} and pr["user_id"].nunique() > 1
-    for _, r in pr.sample(12, random_state=0).iterrows():
+    assert set(pr["definition"]) == {"paper", "reference", "reference_exact"} and pr["user_id"].nunique() > 1
+    for _, r in pr.sample(18, random_state=0).iterrows():
         g = (images["label"] == r["label"]).to_numpy() & (images["user_id"] == r["user_id"]).to_numpy()
         p = pool["user_id"] == r["user_id"]
         exp = RET.precision_recall_at_k(gen_emb[g], pool["img_emb"].numpy()[p], pool["liked"][p], int(r["k"]),
-                                            r["definition"])
+                                        r["definition"], PAPER.reference_normalised_correctly(r["label"]))
         assert (r["precision"], r["recall"]) == pytest.approx(exp)
+    assert all((d / f"table2_{name}.csv").is_file() for name in RET.DEFINITIONS)
     t = pd.read_csv(d / "table2_paper.csv", header=[0, 1], index_col=0)
     assert {"Per-user LoRA", "Shared LoRA"} <= set(t.index)  # Table 2's two LoRA rows (notebook 06)
     label = m["methods"][0]

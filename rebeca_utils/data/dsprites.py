@@ -21,7 +21,7 @@ gets a colour, red (1, 0, 0) * mask or blue (0, 0, 1) * mask, uniformly -> four 
 There are four synthetic users; user ``u`` prefers pair ``u``. *Every* image is rated by *every* user,
 independently: P(like) = p_both if shape and colour match the user's pair, p_one if exactly one matches,
 p_neither otherwise (paper: 0.95 / 0.10 / 0.05; the reference code used 0.01 for "neither", see
-:data:`P_LIKE_REFERENCE`). The split is by image, 90 / 10 with a fixed seed, so each user's test pool is
+:data:`P_LIKE_REFERENCE`, which produced the paper's Table 1 and is notebook 01's default, README). The split is by image, 90 / 10 with a fixed seed, so each user's test pool is
 the full test set. Training triplets are (user, rating, image -> VAE latent) for all four users on all
 training images (``studies.controlled.study_triplets``).
 """

@@ -28,24 +28,58 @@ PAPER_TABLE1 = {
 }
 
 
-def section33_pr(samples, pool, likes, k: int):
-    """§3.3 P@k, R@k -> two (reps, U) arrays: each user's first k of K samples (reps, U, K, d), one neighbour each."""
-    samples = np.asarray(samples)
+RECALL_DENOMINATORS = ("user", "all_users")
+
+NN_SPACES = ("latent", "standardized")
+
+
+def section33_pr(samples, pool, likes, k: int, recall_denominator: str = "user"):
+    """§3.3 P@k, R@k -> two (reps, U) arrays: each user's first k of K samples (reps, U, K, d), one neighbour each.
+
+    recall_denominator "user": R@k(u) divides by u's liked pool items; "all_users": by the liked pool rows of all
+    users together (what the paper's Table 1 did: its recall is k·P/≈4,682 in every row).
+    """
+    if recall_denominator not in RECALL_DENOMINATORS:
+        raise ValueError(f"recall_denominator={recall_denominator!r}: valid values are {', '.join(RECALL_DENOMINATORS)}")
+    samples, likes = np.asarray(samples), np.asarray(likes, dtype=bool)
     if samples.ndim != 4 or not 1 <= k <= samples.shape[2]:
         raise ValueError(f"k={k}: need samples of shape (reps, U, K >= k, d), got {samples.shape}")
     pr = np.array([[precision_recall_at_k(x[:k], pool, likes[u], 1) for u, x in enumerate(rep)] for rep in samples])
-    return pr[..., 0], pr[..., 1]
+    recall = pr[..., 1]
+    if recall_denominator == "all_users":
+        recall = recall * likes[: samples.shape[1]].sum(1) / likes.sum()
+    return pr[..., 0], recall
 
 
-def table1(inputs: dict, ks=(1, 5, 10, 20)):
-    """Table 1 from `table1_inputs.npz` arrays alone: REBECA, Mean (k=1) and Random; mean +- std over reps."""
-    pool, liked = inputs["test_latents"], inputs["test_likes"]
+def standardize(x, mean, std) -> np.ndarray:
+    """Per-dimension z-scores (x - mean) / std: the space the dSprites prior works in."""
+    return (np.asarray(x, dtype=np.float64) - np.asarray(mean, dtype=np.float64)) / np.asarray(std, dtype=np.float64)
+
+
+def table1(inputs: dict, ks=(1, 5, 10, 20), recall_denominator: str = "user", space: str = "latent"):
+    """Table 1 from `table1_inputs.npz` arrays alone: REBECA, Oracle, Mean (k=1), Random; mean +- std over reps.
+
+    Oracle (when the inputs have it) draws uniformly from the user's liked training latents: the ceiling of any
+    sampler of p(latent | user, like). space "latent": cosine neighbours between VAE means (default);
+    "standardized": between per-dimension z-scores with the training latents' `latent_mean` / `latent_std` (a
+    reading of §3.3 checked for the paper's Mean P@1 = 1.0; it does not give it, README).
+    recall_denominator: see `section33_pr`.
+    """
+    if space not in NN_SPACES:
+        raise ValueError(f"space={space!r}: valid values are {', '.join(NN_SPACES)}")
+
+    def to_space(x):
+        return standardize(x, inputs["latent_mean"], inputs["latent_std"]) if space == "standardized" else x
+
+    pool, liked = to_space(inputs["test_latents"]), inputs["test_likes"]
     rows = []
-    methods = [("REBECA", inputs["rebeca"], ks), ("Mean", inputs["mean"][None, :, None, :], (1,)),
-               ("Random", inputs["random"], ks)]
+    methods = [("REBECA", inputs["rebeca"], ks), ("Oracle", inputs.get("oracle"), ks),
+               ("Mean", inputs["mean"][None, :, None, :], (1,)), ("Random", inputs["random"], ks)]
     for name, samples, method_ks in methods:
+        if samples is None:
+            continue
         for k in method_ks:
-            p, r = section33_pr(samples, pool, liked, k)
+            p, r = section33_pr(to_space(samples), pool, liked, k, recall_denominator)
             p_rep, r_rep = p.mean(-1), r.mean(-1)  # average over users, then spread over repetitions
             paper = PAPER_TABLE1.get((name, k), (np.nan, np.nan))
             rows.append(dict(method=name, k=k, precision=p_rep.mean(), precision_std=p_rep.std(),
@@ -103,13 +137,19 @@ def table2(per_method: dict, ks=(1, 5), with_paper: bool = False):
     return both[[(a, b, s) for a, b in cols for s in ("ours", "paper")]]
 
 
+def reference_normalised_correctly(label: str) -> bool:
+    """Whether the reference evaluation L2-normalised a row's samples correctly: REBECA's only (README, deviations)."""
+    return str(label).startswith("REBECA")
+
+
 def table2_both(gen_emb, gen_user, gen_label, pool_emb, pool_user, pool_liked, ks=(1, 5), min_likes: int = 1,
                 with_paper: bool = False):
-    """Table 2 under both P/R definitions -> (tables {definition: table2}, per_user, summary) for every label.
+    """Table 2 under every P/R definition -> (tables {definition: table2}, per_user, summary) for every label.
 
     gen_label[i] names the row (method) of generated sample i; rows keep the labels' order of first appearance.
     per_user and summary are the `retrieval_metrics` frames of every (definition, label), with those two columns
-    added, definition-major.
+    added, definition-major. "reference_exact" ranks as the reference notebook did: REBECA rows
+    (`reference_normalised_correctly`) L2-normalised, the pool and the other rows reduced to sign(x).
     """
     gen_emb, gen_user, gen_label = np.asarray(gen_emb), np.asarray(gen_user), np.asarray(gen_label)
     if len(gen_label) != len(gen_emb):
@@ -121,7 +161,8 @@ def table2_both(gen_emb, gen_user, gen_label, pool_emb, pool_user, pool_liked, k
         for label in labels:
             m = gen_label == label
             rows, per_label[label] = retrieval_metrics(gen_emb[m], gen_user[m], pool_emb, pool_user, pool_liked,
-                                                       ks=ks, definition=definition, min_likes=min_likes)
+                                                       ks=ks, definition=definition, min_likes=min_likes,
+                                                       gen_exact=reference_normalised_correctly(label))
             per_user.append(rows.assign(label=label, definition=definition))
             summary.append(per_label[label].assign(label=label, definition=definition))
         tables[definition] = table2(per_label, ks, with_paper=with_paper)

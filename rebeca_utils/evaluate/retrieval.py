@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from ..pipeline.sampling import sample_users
 from ..runtime import seed_sequence
 
-DEFINITIONS = ("paper", "reference")
+DEFINITIONS = ("paper", "reference", "reference_exact")
 
 
 def cosine_nn(queries, pool, batch_size: int = 8192) -> np.ndarray:
@@ -32,22 +32,41 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def reference_axis_normalise(x) -> np.ndarray:
+    """The reference evaluation's L2 normalisation of rows stacked to (N, 1, d) over the size-1 axis: x / max(|x|, 1e-12).
+
+    Every entry is divided by its own absolute value, so a row becomes sign(x) (entries below 1e-12 in magnitude
+    are scaled, not signed). The reference applied it to the candidate pool and the baselines' samples.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.abs(x), 1e-12)
+
+
 def _f1(p, r):
     p, r = np.asarray(p, dtype=float), np.asarray(r, dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(p + r > 0, 2 * p * r / (p + r), 0.0)
 
 
-def precision_recall_at_k(gen_emb, pool_emb, pool_liked, k: int, definition: str = "paper") -> tuple[float, float]:
+def precision_recall_at_k(gen_emb, pool_emb, pool_liked, k: int, definition: str = "paper",
+                          gen_exact=False) -> tuple[float, float]:
     """Prec@k(u), Rec@k(u) of one user's m generated embeddings (m, d) against their pool (N, d) with likes (N,).
 
     paper (§4.4): Prec@k = (1/m) Σ_g 1[Top-k(g,u) ∩ L_u ≠ ∅]; Rec@k = (1/|L_u|) Σ_{ℓ∈L_u} 1[∃g: ℓ ∈ Top-k(g,u)].
     reference: retrieved = ∪_g Top-k(g,u); precision = |retrieved ∩ L_u| / |retrieved|; same recall.
+    reference_exact: reference, ranked as the reference notebook ranked (the printed Table 2): the pool and the
+    samples where `gen_exact` is False (bool, scalar or per sample) pass `reference_axis_normalise` (rows ->
+    sign(x)), samples where it is True (REBECA's) are L2-normalised, and the dot product ranks.
     With k=1 and the first k samples this is also §3.3's P@k/R@k (Table 1). Ties in cosine similarity go to the
     lower pool index. Recall is NaN when the user has no liked pool item.
     """
     _check_definition(definition)
-    gen, pool = _unit(np.atleast_2d(gen_emb)), _unit(np.atleast_2d(pool_emb))
+    gen, pool = np.atleast_2d(gen_emb), np.atleast_2d(pool_emb)
+    if definition == "reference_exact":
+        exact = np.broadcast_to(np.asarray(gen_exact, dtype=bool).reshape(-1), (len(gen),))[:, None]
+        gen, pool = np.where(exact, _unit(gen), reference_axis_normalise(gen)), reference_axis_normalise(pool)
+    else:
+        gen, pool = _unit(gen), _unit(pool)
     liked = np.asarray(pool_liked, dtype=bool).reshape(-1)
     if len(gen) == 0:
         raise ValueError("no generated samples for this user")
@@ -67,12 +86,14 @@ def precision_recall_at_k(gen_emb, pool_emb, pool_liked, k: int, definition: str
 
 
 def retrieval_metrics(gen_emb, gen_user, pool_emb, pool_user, pool_liked, ks=(1, 5), definition: str = "paper",
-                      min_likes: int = 1):
+                      min_likes: int = 1, gen_exact=False):
     """Prec/Rec/F1@k for all users -> (per_user, summary) DataFrames; macro-averages over kept users.
 
     per_user: user_id, k, precision, recall, f1 (per user), n_gen, n_pool, n_likes (kept users only).
     summary: k, precision, recall, f1, users, users_dropped. F1 = 2PR/(P+R) of the macro-averaged P and R for
-    definition="paper" (§4.4), the mean of per-user F1 for "reference" (its code). Users seen in gen_user or
+    definition="paper" (§4.4), the mean of per-user F1 for "reference" and "reference_exact" (its code).
+    `gen_exact` (bool, scalar or per generated sample) is used by "reference_exact" only (see
+    `precision_recall_at_k`). Users seen in gen_user or
     pool_user with no generated sample or fewer than `min_likes` held-out likes are dropped and counted (the
     reference code dropped users with < 3 likes without saying). k larger than a kept user's pool raises.
     Each user is scored by `precision_recall_at_k`.
@@ -91,6 +112,7 @@ def retrieval_metrics(gen_emb, gen_user, pool_emb, pool_user, pool_liked, ks=(1,
                          f"pool_user {len(pool_user)}, pool_liked {len(liked)}")
     if gen.shape[1] != pool.shape[1]:
         raise ValueError(f"embedding dims disagree: gen {gen.shape[1]}, pool {pool.shape[1]}")
+    exact = np.broadcast_to(np.asarray(gen_exact, dtype=bool).reshape(-1), (len(gen),))
     users, inv = np.unique(np.concatenate([gen_user, pool_user]), return_inverse=True)
     g_u, p_u = inv[: len(gen)], inv[len(gen):]
     n_gen = np.bincount(g_u, minlength=len(users))
@@ -107,8 +129,8 @@ def retrieval_metrics(gen_emb, gen_user, pool_emb, pool_user, pool_liked, ks=(1,
     # row indices of each user's samples and pool items, grouped once instead of one mask per user
     g_rows = np.split(np.argsort(g_u, kind="stable"), np.cumsum(n_gen)[:-1])
     p_rows = np.split(np.argsort(p_u, kind="stable"), np.cumsum(n_pool)[:-1])
-    pr = np.array([[precision_recall_at_k(gen[g_rows[u]], pool[p_rows[u]], liked[p_rows[u]], k, definition)
-                    for u in kept] for k in ks])  # (len(ks), U, 2)
+    pr = np.array([[precision_recall_at_k(gen[g_rows[u]], pool[p_rows[u]], liked[p_rows[u]], k, definition,
+                                          exact[g_rows[u]]) for u in kept] for k in ks])  # (len(ks), U, 2)
     rows, summary = [], []
     for k, (precision, recall) in zip(ks, pr.transpose(0, 2, 1)):
         f1 = _f1(precision, recall)

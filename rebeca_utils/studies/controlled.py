@@ -11,7 +11,8 @@ import torch
 
 from ..config import DSpritesConfig
 from ..data.dsprites import DSPRITES_FILENAME, DSpritesStudy
-from ..evaluate.paper import section33_pr
+from ..evaluate.paper import section33_pr, table1
+from ..evaluate.retrieval import cosine_nn
 from ..io import atomic_path, write_json
 from ..models.vae import ConvVAE, freeze, load_vae, save_vae, train_vae
 from ..pipeline.sampling import sample_users
@@ -59,13 +60,28 @@ def study_triplets(study: DSpritesStudy, latents: torch.Tensor, val_frac: float 
 
 
 def baseline_samples(study: DSpritesStudy, latents: torch.Tensor, reps: int, k: int, seed: int):
-    """Random (uniform draws from training latents, (reps, U, k, d)) and Mean (mean liked latent, (U, d))."""
+    """Random, Mean and Oracle samples of the study's users.
+
+    Random: uniform draws from all training latents, (reps, U, k, d). Mean: each user's mean liked training latent,
+    (U, d). Oracle: uniform draws from the user's liked training latents, (reps, U, k, d): the empirical
+    p(latent | user, like), i.e. what a perfect sampler of it would give. Each has its own RNG stream.
+    """
     rng = np.random.default_rng(seed_sequence(seed, "dsprites_baselines"))
     train_lat = latents[study.train_idx].numpy()
     random = train_lat[rng.integers(0, len(train_lat), size=(reps, study.n_users, k))]
     liked = study.likes[:, study.train_idx]
     mean = np.stack([train_lat[liked[u]].mean(0) for u in range(study.n_users)])
-    return random.astype(np.float32), mean.astype(np.float32)
+    rng = np.random.default_rng(seed_sequence(seed, "dsprites_oracle"))
+    oracle = np.stack([train_lat[liked[u]][rng.integers(0, liked[u].sum(), size=(reps, k))]
+                       for u in range(study.n_users)], axis=1)
+    return random.astype(np.float32), mean.astype(np.float32), oracle.astype(np.float32)
+
+
+def landing_pairs(samples, pool, pool_pair, n_pairs: int = 4) -> np.ndarray:
+    """(U, n_pairs): share of each user's samples (reps, U, K, d) whose cosine nearest pool item has pair p."""
+    pairs = np.asarray(pool_pair)[cosine_nn(np.asarray(samples), pool)]  # (reps, U, K)
+    return np.stack([np.bincount(pairs[:, u].ravel(), minlength=n_pairs) / pairs[:, u].size
+                     for u in range(pairs.shape[1])])
 
 
 def rebeca_samples(prior, sched, n_users: int, reps: int, k: int, normalizer=None, **kw) -> np.ndarray:
@@ -85,6 +101,9 @@ class Table1Inputs:
     rebeca: np.ndarray  # float32 (reps, U, K, d)
     random: np.ndarray  # float32 (reps, U, K, d)
     mean: np.ndarray  # float32 (U, d)
+    oracle: np.ndarray  # float32 (reps, U, K, d), uniform draws from the user's liked training latents
+    latent_mean: np.ndarray  # float32 (d,), training latents' per-dimension mean (the prior's standardisation)
+    latent_std: np.ndarray  # float32 (d,), and standard deviation
 
     def save(self, path: Path) -> Path:
         arrays = {k: np.ascontiguousarray(v) for k, v in asdict(self).items()}
@@ -112,3 +131,14 @@ def precision_table(samples: dict[str, np.ndarray], test_latents, test_likes, ks
             rows.append(dict(setting=name, k=k, precision=p.mean(-1).mean(), precision_std=p.mean(-1).std(),
                              recall=r.mean(-1).mean()))
     return pd.DataFrame(rows)
+
+
+def table1_readings(inputs: dict, ks) -> pd.DataFrame:
+    """Table 1 under each reading: P@k with latent / standardized neighbours, R@k with user / all-users denominators."""
+    base = table1(inputs, ks)
+    std = table1(inputs, ks, space="standardized")
+    pooled = table1(inputs, ks, recall_denominator="all_users")
+    return pd.DataFrame({"method": base["method"], "k": base["k"], "precision_latent": base["precision"],
+                         "precision_standardized": std["precision"], "paper_precision": base["paper_precision"],
+                         "recall_user": base["recall"], "recall_all_users": pooled["recall"],
+                         "paper_recall": base["paper_recall"]})
