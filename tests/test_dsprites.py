@@ -1,6 +1,8 @@
 """dSprites study data (renderer, npz path, colouring, like rule, split) and the small VAE."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -246,3 +248,17 @@ def test_table1_default_like_rule_is_the_reference_one():
     values = {n.target.id: ast.literal_eval(n.value) for n in ast.parse("".join(cell["source"])).body
               if isinstance(n, ast.AnnAssign)}
     assert values["p_like_neither"] == 0.01 and values["overrides"] == {}
+
+
+def test_vae_reused_only_for_the_same_training_images(tmp_path):
+    from rebeca_utils.config import get_profile
+    st = DS.make_study(n_images=300, seed=2)
+    cfg = dataclasses.replace(get_profile("smoke").dsprites, vae_epochs=1, latent_dim=4)
+    a, _ = CTRL.fit_or_load_vae(st, cfg, tmp_path, seed=0)
+    stamp = (tmp_path / "vae" / "model.safetensors").stat().st_mtime_ns
+    b, _ = CTRL.fit_or_load_vae(st, cfg, tmp_path, seed=0)  # same setup and images: loaded
+    assert (tmp_path / "vae" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    st.images[st.train_idx[0]] = 255 - st.images[st.train_idx[0]]  # other pixels, same parameters: retrained
+    CTRL.fit_or_load_vae(st, cfg, tmp_path, seed=0)
+    assert (tmp_path / "vae" / "model.safetensors").stat().st_mtime_ns != stamp

@@ -1,6 +1,7 @@
 """The controlled dSprites study (§3): glue between the data, the frozen VAE, the prior and Table 1."""
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,10 +22,12 @@ from ..train.diffusion import Triplets
 
 
 def fit_or_load_vae(study: DSpritesStudy, cfg: DSpritesConfig, folder: Path, seed: int, device: str = "cpu"):
-    """Train the study's VAE on training images, or load it when `folder` holds one for the same setup."""
+    """Train the study's VAE on training images, or load it when `folder` holds one for the same setup and the
+    same training images (their sha256: a changed npz or renderer retrains it, whatever the parameters say)."""
+    train_images = np.ascontiguousarray(study.images[study.train_idx])
     key = {"latent_dim": cfg.latent_dim, "epochs": cfg.vae_epochs, "batch_size": cfg.vae_batch_size,
            "lr": cfg.vae_lr, "seed": seed, "n_images": study.n_images, "source": study.source,
-           "data_seed": study.seed}
+           "data_seed": study.seed, "train_images_sha256": hashlib.sha256(train_images.tobytes()).hexdigest()}
     weights, meta = Path(folder) / "vae", Path(folder) / "vae.json"
     if weights.exists() and meta.exists():
 
@@ -33,7 +36,7 @@ def fit_or_load_vae(study: DSpritesStudy, cfg: DSpritesConfig, folder: Path, see
             return load_vae(weights), saved["history"]
     torch.manual_seed(seed)
     model = ConvVAE(latent_dim=cfg.latent_dim)
-    history = train_vae(model, study.images[study.train_idx], epochs=cfg.vae_epochs, batch_size=cfg.vae_batch_size,
+    history = train_vae(model, train_images, epochs=cfg.vae_epochs, batch_size=cfg.vae_batch_size,
                         lr=cfg.vae_lr, seed=seed, device=device)
     model = freeze(model.cpu())  # frozen from here on: its decoder is the study's image generator
     save_vae(model, weights)
