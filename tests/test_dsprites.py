@@ -252,6 +252,7 @@ def test_table1_default_like_rule_is_the_reference_one():
 
 def test_vae_reused_only_for_the_same_training_images(tmp_path):
     from rebeca_utils.config import get_profile
+
     st = DS.make_study(n_images=300, seed=2)
     cfg = dataclasses.replace(get_profile("smoke").dsprites, vae_epochs=1, latent_dim=4)
     a, _ = CTRL.fit_or_load_vae(st, cfg, tmp_path, seed=0)
