@@ -84,6 +84,16 @@ def split_meta(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(md.get(b"rebeca_splits", b"{}"))
 
 
+def dataset_root(cfg, out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> Path:
+    """Where the FLICKR-AES files are: the fixture in notebook 02's folder (`cfg.synthetic`), else
+    `data_dir`/FLICKR-AES. Derived, never stored, so a moved outputs/ or data/ folder keeps working."""
+    if cfg.synthetic:
+        return Path(out_dir) / "flickr_synthetic"
+    if data_dir is None:
+        raise ValueError("flickr.synthetic=False needs data_dir (the folder holding FLICKR-AES/)")
+    return Path(data_dir) / "FLICKR-AES"
+
+
 def prepare_flickr(cfg, out_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None, seed: int = 0,
                    overwrite: bool = False, missing_images: str = "error",
                    duplicates: str = "auto") -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
@@ -95,13 +105,9 @@ def prepare_flickr(cfg, out_dir: str | os.PathLike, data_dir: str | os.PathLike 
     a FlickrConfig. Returns (splits, holdout, report table incl. duplicate and dropped-row counts). Nothing is
     written when validation fails."""
     out_dir = Path(out_dir)
+    root = dataset_root(cfg, out_dir, data_dir)
     if cfg.synthetic:
-        root = write_synthetic_flickr(out_dir / "flickr_synthetic", cfg.n_workers, cfg.n_images, cfg.image_size,
-                                      cfg.ratings_per_image, seed)
-    elif data_dir is None:
-        raise ValueError("flickr.synthetic=False needs data_dir (the folder holding FLICKR-AES/)")
-    else:
-        root = Path(data_dir) / "FLICKR-AES"
+        write_synthetic_flickr(root, cfg.n_workers, cfg.n_images, cfg.image_size, cfg.ratings_per_image, seed)
     params = {"like_threshold": cfg.like_threshold, "n_test": cfg.n_test, "n_val": cfg.n_val,
               "n_holdout_workers": cfg.n_holdout_workers, "seed": seed, "missing_images": missing_images,
               "duplicates": duplicates}
