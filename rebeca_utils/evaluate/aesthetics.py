@@ -15,7 +15,12 @@ from torch import nn
 from torchvision import transforms as T
 
 from ..config import ModelsConfig
-from ..models.encoders import AESTHETIC_EMB_DIM, build_clip, tiny_clip_name
+from ..models.encoders import (
+    AESTHETIC_EMB_DIM,
+    build_clip,
+    quiet_random_init,
+    tiny_clip_name,
+)
 from ..models.weights import (
     aesthetic_head_entry,
     check_builder,
@@ -196,13 +201,14 @@ def build_hps(models: ModelsConfig, version: str = "v2.0", device: str = "cpu", 
     entry = hps_entry(models, version)  # validates version
     if check_builder(models) == "tiny":
         name = tiny_clip_name(models, "hps")
-        with seeded(models.seed + HPS_TINY_SEED_OFFSET[version]):
+        with seeded(models.seed + HPS_TINY_SEED_OFFSET[version]), quiet_random_init():
             model = open_clip.create_model(name, pretrained=None)
     else:
         name = models.hps_clip[0]
         path = require_weights(entry)[0]
         # the architecture only: the HPS checkpoint holds both towers, so the base laion2b weights are not needed
-        model = load_hps_state(open_clip.create_model(name, pretrained=None, device=device), path)
+        with quiet_random_init():  # random until load_hps_state fills both towers
+            model = load_hps_state(open_clip.create_model(name, pretrained=None, device=device), path)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, hps_transform(model.visual.image_size[0]), open_clip.get_tokenizer(name)
 

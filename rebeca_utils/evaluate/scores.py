@@ -53,7 +53,7 @@ def wins_and_ranks(per_user, method: str = "method", value: str = "score", highe
 
 
 def _user_vector(user_ids: Any, n: int) -> torch.Tensor:
-    u = (user_ids.detach().cpu() if torch.is_tensor(user_ids) else torch.as_tensor(np.asarray(user_ids))).long()
+    u = (user_ids.detach().cpu() if torch.is_tensor(user_ids) else torch.as_tensor(np.array(user_ids))).long()  # a copy: pandas arrays may be read-only
     if u.ndim == 0:
         return u.expand(n)
     u = u.reshape(-1)

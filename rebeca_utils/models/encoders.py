@@ -65,7 +65,7 @@ def _random_init_warning(record: logging.LogRecord) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_random_init():
+def quiet_random_init():
     """The tiny stand-ins are random by design: drop open_clip's "No pretrained weights loaded" warning."""
     root = logging.getLogger()  # open_clip logs through the root logger
     root.addFilter(_random_init_warning)
@@ -82,7 +82,7 @@ def build_clip(models: ModelsConfig, role: str, device: str = "cpu", dtype: torc
         raise ValueError(f"role={role!r}: valid roles are {', '.join(CLIP_ROLES)}")
     if check_builder(models) == "tiny":
         name = tiny_clip_name(models, role)
-        with seeded(models.seed), _quiet_random_init():
+        with seeded(models.seed), quiet_random_init():
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
     else:
         name, tag = getattr(models, f"{role}_clip")
