@@ -29,6 +29,9 @@ class ModelsConfig:
     hps_id: str = "xswu/HPSv2"  # HPS_v2_compressed.pt (v2.0) / HPS_v2.1_compressed.pt (v2.1): the whole CLIP
     hps_clip: tuple[str, str] = ("ViT-H-14", "laion2b_s32b_b79k")  # the architecture HPS fine-tuned
     seed: int = 0  # seeds the tiny builders
+    # tiny builder: "pretrained" = the smoke world (models/world.py), trained once on the synthetic images;
+    # "random" = the seeded random stand-ins
+    tiny_weights: str = "pretrained"
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,32 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from pathlib import Path
+
+# one smoke world for the whole session (and later sessions of this checkout; every notebook kernel and CLI
+# subprocess inherits it): the fingerprint in its folder name retrains it when recipe, configs or fixture change
+os.environ.setdefault("REBECA_SMOKE_WORLD", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "smoke_world"))
+
 import pytest
 
 from rebeca_utils import runtime as RT
 from rebeca_utils.models import weights as W
+
+
+@pytest.fixture(scope="session")
+def smoke_world():
+    """The smoke profile's pretrained world (trained on first use, one thread; other xdist workers wait for it)."""
+    import torch
+
+    from rebeca_utils.config import get_profile
+    from rebeca_utils.models import world
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return world.ensure_world(get_profile("smoke").models)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,14 @@ def synthetic_truth(root: str | os.PathLike) -> dict[str, Any]:
     return marker
 
 
+def planted_tastes(root: str | os.PathLike, workers: list[str]) -> list[str]:
+    """Each worker's planted taste, e.g. 'likes red + corner', for a synthetic fixture at `root`; '' for real data."""
+    marker = _read_marker(Path(root))
+    if marker is None:
+        return [""] * len(workers)
+    return ["likes " + " + ".join(marker["preferences"][w].values()) for w in workers]
+
+
 def match_fraction(truth: dict[str, Any], worker: str, image: str) -> float:
     """Fraction of `worker`'s preferred attribute values that `image` carries (0..1)."""
     prefs = truth["preferences"][worker]
@@ -283,3 +291,38 @@ def _build_fixture(out: Path, params: dict) -> None:
 def _fmt_mean(x: float) -> str:
     s = f"{x:.6f}".rstrip("0")
     return s + "0" if s.endswith(".") else s
+
+
+# ----------------------------------------------------------------------------------------------- read from pixels
+
+
+def hue_class(images: np.ndarray) -> np.ndarray:
+    """Planted hue index (order of HUES) of each (N, H, W, 3) image in [0, 1], from pixels alone: the circular mean
+    hue of its saturated pixels (the coloured background; the object is white or black), snapped to the nearest
+    planted hue; -1 for a grey image. An encoder-free check of generated images."""
+    centres = np.deg2rad(np.array(list(HUES.values())))
+    out = []
+    for img in np.asarray(images, dtype=np.float32):
+        mx, mn = img.max(-1), img.min(-1)
+        sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0)
+        mask = (sat > 0.25) & (mx > 0.15)
+        if mask.sum() < 4:
+            out.append(-1)
+            continue
+        hsv = np.array([colorsys.rgb_to_hsv(*p)[0] for p in img[mask][:: max(1, int(mask.sum()) // 512)]])
+        ang = np.angle(np.exp(2j * np.pi * hsv).mean())
+        out.append(int(np.argmin(np.abs(np.angle(np.exp(1j * (centres - ang)))))))
+    return np.array(out, dtype=int)
+
+
+def layout_class(images: np.ndarray) -> np.ndarray:
+    """Planted layout index (order of LAYOUTS: 0 centre, 1 corner) of (N, H, W, 3) images in [0, 1], from where the
+    unsaturated (white or black object) pixels sit."""
+    imgs = np.asarray(images, dtype=np.float32)
+    mx, mn = imgs.max(-1), imgs.min(-1)
+    obj = ((mx - mn) / np.maximum(mx, 1e-6) < 0.25) | (mx < 0.15)
+    h, w = obj.shape[1:]
+    yy, xx = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
+    centre = (np.abs(yy - 0.5) < 0.2) & (np.abs(xx - 0.5) < 0.2)
+    corner = (np.minimum(yy, 1 - yy) < 0.3) & (np.minimum(xx, 1 - xx) < 0.3)
+    return (obj[:, corner].mean(1) > obj[:, centre].mean(1)).astype(int)

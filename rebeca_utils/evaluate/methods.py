@@ -110,3 +110,27 @@ def cached_scores(cache: str | os.PathLike, keys: Sequence[str], files: Sequence
         with atomic_path(cache) as tmp:
             pd.DataFrame({"key": list(have), "score": list(have.values())}).to_parquet(tmp, index=False)
     return np.array([have[k] for k in keys], dtype=float)
+
+
+RANDOM_IMAGES_LABEL = "Random images (other users)"  # Table 2's floor row
+
+
+def random_images_row(gen_user: Sequence[int], splits: pd.DataFrame, names: Sequence[str], emb: torch.Tensor,
+                      seed: int = 0, split: Sequence[str] = ("train",)) -> np.ndarray:
+    """Table 2's floor: each generated image of user u replaced by the embedding of a random `split` image that
+    other users rated and u never did (seeded, users in sorted order). Rows follow gen_user; (len(gen_user), d)."""
+    gen_user = np.asarray(gen_user)
+    row = {n: i for i, n in enumerate(names)}
+    pool = splits[splits["split"].isin(list(split))]
+    candidates = np.array(sorted(set(pool["image"]) & set(row)))
+    rated = splits.groupby("user_id")["image"].agg(lambda s: np.array(sorted(set(s))))
+    rng = np.random.default_rng([seed, 0x2A])
+    out = np.empty((len(gen_user), emb.shape[1]), dtype=np.float32)
+    for u in np.unique(gen_user):
+        allowed = candidates[~np.isin(candidates, rated.get(u, np.array([], dtype=candidates.dtype)))]
+        if len(allowed) == 0:
+            raise ValueError(f"random_images_row: no {'/'.join(split)} image left that user {u} has not rated")
+        pos = np.flatnonzero(gen_user == u)
+        picks = allowed[rng.integers(len(allowed), size=len(pos))]
+        out[pos] = emb[[row[n] for n in picks]].numpy()
+    return out

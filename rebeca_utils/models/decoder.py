@@ -22,6 +22,7 @@ from .weights import (
     check_builder,
     hf_cache,
     ip_adapter_entry,
+    load_pretrained,
     require_weights,
     sd_entry,
 )
@@ -43,22 +44,44 @@ SD15_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=307
 
 def tiny_unet_config() -> dict:
     """SD-1.5's UNet layout (4 levels, cross-attention in the first three, 16 attn2 layers) at tiny widths."""
-    return {**SD15_UNET_CONFIG, "sample_size": 8, "block_out_channels": (32, 32, 64, 64), "cross_attention_dim": 32}
+    # 8 groups: SD's 32 groups on 32-channel blocks is instance norm, which strips each channel's mean (the colour)
+    return {**SD15_UNET_CONFIG, "sample_size": 8, "block_out_channels": (32, 32, 64, 64), "cross_attention_dim": 32,
+            "norm_num_groups": 8}
+
+
+def tiny_vae_config() -> dict:
+    """SD-1.5's VAE (4 levels: 8x downsampling, 4 latent channels) at tiny widths: 64 px images, 8x8 latents."""
+    return {**SD15_VAE_CONFIG, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1, "sample_size": 64,
+            "norm_num_groups": 8}  # 8 groups, as the UNet
+
+
+def tiny_text_config() -> dict:
+    """SD-1.5's CLIPTextConfig at tiny widths; hidden size = the UNet's cross_attention_dim (768 = 768 in SD-1.5)."""
+    return {**SD15_TEXT_CONFIG, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "projection_dim": 32}
+
+
+def _world_component(models: ModelsConfig, name: str, cache_dir: str | os.PathLike | None) -> Path | None:
+    """The smoke world's folder of component `name` when `models` asks for pretrained tiny weights, else None."""
+    from .world import component_dir, pretrained  # a cycle: world.py trains with these
+
+    return component_dir(models, name, cache_dir) if pretrained(models) else None
 
 
 def tiny_sd_components(models: ModelsConfig, cache_dir: str | os.PathLike | None) -> dict:
-    """SD-1.5's components at tiny widths, seeded, built from configs (no weights are read)."""
-    with seeded(models.seed):
-        unet = UNet2DConditionModel(**tiny_unet_config())
-    with seeded(models.seed):
-        # 4 levels as SD-1.5 (8x downsampling, 4 latent channels, scaling 0.18215): 64 px images, 8x8 latents
-        vae = AutoencoderKL(**{**SD15_VAE_CONFIG, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1,
-                               "sample_size": 64})
-    with seeded(models.seed):
-        # hidden size = the UNet's cross_attention_dim, as 768 = 768 in SD-1.5; full BPE vocab and 77 positions
-        text_encoder = CLIPTextModel(CLIPTextConfig(**{
-            **SD15_TEXT_CONFIG, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "projection_dim": 32}))
+    """SD-1.5's components at tiny widths: the smoke world's trained ones (from_pretrained), or seeded at random."""
+    trained = _world_component(models, "decoder", cache_dir)
+    if trained is not None:
+        unet = load_pretrained(UNet2DConditionModel, trained / "unet")
+        vae = load_pretrained(AutoencoderKL, _world_component(models, "vae", cache_dir))
+        text_encoder = load_pretrained(CLIPTextModel, trained / "text_encoder")
+    else:
+        with seeded(models.seed):
+            unet = UNet2DConditionModel(**tiny_unet_config())
+        with seeded(models.seed):
+            vae = AutoencoderKL(**tiny_vae_config())
+        with seeded(models.seed):
+            text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config()))  # full BPE vocab, 77 positions
     # SD-1.5's scheduler constants, with DDIM as the sampler
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -115,7 +138,9 @@ def build_sd_pipeline(models: ModelsConfig, device: str = "cpu", dtype: torch.dt
 
     if check_builder(models) == "tiny":
         pipe = StableDiffusionPipeline(**tiny_sd_components(models, cache_dir))
-        source = write_tiny_ip_adapter(models, pipe.unet, cache_dir) if ip_adapter else None  # from fp32 weights
+        # the smoke world's trained IP-Adapter (same file layout), else IP-Adapter's init from the fp32 weights
+        source = (_world_component(models, "decoder", cache_dir) or write_tiny_ip_adapter(models, pipe.unet, cache_dir)
+                  if ip_adapter else None)
         if dtype != torch.float32:  # (a float32 .to() only earns diffusers warnings)
             pipe = pipe.to(dtype=dtype)
     else:

@@ -29,6 +29,7 @@ from .weights import (
     clip_entry,
     hf_cache,
     image_encoder_entry,
+    load_pretrained,
     require_weights,
 )
 
@@ -75,6 +76,21 @@ def quiet_random_init():
         root.removeFilter(_random_init_warning)
 
 
+VERIFIER_WEIGHTS = "open_clip_model.safetensors"  # the smoke world's file, named as open_clip's Hub checkpoints
+
+
+def _world_pretrained(models: ModelsConfig) -> bool:
+    from .world import pretrained  # a cycle: world.py trains with these
+
+    return pretrained(models)
+
+
+def _world_component(models: ModelsConfig, name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    from .world import component_dir  # a cycle: world.py trains with these
+
+    return component_dir(models, name, cache_dir)
+
+
 def build_clip(models: ModelsConfig, role: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, preprocess, tokenizer) from open_clip for role verifier | aesthetic | decoder."""
 
@@ -82,8 +98,12 @@ def build_clip(models: ModelsConfig, role: str, device: str = "cpu", dtype: torc
         raise ValueError(f"role={role!r}: valid roles are {', '.join(CLIP_ROLES)}")
     if check_builder(models) == "tiny":
         name = tiny_clip_name(models, role)
-        with seeded(models.seed), quiet_random_init():
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+        if role == "verifier" and _world_pretrained(models):  # the smoke world's verifier-space encoder
+            path = _world_component(models, "verifier_encoder") / VERIFIER_WEIGHTS
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path))
+        else:
+            with seeded(models.seed), quiet_random_init():
+                model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
     else:
         name, tag = getattr(models, f"{role}_clip")
         entry = clip_entry(models, role)
@@ -110,7 +130,10 @@ def tiny_image_encoder_config(models: ModelsConfig):
 def build_image_encoder(models: ModelsConfig, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(CLIPVisionModelWithProjection, CLIPImageProcessor): the IP-Adapter's encoder; image_embeds in decoder space."""
 
-    if check_builder(models) == "tiny":
+    if check_builder(models) == "tiny" and _world_pretrained(models):  # the smoke world's decoder-space encoder
+        encoder = load_pretrained(CLIPVisionModelWithProjection, _world_component(models, "decoder_encoder"),
+                                  dtype=dtype)
+    elif check_builder(models) == "tiny":
         with seeded(models.seed):
             encoder = CLIPVisionModelWithProjection(tiny_image_encoder_config(models))
     else:
@@ -169,6 +192,12 @@ def expected_dim(space: str, models: ModelsConfig) -> int:
     return models.decoder_emb_dim if space == "decoder" else models.verifier_emb_dim
 
 
+def _weights_tag(models: ModelsConfig) -> str:
+    from .world import weights_tag  # a cycle: world.py trains with these
+
+    return weights_tag(models)
+
+
 def fingerprint(space: str, models: ModelsConfig) -> dict[str, Any]:
     """What determines the embeddings of `space` (model identity and width); chunks made otherwise are recomputed.
     Device and dtype are not part of it: a store made on a GPU in fp16 is reused on a CPU."""
@@ -180,6 +209,7 @@ def fingerprint(space: str, models: ModelsConfig) -> dict[str, Any]:
     fp: dict[str, Any] = {"space": space, "builder": models.builder, "dim": expected_dim(space, models)}
     if models.builder == "tiny":
         fp["seed"] = models.seed
+        fp["weights"] = _weights_tag(models)  # random, or which pretrained smoke world
     else:
         fp["model"] = model
     return fp

@@ -1,14 +1,18 @@
 """The paper's checkpoints: registry, cache look-up, downloads, and a fast failure naming what to fetch."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import unquote, urlparse
 
 import open_clip
+from diffusers.utils import logging as diffusers_logging
 from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError
+from transformers.utils import logging as transformers_logging
 
 from ..config import ModelsConfig
 from ..io import download_url
@@ -178,3 +182,29 @@ def require_weights(entry: WeightsEntry) -> list[str]:
             raise MissingWeightsError(_missing_message(entry, f"{where} is unreachable from this machine"))
         download_paper_weights([entry])
     return list(entry.files) if entry.url else [cached_file(entry.repo_id, spec) for spec in entry.files]
+
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """transformers' and diffusers' progress bars and warnings off, prints swallowed; restored afterwards."""
+    libs = (transformers_logging, diffusers_logging)
+    bars, levels = [lib.is_progress_bar_enabled() for lib in libs], [lib.get_verbosity() for lib in libs]
+    for lib in libs:
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # huggingface_hub's mixin prints "Loading weights from ..."
+            yield
+    finally:
+        for lib, bar, level in zip(libs, bars, levels):
+            lib.set_verbosity(level)
+            if bar:
+                lib.enable_progress_bar()
+
+
+def load_pretrained(cls, folder: str | os.PathLike, **kwargs):
+    """`cls.from_pretrained(folder, **kwargs)` without the libraries' loading bars and prints (the smoke world's
+    local folders; notebooks stay readable)."""
+    with quiet_libraries():
+        return cls.from_pretrained(folder, **kwargs)

@@ -11,6 +11,7 @@ import torch
 
 from ..config import GenerationConfig, ModelsConfig
 from ..io import sha256
+from ..models.world import weights_tag
 
 
 def decoder_seed(user_id: int, index: int, base: int = 42) -> int:
@@ -84,7 +85,7 @@ def image_settings(cfg: GenerationConfig, models: ModelsConfig | None = None) ->
     if models is not None:
         out["models"] = {"builder": models.builder, "sd_id": models.sd_id, "ip_adapter_id": models.ip_adapter_id,
                          "ip_adapter_weight": models.ip_adapter_weight,
-                         **({"seed": models.seed} if models.builder == "tiny" else {})}
+                         **({"seed": models.seed, "weights": weights_tag(models)} if models.builder == "tiny" else {})}
     return out
 
 

@@ -1,0 +1,245 @@
+"""The smoke world: tiny stand-ins trained on the synthetic FLICKR-AES images, loaded through the builders' own
+calls, cached and resumable, and carrying the planted signal through a decoder round trip (checked from pixels)."""
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from rebeca_utils.config import get_profile
+from rebeca_utils.data import synthetic as SYN
+from rebeca_utils.data.flickr import image_names
+from rebeca_utils.evaluate import methods as METHODS
+from rebeca_utils.evaluate import signal as SIG
+from rebeca_utils.models import decoder as DEC
+from rebeca_utils.models import encoders as ENC
+from rebeca_utils.models import world as W
+from rebeca_utils.models import world_recipe as R
+from rebeca_utils.pipeline import items as ITEMS
+
+SMOKE = get_profile("smoke")
+TINY, GEN = SMOKE.models, SMOKE.generation
+RANDOM = replace(TINY, tiny_weights="random")
+# the issue's goal is 0.7; measured 0.82-0.95 pretrained vs 0.15 with a random decoder (README, smoke world)
+MIN_HUE_AGREEMENT = 0.7
+
+
+@pytest.fixture(scope="module")
+def roundtrip(smoke_world, kit_cache):
+    return SIG.round_trip(TINY, GEN)
+
+
+def _fake_trainers(monkeypatch, calls):
+    """Trainers that record their call and write a tiny file instead of training (orchestration only)."""
+    def fake(name):
+        def train(models, root, train, held, out, bar, gen, world):
+            calls.append(name)
+            (out / "weights.bin").write_bytes(name.encode() + bytes(len(calls)))
+            bar.update(R.steps(name))
+            return {"fake": True}
+        return train
+    monkeypatch.setattr(W, "TRAINERS", {n: fake(n) for n in W.COMPONENTS})
+
+
+def _copy_world(smoke_world, root, monkeypatch):
+    """A copy of the session's world and its fixture under another world root, which becomes the world root."""
+    fixture = W.fixture_dir()
+    shutil.copytree(smoke_world, root / smoke_world.name)
+    shutil.copytree(fixture, root / fixture.name)
+    monkeypatch.setenv(W.WORLD_ENV, str(root))
+    return root / smoke_world.name
+
+
+# ----------------------------------------------------------------------------------------------- identity + cache
+
+
+def test_world_id_follows_recipe_seed_and_architecture(monkeypatch):
+    base = W.world_id(TINY)
+    assert W.world_id(TINY) == base and len(base) == 16
+    assert W.world_id(replace(TINY, seed=1)) != base
+    assert W.world_id(replace(TINY, decoder_emb_dim=64)) != base
+    monkeypatch.setitem(R.RECIPE["vae"], "steps", R.RECIPE["vae"]["steps"] + 1)
+    W.world_spec.cache_clear()
+    try:
+        assert W.world_id(TINY) != base
+    finally:
+        monkeypatch.undo()
+        W.world_spec.cache_clear()
+    assert W.weights_tag(TINY) == f"pretrained-{base}" and W.weights_tag(RANDOM) == "random"
+    assert W.weights_tag(replace(TINY, builder="hub")) == "random"  # the paper profile never loads the world
+    with pytest.raises(ValueError, match=r"^models.tiny_weights='trained': valid values are pretrained, random$"):
+        W.weights_tag(replace(TINY, tiny_weights="trained"))
+
+
+def test_second_call_trains_nothing_and_records_each_component(smoke_world, monkeypatch):
+    calls = []
+    _fake_trainers(monkeypatch, calls)
+    assert W.ensure_world(TINY, progress=False) == smoke_world
+    assert calls == []
+    for name in W.COMPONENTS:
+        rec = json.loads((smoke_world / name / W.DONE_NAME).read_text())
+        assert rec["component"] == name and rec["seconds"] > 0 and rec["threads"] >= 1 and len(rec["load_avg"]) == 3
+        assert rec["steps"] == R.steps(name)
+
+
+def test_killed_component_alone_is_retrained_and_dependants_follow(smoke_world, tmp_path, monkeypatch):
+    copy = _copy_world(smoke_world, tmp_path, monkeypatch)
+    calls = []
+    _fake_trainers(monkeypatch, calls)
+    shutil.rmtree(copy / "verifier_encoder")  # as a kill leaves it: the component never renamed into place
+    (copy / ".vae.tmp-half").mkdir()  # and a half-written temp folder
+    W.ensure_world(TINY, progress=False)
+    assert calls == ["verifier_encoder"] and not (copy / ".vae.tmp-half").exists()
+    assert (copy / "verifier_encoder" / W.DONE_NAME).is_file()
+    # a dependency whose files changed makes its dependants stale: the decoder learnt from the old VAE's latents
+    shutil.rmtree(copy / "vae")
+    W.ensure_world(TINY, progress=False)
+    assert calls == ["verifier_encoder", "vae", "decoder"]
+    W.ensure_world(TINY, progress=False)
+    assert calls == ["verifier_encoder", "vae", "decoder"]
+
+
+@pytest.mark.slow
+def test_a_really_retrained_component_is_byte_identical(smoke_world, tmp_path, monkeypatch):
+    """Resume for real: the verifier encoder deleted and retrained (same seed, one thread) gives the same bytes."""
+    copy = _copy_world(smoke_world, tmp_path, monkeypatch)
+    shutil.rmtree(copy / "verifier_encoder")
+    torch.set_num_threads(1)
+    W.ensure_world(TINY, progress=False)
+    name = ENC.VERIFIER_WEIGHTS
+    assert (copy / "verifier_encoder" / name).read_bytes() == (smoke_world / "verifier_encoder" / name).read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------- loading path
+
+
+def test_builders_load_the_world_through_the_paper_calls(smoke_world, kit_cache):
+    pipe, ref = DEC.build_sd_pipeline(TINY), DEC.build_sd_pipeline(RANDOM)
+    # the trained IP-Adapter is in the original layout and load_ip_adapter reproduces it exactly
+    saved = torch.load(smoke_world / "decoder" / TINY.ip_adapter_subfolder / TINY.ip_adapter_weight,
+                       weights_only=True)
+    assert set(saved) == {"image_proj", "ip_adapter"}
+    assert set(saved["image_proj"]) == {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}
+    got = R.ip_adapter_state(pipe.unet)
+    assert all(torch.equal(got[g][k], saved[g][k]) for g in saved for k in saved[g])
+    assert len(saved["ip_adapter"]) == 2 * 16  # 16 attn2 layers, as SD-1.5
+    vae_rec = json.loads((smoke_world / "vae" / W.DONE_NAME).read_text())
+    assert pipe.vae.config.scaling_factor == pytest.approx(vae_rec["metrics"]["scaling_factor"])
+    assert ref.vae.config.scaling_factor == 0.18215 != pipe.vae.config.scaling_factor
+    assert pipe.unet.config.norm_num_groups == pipe.vae.config.norm_num_groups == 8
+    assert not any(getattr(pipe, n).training for n in ("unet", "vae", "text_encoder"))
+    assert not torch.equal(pipe.unet.conv_out.weight, ref.unet.conv_out.weight)
+    enc, _ = ENC.build_image_encoder(TINY)
+    clip, rnd_clip = ENC.build_clip(TINY, "verifier")[0], ENC.build_clip(RANDOM, "verifier")[0]
+    assert not enc.training and not clip.training and enc.config.projection_dim == TINY.decoder_emb_dim
+    assert not torch.equal(clip.visual.proj, rnd_clip.visual.proj)
+    # the LAION / HPS stand-ins stay random: identical under both settings
+    a, b = ENC.build_clip(TINY, "aesthetic")[0], ENC.build_clip(RANDOM, "aesthetic")[0]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_fingerprints_tell_random_from_pretrained():
+    assert ENC.fingerprint("decoder", TINY) != ENC.fingerprint("decoder", RANDOM)
+    assert ENC.fingerprint("verifier", TINY)["weights"] == W.weights_tag(TINY)
+    assert ITEMS.image_settings(GEN, TINY) != ITEMS.image_settings(GEN, RANDOM)
+
+
+# ----------------------------------------------------------------------------------------------- signal
+
+
+def _centroid_accuracy(emb_tr, y_tr, emb_te, y_te) -> float:
+    e_tr, e_te = torch.nn.functional.normalize(emb_tr, dim=-1), torch.nn.functional.normalize(emb_te, dim=-1)
+    classes = sorted(set(y_tr))
+    cent = torch.stack([e_tr[[i for i, y in enumerate(y_tr) if y == c]].mean(0) for c in classes])
+    pred = (e_te @ cent.T).argmax(1).tolist()
+    return float(np.mean([classes[p] == y for p, y in zip(pred, y_te)]))
+
+
+@pytest.mark.parametrize("space", ["decoder", "verifier"])
+def test_encoders_separate_the_planted_attributes_on_held_out_images(smoke_world, kit_cache, space):
+    root = W.fixture_dir()
+    train, held = W.world_split(TINY)
+    truth = SYN.synthetic_truth(root)["attributes"]
+    acc = {}
+    for models in (TINY, RANDOM):
+        enc = ENC.build_encoder(space, models)
+        emb = {s: enc.encode(torch.stack([enc.transform(Image.fromarray(a)) for a in R.load_images(root, names)]))
+               for s, names in (("train", train), ("held", held))}
+        acc[models.tiny_weights] = {a: _centroid_accuracy(emb["train"], [truth[n][a] for n in train],
+                                                          emb["held"], [truth[n][a] for n in held])
+                                    for a in ("hue", "layout", "texture")}
+    assert acc["pretrained"]["hue"] >= 0.9 and acc["pretrained"]["layout"] >= 0.75, acc
+    assert acc["pretrained"]["layout"] > acc["random"]["layout"] + 0.1, acc
+
+
+def test_pixel_checks_read_the_planted_attributes(smoke_world):
+    root = W.fixture_dir()
+    names = image_names(root)[:120]
+    truth = SYN.synthetic_truth(root)["attributes"]
+    imgs = R.load_images(root, names).astype(np.float32) / 255
+    assert np.mean(SYN.hue_class(imgs) == [list(SYN.HUES).index(truth[n]["hue"]) for n in names]) >= 0.98
+    assert np.mean(SYN.layout_class(imgs) == [SYN.LAYOUTS.index(truth[n]["layout"]) for n in names]) >= 0.9
+    assert (SYN.hue_class(np.full((2, 16, 16, 3), 0.5, np.float32)) == -1).all()  # grey: no hue
+
+
+def test_round_trip_keeps_the_planted_hue(roundtrip):
+    """embed -> decode -> pixels: the decoded image's hue is the conditioning image's (encoder-free check)."""
+    assert roundtrip["hue_check_on_sources"] >= 0.98
+    assert roundtrip["hue_agreement"] >= MIN_HUE_AGREEMENT, {k: v for k, v in roundtrip.items() if k != "images"}
+    assert roundtrip["images"].shape == (roundtrip["n"], GEN.height, GEN.width, 3)
+
+
+def test_round_trip_beats_random_weights(roundtrip):
+    names = W.world_split(TINY)[1][:24]
+    base = SIG.round_trip(TINY, GEN, names=names, decoder_models=RANDOM)  # the trained encoder, a random decoder
+    assert roundtrip["hue_agreement"] > base["hue_agreement"] + 0.3, (roundtrip["hue_agreement"], base)
+    assert roundtrip["cosine"] > base["cosine"] + 0.2, (roundtrip["cosine"], base["cosine"])
+
+
+def test_same_seed_same_decoding(smoke_world, kit_cache):
+    names = W.world_split(TINY)[1][:2]
+    a = SIG.round_trip(TINY, replace(GEN, steps=2), names=names)["images"]
+    np.testing.assert_array_equal(a, SIG.round_trip(TINY, replace(GEN, steps=2), names=names)["images"])
+    # another batch size: the same images up to float rounding of batched matmuls (PNGs are 8-bit)
+    b = SIG.round_trip(TINY, replace(GEN, steps=2, batch_size=1), names=names)["images"]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- controls
+
+
+def test_derange_users_moves_every_users_samples():
+    users = torch.tensor([0, 3, 5, 7]).repeat_interleave(3)
+    samples = {"user_id": users, "index": torch.arange(3).repeat(4),
+               "img_emb": torch.arange(12.0)[:, None].repeat(1, 4)}
+    out = SIG.derange_users(samples, seed=0)
+    assert torch.equal(out["user_id"], users) and torch.equal(out["index"], samples["index"])
+    assert (users[out["img_emb"][:, 0].long()] != users).all()  # nobody keeps their own embeddings
+    assert sorted(out["img_emb"][:, 0].tolist()) == list(range(12))  # a permutation of the rows
+    assert torch.equal(SIG.derange_users(samples, seed=0)["img_emb"], out["img_emb"])
+    with pytest.raises(ValueError, match="^derange_users needs at least two users$"):
+        SIG.derange_users({k: v[:3] for k, v in samples.items()})
+    with pytest.raises(ValueError, match="^derange_users: user 0 has no sample index 0$"):
+        SIG.derange_users({k: v[1:] for k, v in samples.items()})
+
+
+def test_random_images_row_never_uses_the_users_own_images():
+    names = [f"im{i}.jpg" for i in range(10)]
+    emb = torch.arange(10.0)[:, None].repeat(1, 3)
+    splits = pd.DataFrame({"user_id": [0, 0, 1, 1, 2, 2, 2],
+                           "image": ["im0.jpg", "im1.jpg", "im1.jpg", "im2.jpg", "im3.jpg", "im4.jpg", "im0.jpg"],
+                           "split": ["train", "test", "train", "train", "train", "train", "test"]})
+    gen_user = np.array([0, 0, 1, 1, 2] * 8)
+    out = METHODS.random_images_row(gen_user, splits, names, emb, seed=3)
+    picked = [names[int(r[0])] for r in out]
+    rated = splits.groupby("user_id")["image"].agg(set)
+    assert all(p not in rated[u] for p, u in zip(picked, gen_user))
+    assert set(picked) <= set(splits.loc[splits["split"] == "train", "image"])
+    assert len(set(picked)) > 1  # drawn, not one fixed image
+    np.testing.assert_array_equal(out, METHODS.random_images_row(gen_user, splits, names, emb, seed=3))
+    with pytest.raises(ValueError, match="^random_images_row: no test image left that user 0 has not rated$"):
+        METHODS.random_images_row(np.array([0]), splits, names, emb, split=("test",))
