@@ -38,13 +38,22 @@ git-filter:
 demo: install
 	@s=$$SECONDS; $(RUN) --profile demo --only 01 && echo "== demo done in $$((SECONDS - s)) s"
 
+# The tests share one smoke world (tests/conftest.py points at the same folder): trained first, with every core,
+# then two pytest workers, one file each at a time (the notebook chain stays on one worker)
+TEST_WORLD ?= $(CURDIR)/.pytest_cache/smoke_world
+TEST_WORKERS ?= 2
+TEST_ENV = HF_HUB_OFFLINE=1 REBECA_SMOKE_WORLD=$(TEST_WORLD)
+PYTEST = $(TEST_ENV) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 test: install
-	@s=$$SECONDS; HF_HUB_OFFLINE=1 $(PY) -m pytest --durations=15; rc=$$?; \
-	echo "== tests done in $$((SECONDS - s)) s"; exit $$rc
+	@s=$$SECONDS; $(TEST_ENV) $(PY) -m rebeca_utils.models.world || exit 1; t=$$SECONDS; \
+	$(PYTEST) --durations=15; rc=$$?; \
+	echo "== tests done in $$((SECONDS - t)) s, $$((SECONDS - s)) s with the smoke world"; exit $$rc
 
 test-fast: install
-	@s=$$SECONDS; HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" --durations=10; rc=$$?; \
-	echo "== fast tests done in $$((SECONDS - s)) s"; exit $$rc
+	@s=$$SECONDS; $(TEST_ENV) $(PY) -m rebeca_utils.models.world || exit 1; t=$$SECONDS; \
+	$(PYTEST) -m "not slow" --durations=10; rc=$$?; \
+	echo "== fast tests done in $$((SECONDS - t)) s, $$((SECONDS - s)) s with the smoke world"; exit $$rc
 
 smoke: install
 	$(RUN) --profile smoke

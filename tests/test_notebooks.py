@@ -31,6 +31,9 @@ from rebeca_utils.pipeline import plan as PLAN
 from rebeca_utils.train import verifier as TV
 
 REPO = Path(__file__).resolve().parents[1]
+# signal thresholds in the smoke world, below what was measured (README, "The smoke world")
+MIN_VERIFIER_AUC = 0.75
+MIN_P1_OVER_RANDOM = 0.1
 NOTEBOOKS = runner.discover(REPO / "notebooks")
 
 
@@ -228,7 +231,7 @@ def test_03_grid_records_failures(smoke_run, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(smoke_run / "02_embed_flickr", out / "smoke" / "02_embed_flickr")
     runner.run_notebooks("smoke", [REPO / "notebooks/03_train_prior.ipynb"],
-                         {"run_grid": True, "grid_axes": {"n_layers": [1], "n_heads": [2, 3], "hidden_dim": [16],
+                         {"run_grid": True, "overrides": {"train.max_epochs": 3}, "grid_axes": {"n_layers": [1], "n_heads": [2, 3], "hidden_dim": [16],
                                                           "n_tokens": [8], "prediction_type": ["sample", "epsilon"],
                                                           "beta_schedule": ["squaredcos_cap_v2"]}},
                          out, log=lambda *a, **k: None)
@@ -285,7 +288,9 @@ def test_05_verifier_beats_chance_on_planted_tastes(smoke_run):
 
     d = smoke_run / "05_train_verifier"
     m = manifest(smoke_run, "05_train_verifier")["metrics"]
-    assert m["auc_test"] > 0.55 and m["auc_test_ci"][0] < m["auc_test"] < m["auc_test_ci"][1] and m["auc_test_se"] > 0
+    # the smoke world's verifier-space encoder separates the planted attributes (random encoders: 0.671)
+    assert m["auc_test"] >= MIN_VERIFIER_AUC, m["auc_test"]
+    assert m["auc_test_ci"][0] < m["auc_test"] < m["auc_test_ci"][1] and m["auc_test_se"] > 0
     # the reported AUC is reproduced from the saved verifier and 02's artifacts alone
     src = smoke_run / "02_embed_flickr"
     splits, _ = SP.load_splits(src / "flickr_splits.parquet")
@@ -314,7 +319,8 @@ def test_08_evaluation_tables_recomputable(smoke_run):
     pool = METHODS.heldout_pool(splits, names, real, ("test",))
     pr = pd.read_csv(d / "precision_recall_per_user.csv")
     assert set(pr["definition"]) == {"paper", "reference", "reference_exact"} and pr["user_id"].nunique() > 1
-    for _, r in pr.sample(18, random_state=0).iterrows():
+    made = pr[pr["label"] != METHODS.RANDOM_IMAGES_LABEL]
+    for _, r in made.sample(18, random_state=0).iterrows():
         g = (images["label"] == r["label"]).to_numpy() & (images["user_id"] == r["user_id"]).to_numpy()
         p = pool["user_id"] == r["user_id"]
         exp = RET.precision_recall_at_k(gen_emb[g], pool["img_emb"].numpy()[p], pool["liked"][p], int(r["k"]),
@@ -326,6 +332,11 @@ def test_08_evaluation_tables_recomputable(smoke_run):
     label = m["methods"][0]
     sub = pr[(pr["label"] == label) & (pr["definition"] == "paper") & (pr["k"] == 1)]
     assert t.loc[label, ("@1", "P")] == pytest.approx(sub["precision"].mean())
+    # the floor row: REBECA's users and counts, random training images of other users; REBECA's images beat it
+    floor = pr[(pr["label"] == METHODS.RANDOM_IMAGES_LABEL) & (pr["definition"] == "paper") & (pr["k"] == 1)]
+    assert sorted(floor["user_id"]) == sorted(sub["user_id"]) and floor["n_gen"].sum() == sub["n_gen"].sum()
+    rebeca, random = t.loc[PAPER.rebeca_label(5.0), ("@1", "P")], t.loc[METHODS.RANDOM_IMAGES_LABEL, ("@1", "P")]
+    assert rebeca >= random + MIN_P1_OVER_RANDOM, (rebeca, random)
     # eq. 5 per user from the saved verifier
     v = pd.read_csv(d / "verifier_per_user.csv")
     model = NMF.load_verifier(smoke_run / "05_train_verifier/verifier")
@@ -380,12 +391,17 @@ def test_10_personalization_tests(smoke_run):
     d = smoke_run / "10_test_personalization"
     m = manifest(smoke_run, "10_test_personalization")["metrics"]
     B = m["n_permutations"]
-    for test in ("alg2", "matching"):
+    for test in ("alg2", "matching", "shuffled_control"):
         assert 1 / (B + 1) <= m[test]["p_value"] <= 1
+    # personalization survives generation: Algorithm 2 on REBECA's images, and not with users deranged
+    assert m["alg2"]["p_value"] <= 0.01 and m["alg2"]["z"] > 2, m["alg2"]
+    assert m["shuffled_control"]["p_value"] > 0.05, m["shuffled_control"]
+    assert m["shuffled_control"]["images"] == m["alg2"]["images"]  # 4 per user, as notebook 04's smoke run
     # planted tastes: users' own held-out likes score above random reassignment
     assert m["matching"]["p_value"] <= 0.05 and m["matching"]["z"] > 2, m["matching"]
     assert 0 <= m["r2"]["r2"] <= 1 and m["r2"]["ci_low"] <= m["r2"]["r2"] <= m["r2"]["ci_high"]
-    for fig in ("alg2_generated_permutation", "fig8a_matching_permutation", "fig8b_verifier_vs_aesthetic"):
+    for fig in ("alg2_generated_permutation", "alg2_shuffled_users_control", "fig8a_matching_permutation",
+                "fig8b_verifier_vs_aesthetic"):
         assert (d / f"{fig}.png").exists() and (d / f"{fig}.pdf").exists()
 
 

@@ -186,6 +186,18 @@ def test_pixel_checks_read_the_planted_attributes(smoke_world):
     assert (SYN.hue_class(np.full((2, 16, 16, 3), 0.5, np.float32)) == -1).all()  # grey: no hue
 
 
+def test_vae_alone_keeps_the_planted_hue(smoke_world, kit_cache):
+    """What went wrong while tuning the recipe: a short-trained VAE decodes red, yellow and green to one olive."""
+    vae = DEC.build_sd_pipeline(TINY, ip_adapter=False).vae
+    root, held = W.fixture_dir(), W.world_split(TINY)[1]
+    truth = SYN.synthetic_truth(root)["attributes"]
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(R.to_unit(R.load_images(root, held))).latent_dist.mean).sample
+    rec01 = ((rec + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    hue = np.array([list(SYN.HUES).index(truth[n]["hue"]) for n in held])
+    assert np.mean(SYN.hue_class(rec01) == hue) >= 0.85
+
+
 def test_round_trip_keeps_the_planted_hue(roundtrip):
     """embed -> decode -> pixels: the decoded image's hue is the conditioning image's (encoder-free check)."""
     assert roundtrip["hue_check_on_sources"] >= 0.98
