@@ -4,6 +4,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one torch thread in every process the tests start (notebook kernels, accelerate CLIs): `make test` runs two
+# pytest workers on two cores, and two threads each on a busy 2-core box crawl
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path
 

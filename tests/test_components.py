@@ -20,6 +20,7 @@ from rebeca_utils.models import encoders as ENC
 from rebeca_utils.models import weights as W
 
 TINY = get_profile("smoke").models
+RANDOM = replace(TINY, tiny_weights="random")  # the seeded random stand-ins (TINY loads the smoke world)
 HUB = ModelsConfig()
 
 
@@ -56,9 +57,9 @@ def test_tiny_builders_are_seeded_and_deterministic(kit_cache):
     for name in ("unet", "vae", "text_encoder"):
         assert _same(getattr(a, name), getattr(b, name)), name
     assert torch.equal(torch.random.get_rng_state(), rng_before)  # the caller's RNG stream is untouched
-    other = replace(TINY, seed=1)
-    assert not _same(ENC.build_clip(TINY, "verifier")[0], ENC.build_clip(other, "verifier")[0])
-    assert not _same(ENC.build_image_encoder(TINY)[0], ENC.build_image_encoder(other)[0])
+    other = replace(RANDOM, seed=1)  # (another seed of the pretrained stand-ins would train another world)
+    assert not _same(ENC.build_clip(RANDOM, "verifier")[0], ENC.build_clip(other, "verifier")[0])
+    assert not _same(ENC.build_image_encoder(RANDOM)[0], ENC.build_image_encoder(other)[0])
 
 
 @pytest.mark.parametrize("role,dim", [("verifier", TINY.verifier_emb_dim), ("aesthetic", ENC.AESTHETIC_EMB_DIM),
@@ -105,7 +106,8 @@ def test_tiny_pipeline_is_sd15_shaped(tiny_pipe):
 
     assert type(tiny_pipe) is StableDiffusionPipeline
     assert isinstance(tiny_pipe.scheduler, DDIMScheduler) and tiny_pipe.safety_checker is None
-    assert tiny_pipe.vae_scale_factor == 8 and tiny_pipe.vae.config.scaling_factor == 0.18215
+    assert tiny_pipe.vae_scale_factor == 8  # the trained VAE's scaling_factor: tests/test_world.py
+    assert DEC.build_sd_pipeline(RANDOM, ip_adapter=False).vae.config.scaling_factor == 0.18215  # SD-1.5's
     assert tiny_pipe.text_encoder.config.hidden_size == tiny_pipe.unet.config.cross_attention_dim
     assert isinstance(tiny_pipe.unet.encoder_hid_proj, MultiIPAdapterImageProjection)
     n_cross = sum(name.endswith("attn2.processor") for name in tiny_pipe.unet.attn_processors)
@@ -139,6 +141,7 @@ def test_tiny_pipeline_generates_with_ip_adapter_embeds(tiny_pipe):
 
 
 def test_tiny_ip_adapter_checkpoint_has_original_layout(tiny_pipe, kit_cache):
+    DEC.build_sd_pipeline(RANDOM, cache_dir=kit_cache)  # random weights: IP-Adapter's init is written here
     path = kit_cache / "tiny-ip-adapter" / TINY.ip_adapter_subfolder / TINY.ip_adapter_weight
     state = torch.load(path, weights_only=True)
     cross = tiny_pipe.unet.config.cross_attention_dim
@@ -149,10 +152,10 @@ def test_tiny_ip_adapter_checkpoint_has_original_layout(tiny_pipe, kit_cache):
     assert set(state["ip_adapter"]) == {f"{i}.to_{kv}_ip.weight" for i in range(1, 32, 2) for kv in "kv"}
     # present and valid: not rewritten; corrupted: rewritten
     mtime = path.stat().st_mtime_ns
-    folder = DEC.write_tiny_ip_adapter(TINY, DEC.tiny_sd_components(TINY, kit_cache)["unet"], kit_cache)
+    folder = DEC.write_tiny_ip_adapter(RANDOM, DEC.tiny_sd_components(RANDOM, kit_cache)["unet"], kit_cache)
     assert folder == kit_cache / "tiny-ip-adapter" and path.stat().st_mtime_ns == mtime
     path.write_bytes(b"truncated")
-    DEC.write_tiny_ip_adapter(TINY, DEC.tiny_sd_components(TINY, kit_cache)["unet"], kit_cache)
+    DEC.write_tiny_ip_adapter(RANDOM, DEC.tiny_sd_components(RANDOM, kit_cache)["unet"], kit_cache)
     assert set(torch.load(path, weights_only=True)) == {"image_proj", "ip_adapter"}
 
 

@@ -23,6 +23,7 @@ from .weights import (
     hf_cache,
     ip_adapter_entry,
     load_pretrained,
+    quiet_libraries,
     require_weights,
     sd_entry,
 )
@@ -156,8 +157,10 @@ def build_sd_pipeline(models: ModelsConfig, device: str = "cpu", dtype: torch.dt
         frozen.eval().requires_grad_(False)
     if ip_adapter:
         # one loading path for both profiles: only the first argument (local folder or Hub repo) differs
-        pipe.load_ip_adapter(str(source), subfolder=models.ip_adapter_subfolder, weight_name=models.ip_adapter_weight,
-                             image_encoder_folder=None, cache_dir=hf_cache(), local_files_only=True)
+        with quiet_libraries():  # its note that no image encoder is loaded: we pass embeddings, by design
+            pipe.load_ip_adapter(str(source), subfolder=models.ip_adapter_subfolder,
+                                 weight_name=models.ip_adapter_weight, image_encoder_folder=None,
+                                 cache_dir=hf_cache(), local_files_only=True)
     return pipe.to(device)
 
 

@@ -100,7 +100,8 @@ def build_clip(models: ModelsConfig, role: str, device: str = "cpu", dtype: torc
         name = tiny_clip_name(models, role)
         if role == "verifier" and _world_pretrained(models):  # the smoke world's verifier-space encoder
             path = _world_component(models, "verifier_encoder") / VERIFIER_WEIGHTS
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path))
+            with seeded(models.seed):  # init before loading: keep the caller's RNG stream untouched
+                model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path))
         else:
             with seeded(models.seed), quiet_random_init():
                 model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)

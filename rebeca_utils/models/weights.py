@@ -9,6 +9,7 @@ from typing import NamedTuple
 from urllib.parse import unquote, urlparse
 
 import open_clip
+import torch
 from diffusers.utils import logging as diffusers_logging
 from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError
@@ -206,5 +207,5 @@ def quiet_libraries():
 def load_pretrained(cls, folder: str | os.PathLike, **kwargs):
     """`cls.from_pretrained(folder, **kwargs)` without the libraries' loading bars and prints (the smoke world's
     local folders; notebooks stay readable)."""
-    with quiet_libraries():
+    with quiet_libraries(), torch.random.fork_rng(devices=[]):  # init before loading draws from the global RNG
         return cls.from_pretrained(folder, **kwargs)

@@ -167,10 +167,16 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def world_ready(models: ModelsConfig, cache_dir: str | os.PathLike | None = None) -> bool:
+    """True when every component is trained and none is stale (ensure_world has nothing to do)."""
+    world = world_dir(models, cache_dir)
+    return not any(_stale(world, n) for n in COMPONENTS)
+
+
 def ensure_world(models: ModelsConfig, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Train whatever components of the world are missing or stale (one progress bar with ETA); its folder."""
     world = world_dir(models, cache_dir)
-    if not any(_stale(world, n) for n in COMPONENTS):
+    if world_ready(models, cache_dir):
         return world
     with _locked(world.parent / f"{world.name}.lock"):
         todo = [n for n in COMPONENTS if _stale(world, n)]  # again: another process may have trained meanwhile
