@@ -104,19 +104,42 @@ def test_killed_component_alone_is_retrained_and_dependants_follow(smoke_world, 
 
 
 @pytest.mark.slow
-def test_a_really_retrained_component_is_byte_identical(smoke_world, tmp_path, monkeypatch):
-    """Resume for real: the verifier encoder deleted and retrained (same seed, one thread) gives the same bytes."""
+def test_killed_training_resumes_and_retrains_to_the_same_bytes(smoke_world, tmp_path, monkeypatch):
+    """A real kill: the world CLI SIGKILLed while it trains the decoder-space encoder leaves no component, only a temp
+    folder; the next call removes it and retrains that component alone, byte-identical (same thread count)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
     copy = _copy_world(smoke_world, tmp_path, monkeypatch)
-    shutil.rmtree(copy / "verifier_encoder")
-    threads = torch.get_num_threads()
-    # as many threads as it was trained with: float sums split over threads round differently
-    torch.set_num_threads(json.loads((smoke_world / "verifier_encoder" / W.DONE_NAME).read_text())["threads"])
+    shutil.rmtree(copy / "decoder_encoder")
+    threads = json.loads((smoke_world / "decoder_encoder" / W.DONE_NAME).read_text())["threads"]
+    env = {**os.environ, W.WORLD_ENV: str(tmp_path), "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen([sys.executable, "-m", "rebeca_utils.models.world"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(copy.glob(".decoder_encoder.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # well inside its training (~20 s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(copy.glob(".decoder_encoder.tmp-*")) and not (copy / "decoder_encoder").exists()
+    calls = []
+    real = dict(W.TRAINERS)
+    monkeypatch.setattr(W, "TRAINERS", {n: (lambda f, n: lambda *a: calls.append(n) or f(*a))(f, n)
+                                        for n, f in real.items()})
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # float sums split over threads round differently
     try:
         W.ensure_world(TINY, progress=False)
     finally:
-        torch.set_num_threads(threads)
-    name = ENC.VERIFIER_WEIGHTS
-    assert (copy / "verifier_encoder" / name).read_bytes() == (smoke_world / "verifier_encoder" / name).read_bytes()
+        torch.set_num_threads(before)
+    assert calls == ["decoder_encoder"] and not list(copy.glob(".*.tmp-*"))
+    # the same bytes, so the UNet trained on the old encoder's space is not stale (it was not retrained)
+    for f in ("config.json", "model.safetensors"):
+        assert (copy / "decoder_encoder" / f).read_bytes() == (smoke_world / "decoder_encoder" / f).read_bytes()
 
 
 # ----------------------------------------------------------------------------------------------- loading path

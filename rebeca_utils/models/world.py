@@ -188,8 +188,8 @@ def ensure_world(models: ModelsConfig, cache_dir: str | os.PathLike | None = Non
         root = fixture_dir(cache_dir)
         train, held = world_split(models, cache_dir)
         rnd = random_weights(models)
-        with tqdm(total=sum(steps(n) for n in todo), desc="smoke world (once)", unit="step",
-                  disable=not progress) as bar:
+        with tqdm(total=sum(steps(n) for n in todo), desc="smoke world (once)", unit="step", mininterval=5,
+                  disable=not progress) as bar:  # redrawn every 5 s: a CI log keeps ~60 lines of it, not 300
             for name in COMPONENTS:
                 if not _stale(world, name):  # done, or not stale now that its dependencies are rebuilt
                     continue
