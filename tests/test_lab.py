@@ -93,7 +93,16 @@ def test_run_all_of_notebook_00_in_jupyterlab(lab):
         sync_api.expect(last.locator(".jp-OutputArea-output")).to_contain_text("00_setup", timeout=180_000)
         errors = page.locator(".jp-Notebook [data-mime-type='application/vnd.jupyter.stderr']", has_text="Error")
         assert errors.count() == 0, errors.all_inner_texts()
-        page.keyboard.press("Control+s")
+        # save, and wait for the file itself: on a busy machine the dirty mark can clear before the write lands,
+        # or a keypress can be lost, so press again every 5 s until the outputs are on disk (60 s at most)
+        nb_file = root / "notebooks" / "00_setup.ipynb"
+        for _ in range(12):
+            page.keyboard.press("Control+s")
+            deadline = time.monotonic() + 5
+            while '"output_type"' not in nb_file.read_text() and time.monotonic() < deadline:
+                time.sleep(0.25)
+            if '"output_type"' in nb_file.read_text():
+                break
         sync_api.expect(page.locator(".jp-NotebookPanel .jp-mod-dirty")).to_have_count(0, timeout=30_000)
         browser.close()
     assert (root / "outputs" / "smoke" / "00_setup" / "manifest.json").is_file()
