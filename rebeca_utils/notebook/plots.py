@@ -167,7 +167,7 @@ def quality_boxplots(long_df, metric_name: str, method: str = "method", value: s
     return fig
 
 
-def permutation_figure(result, gaps=None, title: str = ""):
+def permutation_figure(result, gaps=None, title: str = "", observed: str = "correct matching"):
     """Figure 8a: permutation null of the median user score with the observed value and z; per-user gaps."""
 
     gaps = result.gap if gaps is None else np.asarray(gaps)
@@ -175,7 +175,7 @@ def permutation_figure(result, gaps=None, title: str = ""):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     ax = axes[0]
     ax.hist(result.null, bins=40, color="grey", alpha=0.8, label=f"null (B={len(result.null)})")
-    ax.axvline(result.statistic, color="C3", lw=2, label="correct matching")
+    ax.axvline(result.statistic, color="C3", lw=2, label=observed)
     ax.set_xlabel(f"median over users of per-user {result.agg} score")
     ax.set_title(f"z = {result.z:.1f}, p = {result.p_value:.2g}")
     ax.legend(frameon=False, fontsize=8)
