@@ -28,6 +28,7 @@ class ModelsConfig:
                                "sac+logos+ava1-l14-linearMSE.pth")
     hps_id: str = "xswu/HPSv2"  # HPS_v2_compressed.pt (v2.0) / HPS_v2.1_compressed.pt (v2.1): the whole CLIP
     hps_clip: tuple[str, str] = ("ViT-H-14", "laion2b_s32b_b79k")  # the architecture HPS fine-tuned
+    vlm_id: str = "llava-hf/llava-1.5-7b-hf"  # the tagger of the VLM baselines (App F)
     seed: int = 0  # seeds the tiny builders
     # tiny builder: "pretrained" = the smoke world (models/world.py), trained once on the synthetic images;
     # "random" = the seeded random stand-ins
@@ -206,6 +207,25 @@ class LoraBaselineConfig:
 
 
 @dataclass(frozen=True)
+class VlmConfig:
+    """VLM baselines (§4.3.1, App F, G.3): LLaVA tagging, user personas (Algorithm 1), their prompts."""
+
+    max_new_tokens: int = 192
+    batch_size: int = 16  # images per generate() call, left-padded
+    dtype: str = "auto"  # bf16 on CUDA (fp16 where bf16 is unsupported), fp32 elsewhere
+    constrained: bool = False  # True: decoding constrained to the App F schema (every reply parses)
+    chunk_size: int = 256  # images per resumable tag chunk
+    keywords: str = "paper"  # all training-split ratings, R = 1 vs 0; "reference": first 20 likes / dislikes, no 3s
+    top_k: int = 12  # keywords per side (positive, negative)
+    min_count: int = 2  # a keyword must appear in at least this many of the user's liked (disliked) images
+    reference_limit: int = 20  # the reference's first-N likes and dislikes (keywords="reference")
+    min_positives: int = 1  # fewer positive keywords: the Table 5 fallback subject (Algorithm 1: "P is empty")
+    negative: str = "fixed"  # "fixed": Table 5's negative prompt (§4.3.1); "user": the user's negative keywords
+    summarise: bool = False  # True: LLaVA writes the persona text (text only), deterministic text as fallback
+    n_users: int = 0  # persona users: the first n non-hold-out users (0 = generation.n_users, else all)
+
+
+@dataclass(frozen=True)
 class Profile:
     """A complete run configuration."""
 
@@ -220,10 +240,16 @@ class Profile:
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraBaselineConfig = field(default_factory=LoraBaselineConfig)
+    vlm: VlmConfig = field(default_factory=VlmConfig)
 
 
 # the tiny decoder on a CPU: 3 users, 16 steps each, shared 24, no accumulation (a tiny-UNet micro-step is costly)
 SMOKE_LORA = LoraBaselineConfig(max_steps=16, shared_max_steps=24, grad_accum=1, checkpoint_every=8, n_users=3)
+
+
+# the tiny LLaVA has random weights: free-running it writes no JSON, so smoke constrains decoding to the schema;
+# 96 new tokens (paper 192): the constraint closes the object in time, in half the CPU time
+SMOKE_VLM = VlmConfig(constrained=True, max_new_tokens=96, batch_size=16, chunk_size=64)
 
 
 def _smoke() -> Profile:
@@ -242,14 +268,14 @@ def _smoke() -> Profile:
                                     grid_users=4, grid_images=3),
         verifier=VerifierConfig(factor_dim=16, mlp_dims=(32, 16), batch_size=256, max_epochs=60, patience=10),
         eval=EvalConfig(n_permutations=200, n_bootstrap=200, batch_size=8),
-        lora=SMOKE_LORA,
+        lora=SMOKE_LORA, vlm=SMOKE_VLM,
     )
 
 
 def _demo() -> Profile:
     return Profile(name="demo", models=ModelsConfig(builder="tiny", decoder_emb_dim=32, verifier_emb_dim=48),
                    prior=PriorConfig(emb_dim=32, n_tokens=8, hidden_dim=32, n_heads=4, n_layers=2, n_users=24),
-                   flickr=FlickrConfig(n_holdout_workers=4), lora=SMOKE_LORA)
+                   flickr=FlickrConfig(n_holdout_workers=4), lora=SMOKE_LORA, vlm=SMOKE_VLM)
 
 
 def _paper() -> Profile:

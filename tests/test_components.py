@@ -262,7 +262,8 @@ def test_paper_weights_registry():
     assert repos[:3] == [HUB.sd_id, HUB.ip_adapter_id, HUB.ip_adapter_id]
     assert "models/ip-adapter_sd15.bin" in entries[1].files
     assert any(f.startswith("models/image_encoder/model.safetensors") for f in entries[2].files)
-    assert len(entries) == 8 and all(e.files for e in entries)
+    assert len(entries) == 9 and all(e.files for e in entries)
+    assert entries[-1].repo_id == HUB.vlm_id and "config.json" == entries[-1].files[0]
     assert not any("safety_checker" in f for f in entries[0].files)  # safety_checker=None: never downloaded
 
 

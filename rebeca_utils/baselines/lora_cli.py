@@ -210,6 +210,17 @@ def training_logs(out_dir: str | os.PathLike, jobs: Sequence[Job]) -> dict[str, 
     return out
 
 
+def user_adapters(out_dir: str | os.PathLike, users: Sequence[int]) -> dict[int, str]:
+    """user_id -> folder of that user's finished per-user adapter in notebook 06's `out_dir` (none: {})."""
+    try:
+        jobs = load_train_plan(out_dir)[0]
+    except FileNotFoundError:
+        return {}
+    ready = training_logs(out_dir, jobs)
+    return {j.user_id: str(adapter_dir(out_dir, j).resolve()) for j in jobs
+            if j.user_id is not None and j.user_id in set(users) and j.name in ready}
+
+
 def lora_items(jobs: Sequence[Job], out_dir: str | os.PathLike, users: Sequence[int], cfg: GenerationConfig,
                caption: str = "empty") -> list[WorkItem]:
     """Decoder work items: n_per_user images of every user with each planned adapter (no IP-Adapter embedding),

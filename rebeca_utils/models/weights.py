@@ -114,11 +114,25 @@ def aesthetic_head_entry(models: ModelsConfig, path: str | os.PathLike | None = 
                         [str(Path(target).expanduser().absolute())], url=models.aesthetic_head_url)
 
 
+# llava-hf/llava-1.5-7b-hf: config first (its folder is the snapshot from_pretrained reads), 3 weight shards; the
+# processor files as "a|b" where snapshots of the repo differ (the chat template moved out of tokenizer_config)
+VLM_FILES = ["config.json", "model.safetensors.index.json", *(f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)),
+             "preprocessor_config.json", "processor_config.json|preprocessor_config.json", "tokenizer_config.json",
+             "tokenizer.json|tokenizer.model", "special_tokens_map.json", "chat_template.json|tokenizer_config.json",
+             "added_tokens.json|tokenizer_config.json"]
+
+
+def vlm_entry(models: ModelsConfig) -> WeightsEntry:
+    """LLaVA-1.5-7B, the tagger of the VLM baselines (App F): weights and processor files."""
+    return WeightsEntry("LLaVA-1.5-7B (VLM baselines' tagger)", models.vlm_id, list(VLM_FILES))
+
+
 def paper_weights(models: ModelsConfig | None = None) -> list[WeightsEntry]:
     """Every checkpoint the paper profile loads, as (label, repo_id, files[, url])."""
     models = models or ModelsConfig()
     return [sd_entry(models), ip_adapter_entry(models), image_encoder_entry(models),
-            *(clip_entry(models, role) for role in CLIP_ROLES), aesthetic_head_entry(models), hps_entry(models)]
+            *(clip_entry(models, role) for role in CLIP_ROLES), aesthetic_head_entry(models), hps_entry(models),
+            vlm_entry(models)]
 
 
 def cached_file(repo_id: str, spec: str) -> str | None:

@@ -1,6 +1,8 @@
 """Figures shared by the notebooks (each saved as PNG + PDF through `Run.savefig`)."""
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
@@ -243,5 +245,20 @@ def verifier_diagnostics(y_train, p_train, y_test, p_test, boot: dict):
     ax_boot.set_xlabel("test ROC-AUC"), ax_boot.set_ylabel("resamples")
     ax_boot.set_title(f"train - test = {z:+.2f} bootstrap SE")
     ax_boot.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def captioned_images(images, captions, title: str = "", ncols: int = 4):
+    """Images with a wrapped caption under each (e.g. an image and its tags)."""
+    n = len(images)
+    rows = max(1, -(-n // ncols))
+    fig, axes = plt.subplots(rows, ncols, figsize=(3.0 * ncols, 3.4 * rows), squeeze=False)
+    for ax, i in zip(axes.flat, range(rows * ncols)):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i])
+            ax.set_title("\n".join(textwrap.wrap(captions[i], 34)[:6]), fontsize=7, loc="left")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 from typing import Sequence
 
+from ..models.weights import quiet_libraries
 from .items import WorkItem
 
 
@@ -27,7 +28,8 @@ class Adapters:
                 self._delete(next(iter(self.loaded)))  # the oldest first
             name = "lora_" + hashlib.sha256(wanted.encode()).hexdigest()[:12]
             try:
-                self.pipe.load_lora_weights(wanted, adapter_name=name)
+                with quiet_libraries():  # "No LoRA keys associated to CLIPTextModel": UNet-only adapters
+                    self.pipe.load_lora_weights(wanted, adapter_name=name)
             except Exception:
                 if name in self.pipe.get_list_adapters().get("unet", []):
                     self.pipe.delete_adapters([name])  # a half-loaded adapter must not stay behind

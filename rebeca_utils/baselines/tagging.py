@@ -1,0 +1,255 @@
+"""LLaVA tagging of images (App F): batched greedy generation, resumable chunks, shards, the parsed tag table.
+
+Layout under a notebook's output folder:
+    tags/plan.json                 names, chunk size, fingerprint, image root (what the CLI runs)
+    tags/chunk-00000.parquet ...   raw replies of one chunk (image, reply, new_tokens, error) + fingerprint, seconds
+    tags.parquet                   every planned image parsed (status ok | repaired | failed, reason, tags)
+    captions.parquet               image, caption ("" where tagging failed), status: notebook 06's lora.caption=llava
+
+Several GPUs: ``accelerate launch --multi_gpu --num_processes N -m rebeca_utils.baselines.tagging --out-dir <folder>``
+tags the plan a notebook saved there; chunk i belongs to process i mod N. Greedy decoding: the replies do not depend
+on N, the batch size or on which chunks were resumed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from transformers import LogitsProcessorList
+
+from ..config import ModelsConfig, VlmConfig
+from ..io import atomic_path, write_json
+from ..models.vlm import build_vlm, vlm_dtype
+from ..models.world import weights_tag
+from ..progress import tqdm
+from ..runtime import process_share
+from .constrained import SchemaConstraint
+from .tags import INSTRUCTION, LIST_FIELDS, PARSER_VERSION, parse_reply, reference_parse
+
+TAGS_DIR, PLAN_NAME, TAGS_NAME, CAPTIONS_NAME = "tags", "plan.json", "tags.parquet", "captions.parquet"
+FORMAT_VERSION = 1
+
+
+def fingerprint(models: ModelsConfig, cfg: VlmConfig) -> str:
+    """Hash of what determines a reply: the model, instruction, decoding (not the batch size or device)."""
+    model = {"builder": models.builder, "vlm_id": models.vlm_id,
+             **({"seed": models.seed, "weights": weights_tag(models)} if models.builder == "tiny" else {})}
+    payload = {"version": FORMAT_VERSION, "model": model, "instruction": INSTRUCTION, "decoding": "greedy",
+               "max_new_tokens": cfg.max_new_tokens, "constrained": cfg.constrained}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def chat_prompt(processor, text: str = INSTRUCTION, image: bool = True) -> str:
+    """The processor's chat template around one user turn (one image + `text`), ready for the reply."""
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def generate(model, processor, prompts: Sequence[str], images: Sequence[Image.Image] | None, max_new_tokens: int,
+             constrained: bool = False) -> tuple[list[str], list[int]]:
+    """Greedy replies to `prompts` (with `images`) in one left-padded batch: (new text only, new token counts)."""
+    tok = processor.tokenizer
+    inp = processor(images=list(images) if images else None, text=list(prompts), return_tensors="pt", padding=True)
+    inp = {k: v.to(model.device, model.dtype if v.is_floating_point() else v.dtype) for k, v in inp.items()}
+    n_prompt = inp["input_ids"].shape[1]
+    procs = LogitsProcessorList([SchemaConstraint(tok, n_prompt, max_new_tokens)] if constrained else [])
+    with torch.no_grad():
+        out = model.generate(**inp, max_new_tokens=max_new_tokens, do_sample=False, logits_processor=procs,
+                             pad_token_id=tok.pad_token_id)
+    new = out[:, n_prompt:].cpu()
+    counts = [int(((row != tok.pad_token_id)).sum()) for row in new]
+    return tok.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False), counts
+
+
+@dataclass
+class TagReport:
+    """What one tag_images() call did."""
+
+    computed: int = 0  # chunks generated now
+    reused: int = 0
+    images: int = 0  # images tagged now
+    new_tokens: int = 0
+    seconds: float = 0.0
+    chunks: list[dict] = field(default_factory=list)
+
+
+def save_tag_plan(out_dir: str | os.PathLike, names: Sequence[str], image_root: str | os.PathLike,
+                  models: ModelsConfig, cfg: VlmConfig) -> Path:
+    """Write tags/plan.json: the sorted image names, chunking, fingerprint and configs (for the CLI)."""
+    return write_json(Path(out_dir) / TAGS_DIR / PLAN_NAME, {
+        "names": sorted(set(names)), "chunk_size": cfg.chunk_size, "fingerprint": fingerprint(models, cfg),
+        "image_root": str(Path(image_root).resolve()), "models": dataclasses.asdict(models),
+        "vlm": dataclasses.asdict(cfg)})
+
+
+def load_tag_plan(out_dir: str | os.PathLike) -> dict:
+    """tags/plan.json as saved; a clear error when there is none."""
+    path = Path(out_dir) / TAGS_DIR / PLAN_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tagging plan; run notebook 07 (or save_tag_plan) first")
+    plan = json.loads(path.read_text())
+    plan["models"] = ModelsConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan["models"].items()})
+    plan["vlm"] = VlmConfig(**plan["vlm"])
+    return plan
+
+
+def _chunks(plan: dict) -> list[list[str]]:
+    n, cs = plan["names"], plan["chunk_size"]
+    return [n[i:i + cs] for i in range(0, len(n), cs)]
+
+
+def _chunk_path(out_dir: Path, i: int) -> Path:
+    return out_dir / TAGS_DIR / f"chunk-{i:05d}.parquet"
+
+
+def _read_chunk(path: Path, names: list[str], fp: str) -> pd.DataFrame | None:
+    try:
+        table = pq.read_table(path)
+        meta = json.loads(table.schema.metadata[b"rebeca"])
+    except Exception:  # noqa: BLE001 - missing, truncated or foreign: redo the chunk
+        return None
+    df = table.to_pandas()
+    return df if meta.get("fingerprint") == fp and df["image"].tolist() == names else None
+
+
+def _load_images(root: Path, names: Sequence[str]) -> tuple[list[Image.Image | None], list[str]]:
+    images, errors = [], []
+    for n in names:
+        try:
+            with Image.open(root / n) as im:
+                images.append(im.convert("RGB"))
+            errors.append("")
+        except Exception as exc:  # noqa: BLE001 - one unreadable image fails its row, not the run
+            images.append(None)
+            errors.append(f"unreadable image: {type(exc).__name__}: {exc}".splitlines()[0])
+    return images, errors
+
+
+def tag_images(model, processor, out_dir: str | os.PathLike, *, rank: int = 0, world_size: int = 1,
+               progress: bool = True) -> TagReport:
+    """Tag this process's chunks of the saved plan (chunk i: i mod world_size == rank); finished chunks with the
+    plan's fingerprint are kept. Each chunk is written atomically with its seconds and token counts."""
+    out_dir = Path(out_dir)
+    plan = load_tag_plan(out_dir)
+    cfg, fp, root = plan["vlm"], plan["fingerprint"], Path(plan["image_root"])
+    prompt = chat_prompt(processor)
+    rep, chunks = TagReport(), list(enumerate(_chunks(plan)))[rank::world_size]
+    bar = tqdm(total=sum(len(c) for _, c in chunks), desc=f"tag [{rank}/{world_size}]" if world_size > 1 else "tag",
+               unit="img", disable=not progress)
+    for i, names in chunks:
+        path = _chunk_path(out_dir, i)
+        if _read_chunk(path, names, fp) is not None:
+            rep.reused += 1
+            bar.update(len(names))
+            continue
+        t0, replies, counts, errors = time.perf_counter(), [], [], []
+        for s in range(0, len(names), cfg.batch_size):
+            images, errs = _load_images(root, names[s:s + cfg.batch_size])
+            ok = [j for j, im in enumerate(images) if im is not None]
+            texts, ns = generate(model, processor, [prompt] * len(ok), [images[j] for j in ok], cfg.max_new_tokens,
+                                 cfg.constrained) if ok else ([], [])
+            got = dict(zip(ok, zip(texts, ns)))
+            replies += [got.get(j, ("", 0))[0] for j in range(len(images))]
+            counts += [got.get(j, ("", 0))[1] for j in range(len(images))]
+            errors += errs
+            bar.update(len(images))
+        secs = time.perf_counter() - t0
+        meta = {"fingerprint": fp, "seconds": secs, "device": str(model.device), "batch_size": cfg.batch_size,
+                "dtype": str(model.dtype).replace("torch.", "")}
+        table = pa.table({"image": names, "reply": replies, "new_tokens": counts, "error": errors})
+        with atomic_path(path) as tmp:
+            pq.write_table(table.replace_schema_metadata({"rebeca": json.dumps(meta)}), tmp)
+        rep.computed, rep.images, rep.new_tokens = rep.computed + 1, rep.images + len(names), rep.new_tokens + sum(counts)
+        rep.seconds += secs
+        rep.chunks.append({"chunk": i, **meta, "images": len(names), "new_tokens": sum(counts)})
+    bar.close()
+    return rep
+
+
+def collect(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
+    """Parse every chunk of the plan into tags.parquet and captions.parquet (atomic); (tag table, throughput).
+
+    Raises naming the first chunk that is missing or made for another fingerprint."""
+    out_dir = Path(out_dir)
+    plan = load_tag_plan(out_dir)
+    rows, secs, toks, n = [], 0.0, 0, 0
+    for i, names in enumerate(_chunks(plan)):
+        df = _read_chunk(_chunk_path(out_dir, i), names, plan["fingerprint"])
+        if df is None:
+            raise FileNotFoundError(f"{_chunk_path(out_dir, i)}: chunk {i} is missing or stale; tag the plan first")
+        meta = json.loads(pq.read_schema(_chunk_path(out_dir, i)).metadata[b"rebeca"])
+        secs, toks, n = secs + meta["seconds"], toks + int(df["new_tokens"].sum()), n + len(df)
+        for r in df.itertuples(index=False):
+            p = parse_reply(r.reply) if not r.error else None
+            rows.append({"image": r.image, "status": p.status if p else "failed", "reason": p.reason if p else r.error,
+                         "caption": p.caption if p else "", **{f: p.lists[f] if p else [] for f in LIST_FIELDS},
+                         "n_truncated": p.n_truncated if p else 0, "new_tokens": r.new_tokens, "reply": r.reply})
+    tags = pd.DataFrame(rows)
+    with atomic_path(out_dir / TAGS_NAME) as tmp:
+        tags.to_parquet(tmp, index=False)
+    caps = tags[["image", "caption", "status"]].copy()
+    with atomic_path(out_dir / CAPTIONS_NAME) as tmp:
+        caps.to_parquet(tmp, index=False)
+    throughput = {"images": n, "seconds": secs, "images_per_s": n / max(secs, 1e-9), "new_tokens": toks,
+                  "tokens_per_s": toks / max(secs, 1e-9), "parser_version": PARSER_VERSION}
+    return tags, throughput
+
+
+def failure_table(tags: pd.DataFrame) -> pd.DataFrame:
+    """Replies per status and reason (repaired and failed), with one example image each."""
+    bad = tags[tags["status"] != "ok"]
+    return (bad.groupby(["status", "reason"]).agg(images=("image", "size"), example=("image", "first"))
+            .reset_index().sort_values("images", ascending=False, ignore_index=True))
+
+
+def free_running(model, processor, image_root: str | os.PathLike, names: Sequence[str],
+                 max_new_tokens: int) -> pd.DataFrame:
+    """Tag `names` once without the constraint: reply, our parse (status, reason) and the reference's verdict."""
+    images, _ = _load_images(Path(image_root), names)
+    replies, _ = generate(model, processor, [chat_prompt(processor)] * len(names), images, max_new_tokens)
+    parsed = [parse_reply(r) for r in replies]
+    return pd.DataFrame({"image": list(names), "status": [q.status for q in parsed],
+                         "reason": [q.reason for q in parsed], "reference parser": [reference_parse(r) or "parses"
+                                                                                   for r in replies],
+                         "reply": [r[:80] for r in replies]})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; under `accelerate launch` each process tags its chunks and process 0 collects."""
+    p = argparse.ArgumentParser(prog="python -m rebeca_utils.baselines.tagging", description=__doc__.split("\n")[0])
+    p.add_argument("--out-dir", required=True, help="the notebook's output folder holding tags/plan.json")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        plan = load_tag_plan(args.out_dir)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"error: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    share = process_share(args.device)
+    model, processor = build_vlm(plan["models"], share.device, vlm_dtype(share.device, plan["vlm"].dtype))
+    rep = tag_images(model, processor, args.out_dir, rank=share.rank, world_size=share.world_size,
+                     progress=not args.no_progress)
+    summary = {"rank": share.rank, "world_size": share.world_size, "computed": rep.computed, "reused": rep.reused,
+               "images": rep.images, "seconds": round(rep.seconds, 3)}
+    share.wait()
+    if share.rank == 0 and share.coordinated:
+        summary["parsed"] = int((collect(args.out_dir)[0]["status"] != "failed").sum())
+    return share.finish(summary)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
