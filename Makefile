@@ -10,7 +10,7 @@ KERNEL ?= rebeca
 RUN = $(PY) -m rebeca_utils.run
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: install demo test test-fast smoke paper lab lab-command git-filter bench clean-outputs
+.PHONY: install demo test test-fast smoke paper report lab lab-command git-filter bench clean-outputs
 
 $(STAMP): pyproject.toml
 	@s=$$SECONDS; \
@@ -60,6 +60,11 @@ smoke: install
 
 paper: install
 	$(RUN) --profile paper
+
+# every figure and table from the outputs that exist (notebook 11; no training, no decoding): make report PROFILE=paper
+PROFILE ?= smoke
+report: install
+	@$(RUN) --profile $(PROFILE) --only 11 && echo "== report: outputs/$(PROFILE)/11_make_figures/report.html"
 
 # JupyterLab at the repository root, so outputs/ can be browsed beside notebooks/; tests/test_lab.py starts it with
 # this same command (`make -s lab-command`). As root in a container: make lab LAB_ARGS="--allow-root --ip=0.0.0.0"

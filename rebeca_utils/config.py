@@ -226,6 +226,18 @@ class VlmConfig:
 
 
 @dataclass(frozen=True)
+class AblationConfig:
+    """Ablations (§4.4, App L): the dual-guidance grid (Fig 6) and the prompt levels (Fig 7, L.1)."""
+
+    omegas: tuple[float, ...] = (3.0, 6.0, 9.0, 12.0, 15.0)  # prior ω: the reference's grid (the paper prints none)
+    decoder_cfgs: tuple[float, ...] = (1.0, 3.0, 5.0, 7.0, 10.0)
+    levels: tuple[int, ...] = (0, 1, 2)  # App L.1's prompt levels
+    level_omegas: tuple[float, ...] = (5.0, 7.0, 9.0)  # the reference ran only ω = 7
+    n_per_user: int = 10  # App L.1: 10 images per user
+    n_users: int = 0  # 0 = every user the prior was trained on
+
+
+@dataclass(frozen=True)
 class Profile:
     """A complete run configuration."""
 
@@ -241,6 +253,7 @@ class Profile:
     eval: EvalConfig = field(default_factory=EvalConfig)
     lora: LoraBaselineConfig = field(default_factory=LoraBaselineConfig)
     vlm: VlmConfig = field(default_factory=VlmConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
 
 
 # the tiny decoder on a CPU: 3 users, 16 steps each, shared 24, no accumulation (a tiny-UNet micro-step is costly)
@@ -269,6 +282,8 @@ def _smoke() -> Profile:
         verifier=VerifierConfig(factor_dim=16, mlp_dims=(32, 16), batch_size=256, max_epochs=60, patience=10),
         eval=EvalConfig(n_permutations=200, n_bootstrap=200, batch_size=8),
         lora=SMOKE_LORA, vlm=SMOKE_VLM,
+        ablation=AblationConfig(omegas=(3.0, 9.0), decoder_cfgs=(1.0, 5.0), levels=(0, 2), level_omegas=(3.0, 9.0),
+                                n_per_user=2),
     )
 
 

@@ -278,13 +278,13 @@ def test_paper_weights_list_the_head_and_hps(hf_cache):
     from rebeca_utils.notebook.setup_check import weights_report
 
     entries = W.paper_weights()
-    assert len(entries) == 8
-    head, hps = entries[-2], entries[-1]
+    assert len(entries) == 9
+    head, hps, vlm = entries[-3:]  # the VLM baselines' LLaVA comes last
     assert head.url == HUB.aesthetic_head_url and head.repo_id == "github.com/christophschuhmann/improved-aesthetic-predictor"
     assert head.files[0].endswith("laion-aesthetic/sac+logos+ava1-l14-linearMSE.pth")
     assert hps == W.hps_entry(HUB, "v2.0") and hps.repo_id == "xswu/HPSv2" and hps.files == ["HPS_v2_compressed.pt"]
     report = weights_report()
-    assert len(report) == 8 and not report["in_cache"].any()
+    assert len(report) == 9 and not report["in_cache"].any() and vlm.repo_id == HUB.vlm_id
     assert "xswu/HPSv2" in set(report["repo"])
 
 

@@ -138,7 +138,7 @@ def test_02_unreadable_image_listed_in_manifest_and_closing_line(smoke_run, tmp_
 @pytest.mark.slow  # executes notebooks
 def test_00_setup_reports_offline(smoke_run):
     m = manifest(smoke_run, "00_setup")["metrics"]
-    assert m["hub_reachable"] is False and m["weights_total"] == 8
+    assert m["hub_reachable"] is False and m["weights_total"] == 9
     assert set(m["datasets_present"]) == {"dSprites", "FLICKR-AES"}
 
 
@@ -381,6 +381,68 @@ def test_07_vlm_personas_tags_prompts_and_images(smoke_run):
     assert all(f"06_lora_baselines/adapters/per_user/u{u:03d}" in p for u, p in zip(lora["user_id"], lora["lora"]))
     for fig in ("tag_examples", "persona_grid"):
         assert (d / f"{fig}.png").exists() and (d / f"{fig}.pdf").exists()
+
+
+@pytest.mark.slow  # executes notebooks
+def test_09_ablations_grid_levels_reuse_and_tests(smoke_run):
+    from rebeca_utils.studies import ablations as AB
+
+    d = smoke_run / "09_run_ablations"
+    m = manifest(smoke_run, "09_run_ablations")["metrics"]
+    prof = get_profile("smoke")
+    ab, n_users = prof.ablation, len(m["users"])
+    assert len(m["conditions"]) == 6 and m["images"] == m["images_ok"] == 6 * ab.n_per_user * n_users
+    # ω = 3 and 9 at decoder CFG 5, level 0 are notebook 04's work items: adopted, byte for byte
+    assert m["adopted_from_04"] == 2 * ab.n_per_user * n_users
+    table = pd.read_csv(d / PLAN.MANIFEST_NAME, keep_default_na=False)
+    for rel in table.loc[table["setting"] == "prior_cfg9", "path"]:
+        assert (d / rel).read_bytes() == (smoke_run / "04_generate_images" / rel).read_bytes()
+    level2 = table[table["setting"].str.endswith("_prompt2")]
+    assert len(level2) and (level2["prompt"] == AB.PROMPT_LEVELS[2][0]).all()
+    assert (level2["negative_prompt"] == AB.PROMPT_LEVELS[2][1]).all()
+    assert sorted(table["decoder_cfg"].unique()) == sorted(ab.decoder_cfgs)
+    grid = pd.read_csv(d / "fig6_grid.csv")
+    assert len(grid) == len(ab.omegas) * len(ab.decoder_cfgs) and grid["verifier"].between(0, 1).all()
+    B = prof.eval.n_permutations
+    for test in m["fig6_p"] + m["fig7_p"]:
+        assert 1 / (B + 1) <= test["p_permutation"] <= 1 and test["users"] == n_users
+    assert {t["test"] for t in m["fig7_p"]} == {"level at omega=3", "level at omega=9"}
+    for fig in ("fig6_dual_guidance", "fig7_prompt_levels"):
+        assert (d / f"{fig}.png").exists() and (d / f"{fig}.pdf").exists()
+
+
+@pytest.mark.slow  # executes notebooks
+def test_11_builds_every_figure_it_can_and_reports_the_gaps(smoke_run, tmp_path):
+    import shutil
+
+    from rebeca_utils.io import sha256
+    from rebeca_utils.notebook import figures as FIG
+
+    d = smoke_run / "11_make_figures"
+    m = manifest(smoke_run, "11_make_figures")["metrics"]
+    every = [e.id for e in FIG.REGISTRY]
+    dsprites = {e.id for e in FIG.REGISTRY if e.notebook == "01_simulate_dsprites"}  # 01 runs on its own in CI
+    assert set(m["missing"]) == dsprites and all("run 01_simulate_dsprites first" in w for w in m["missing"].values())
+    assert m["built"] == [i for i in every if i not in dsprites]
+    built = json.loads((d / "figures_manifest.json").read_text())
+    for row in built:
+        for f, digest in row["sources"].items():
+            assert digest == sha256(smoke_run / row["notebook"] / f), (row["id"], f)
+        assert all((d / f).is_file() for f in row["outputs"])
+    page = (d / "report.html").read_text()
+    assert page.count("<img") == sum(f.endswith(".png") for r in built for f in r["outputs"])
+    compare = pd.read_csv(d / "paper_vs_ours.csv", keep_default_na=False)
+    assert "missing: run 01_simulate_dsprites first" in set(compare["note"])
+    assert {"verifier ROC-AUC test", "Algorithm 2 p", "matching test z (Fig 8a)"} <= set(compare["quantity"])
+    # one source gone: 11 says which notebook to run and still builds the rest
+    out = tmp_path / "out"
+    shutil.copytree(smoke_run, out / "smoke", ignore=shutil.ignore_patterns("notebooks"))
+    (out / "smoke/08_evaluate_methods/verifier_per_user.csv").unlink()
+    runner.run_notebooks("smoke", [REPO / "notebooks/11_make_figures.ipynb"], {}, out, log=lambda *a, **k: None)
+    gap = manifest(out / "smoke", "11_make_figures")["metrics"]
+    assert set(gap["missing"]) == dsprites | {"Fig 4", "Fig 10", "Fig 11"}
+    assert "run 08_evaluate_methods first" in gap["missing"]["Fig 4"]
+    assert len(gap["built"]) == len(m["built"]) - 3
 
 
 @pytest.mark.slow  # executes notebooks

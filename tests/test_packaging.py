@@ -48,3 +48,13 @@ def test_ci_calls_make_test_and_readme_names_it():
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
+
+
+def test_make_report_runs_notebook_11_of_the_chosen_profile():
+    import subprocess
+
+    out = subprocess.run(["make", "-n", "report", "PROFILE=paper", f"STAMP={ROOT / 'pyproject.toml'}"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "-m rebeca_utils.run --profile paper --only 11" in out
+    assert "outputs/paper/11_make_figures/report.html" in out
+    assert "make report" in (ROOT / "README.md").read_text()

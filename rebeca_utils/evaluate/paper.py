@@ -1,6 +1,8 @@
 """The paper's printed numbers and row names, and Tables 1-2 built from our results."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 
@@ -13,8 +15,9 @@ LABELS = {("lora", "shared"): "Shared LoRA", ("lora", "per_user"): "Per-user LoR
 
 def method_label(method: str, setting: str) -> str:
     """Row name of (method, setting): the paper's where it has one (e.g. 'REBECA (CFG=5.0)'), else 'method/setting'."""
-    if method == "rebeca" and setting.startswith("prior_cfg"):
-        return rebeca_label(float(setting[len("prior_cfg"):]))
+    m = re.fullmatch(r"prior_cfg(\d+(?:\.\d+)?)", setting)
+    if method == "rebeca" and m:
+        return rebeca_label(float(m.group(1)))
     return LABELS.get((method, setting), f"{method}/{setting}")
 
 

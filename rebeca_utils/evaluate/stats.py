@@ -221,3 +221,53 @@ def bootstrap_auc(y: Any, p: Any, n_bootstrap: int = 1000, seed: int = 0) -> dic
                           batch=max(1, 2_000_000 // len(y)))
     return {"auc": auc, "se": boot["se"], "ci_low": boot["ci_low"], "ci_high": boot["ci_high"],
             "samples": boot["samples"]}
+
+
+@dataclass
+class PairedEffect:
+    """A factor's effect on per-user scores (users x levels, the same users and seeds at every level)."""
+
+    levels: list
+    means: np.ndarray  # (L,) mean over users per level
+    statistic: float  # variance of the level means (the permutation test's statistic)
+    p_value: float  # within-user permutation of the level labels: (1 + #{null >= statistic}) / (B + 1)
+    friedman_p: float  # scipy's Friedman test (L >= 3), or the Wilcoxon signed-rank test (L = 2)
+    diffs: dict  # level -> (mean difference to the reference level, CI low, CI high), bootstrap over users
+
+
+def within_user_permutation(matrix, n_permutations: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """(variance of the column means, p-value) with the level labels permuted within each user (row)."""
+    x = np.asarray(matrix, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] < 2 or not np.isfinite(x).all():
+        raise ValueError(f"need a finite (users, levels >= 2) matrix, got shape {x.shape}")
+    stat = float(np.var(x.mean(0)))
+    rng = np.random.default_rng(seed)
+    null = np.empty(n_permutations)
+    for s in range(0, n_permutations, 256):
+        b = min(256, n_permutations - s)
+        perm = rng.permuted(np.broadcast_to(np.arange(x.shape[1]), (b, *x.shape)), axis=2)
+        null[s:s + b] = np.var(np.take_along_axis(np.broadcast_to(x, perm.shape), perm, 2).mean(1), axis=1)
+    return stat, float((1 + np.sum(null >= stat - 1e-12)) / (n_permutations + 1))
+
+
+def paired_effect(matrix, levels, reference=None, n_permutations: int = 1000, n_bootstrap: int = 1000,
+                  seed: int = 0) -> PairedEffect:
+    """Test a factor on per-user scores: within-user permutation p, Friedman (Wilcoxon for 2 levels) p, and each
+    level's mean difference to `reference` (default: the first level) with a 95 % bootstrap CI over users."""
+    from scipy.stats import friedmanchisquare, wilcoxon  # noqa: I001 - only this test needs them
+
+    x = np.asarray(matrix, dtype=np.float64)
+    stat, p = within_user_permutation(x, n_permutations, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ties / tiny samples: scipy warns, the p-value stands
+        fp = (friedmanchisquare(*x.T).pvalue if x.shape[1] >= 3 else wilcoxon(x[:, 0], x[:, 1]).pvalue) \
+            if x.shape[0] >= 2 and np.ptp(x) > 0 else 1.0
+    ref = list(levels).index(reference) if reference is not None else 0
+    rng = np.random.default_rng([seed, 7])
+    boot = rng.integers(0, len(x), (n_bootstrap, len(x)))
+    diffs = {}
+    for i, lev in enumerate(levels):
+        d = x[:, i] - x[:, ref]
+        lo, hi = np.percentile(d[boot].mean(1), [2.5, 97.5])
+        diffs[lev] = (float(d.mean()), float(lo), float(hi))
+    return PairedEffect(list(levels), x.mean(0), stat, p, float(fp), diffs)

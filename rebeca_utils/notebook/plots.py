@@ -262,3 +262,38 @@ def captioned_images(images, captions, title: str = "", ncols: int = 4):
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def dual_guidance_heatmaps(cells, value_cols=("verifier", "LAION aesthetic"), title: str = ""):
+    """Fig 6: user-averaged scores by prior ω (rows) × decoder CFG (columns), one panel per metric, own scale."""
+    cols = [c for c in value_cols if c in cells.columns]
+    fig, axes = plt.subplots(1, len(cols), figsize=(5.2 * len(cols), 3.8), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        grid = cells.pivot(index="omega", columns="decoder_cfg", values=col).sort_index(ascending=False)
+        sns.heatmap(grid, annot=True, fmt=".4g", cmap="viridis", ax=ax, cbar_kws={"label": col})
+        ax.set_xlabel("decoder (SD) CFG"), ax.set_ylabel("prior CFG ω")
+        ax.set_title(f"user-averaged {col}")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def prompt_levels_figure(summary, metrics=("verifier", "LAION aesthetic"), title: str = ""):
+    """Fig 7: mean over users per prompt level at each prior ω, with 95 % bootstrap CIs; one panel per metric."""
+    cols = [m for m in metrics if f"{m} mean" in summary.columns]
+    fig, axes = plt.subplots(1, len(cols), figsize=(5.0 * len(cols), 3.6), squeeze=False)
+    levels = sorted(summary["level"].unique())
+    width = 0.8 / max(len(levels), 1)
+    omegas = sorted(summary["omega"].unique())
+    for ax, m in zip(axes[0], cols):
+        for i, lev in enumerate(levels):
+            s = summary[summary["level"] == lev].set_index("omega").reindex(omegas)
+            x = np.arange(len(omegas)) + (i - (len(levels) - 1) / 2) * width
+            err = np.vstack([s[f"{m} mean"] - s[f"{m} ci_low"], s[f"{m} ci_high"] - s[f"{m} mean"]])
+            ax.errorbar(x, s[f"{m} mean"], yerr=err, fmt="o", capsize=3, label=f"level {lev}")
+        ax.set_xticks(np.arange(len(omegas)), [f"ω={w:g}" for w in omegas])
+        ax.set_ylabel(f"mean {m} (95 % CI over users)")
+        ax.legend(frameon=False, fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -228,6 +228,25 @@ def _decode_with_retry(pipe, batch: list[WorkItem], cfg: GenerationConfig, rep: 
             yield [it], None, 0.0, f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
+def adopt_done(items: Sequence[WorkItem], out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike],
+               cfg: GenerationConfig, models: ModelsConfig | None = None) -> int:
+    """Link into `out_dir` every item's PNG that another run (`sources`: its output folders) already decoded from
+    the same inputs (same relative path and fingerprint), so decode() skips it; returns how many were adopted."""
+    settings, size, adopted = image_settings(cfg, models), (cfg.width, cfg.height), 0
+    for it in items:
+        fp, dest = item_fingerprint(it, settings), Path(out_dir) / it.relpath
+        if valid_png(dest, size, fp):
+            continue
+        for src in (Path(s) / it.relpath for s in sources):
+            if valid_png(src, size, fp):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(dest) as tmp:
+                    tmp.write_bytes(src.read_bytes())
+                adopted += 1
+                break
+    return adopted
+
+
 def load_images(out_dir: str | os.PathLike, method: str, setting: str, user_id: int, n: int) -> np.ndarray:
     """(n, H, W, 3) floats in [0, 1]: images 0..n-1 of one user (missing ones are grey)."""
 

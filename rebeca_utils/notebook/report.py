@@ -1,0 +1,122 @@
+"""Paper vs ours: every headline number next to the paper's, and the one-file HTML report of notebook 11."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..evaluate import paper as P
+from ..io import atomic_write
+
+
+def _manifest(root: Path, nb: str) -> dict | None:
+    path = root / nb / "manifest.json"
+    return json.loads(path.read_text())["metrics"] if path.is_file() else None
+
+
+def _row(quantity: str, paper, ours, source: str, note: str = "") -> dict:
+    return {"quantity": quantity, "paper": paper, "ours": ours, "source": source, "note": note}
+
+
+def _missing(quantity: str, nb: str) -> dict:
+    return _row(quantity, "", "", nb, f"missing: run {nb} first")
+
+
+def _table1_rows(root: Path) -> list[dict]:
+    nb = "01_simulate_dsprites"
+    path = root / nb / "table1_inputs.npz"
+    if not path.is_file():
+        return [_missing("Table 1 (dSprites P@k, R@k)", nb)]
+    inputs = dict(np.load(path))
+    rows = []
+    for denom in ("user", "all_users"):
+        t = P.table1(inputs, recall_denominator=denom).set_index(["method", "k"])
+        for (method, k), (p, r) in P.PAPER_TABLE1.items():
+            if (method, k) not in t.index:
+                continue
+            ours = t.loc[(method, k)]
+            if denom == "user":
+                rows.append(_row(f"Table 1 {method} P@{k}", p, float(ours["precision"]), nb))
+            rows.append(_row(f"Table 1 {method} R@{k} (recall over {denom.replace('_', ' ')})", r,
+                             float(ours["recall"]), nb, "the printed table used all users" if denom == "user" else ""))
+    return rows
+
+
+def _table2_rows(root: Path) -> list[dict]:
+    nb = "08_evaluate_methods"
+    rows = []
+    for definition in ("paper", "reference"):
+        path = root / nb / f"table2_{definition}.csv"
+        if not path.is_file():
+            return [_missing("Table 2 (P/R/F1 @1, @5)", nb)]
+        t = pd.read_csv(path, header=[0, 1], index_col=0)
+        for label, vals in P.PAPER_TABLE2.items():
+            for (k, m), v in zip(P.TABLE2_COLUMNS, vals):
+                if m == "F1":
+                    continue
+                ours = float(t.loc[label, (f"@{k}", m)]) if label in t.index else ""
+                rows.append(_row(f"Table 2 {label} {m}@{k} ({definition} definition)", v, ours, nb,
+                                 "" if label in t.index else "method not run"))
+    return rows
+
+
+def comparison(root: str | Path) -> pd.DataFrame:
+    """Every headline number: quantity, paper, ours, source notebook, note (missing inputs say what to run)."""
+    root = Path(root)
+    rows = _table1_rows(root) + _table2_rows(root)
+    v = _manifest(root, "05_train_verifier")
+    if v is None:
+        rows.append(_missing("verifier ROC-AUC", "05_train_verifier"))
+    else:
+        rows += [_row("verifier ROC-AUC train", "≈ 0.87", v["auc_train"], "05_train_verifier"),
+                 _row("verifier ROC-AUC test", "≈ 0.87", v["auc_test"], "05_train_verifier",
+                      f"95 % CI [{v['auc_test_ci'][0]:.3f}, {v['auc_test_ci'][1]:.3f}]")]
+    t = _manifest(root, "10_test_personalization")
+    if t is None:
+        rows.append(_missing("matching test, Algorithm 2, R²", "10_test_personalization"))
+    else:
+        rows += [_row("matching test z (Fig 8a)", "≈ 5", t["matching"]["z"], "10_test_personalization"),
+                 _row("matching test p", "< 1e-3", t["matching"]["p_value"], "10_test_personalization",
+                      f"B = {t['n_permutations']} permutations: p >= {1 / (t['n_permutations'] + 1):.1e}"),
+                 _row("Algorithm 2 p", "< 0.05 (H0 rejected)", t["alg2"]["p_value"], "10_test_personalization"),
+                 _row("R² verifier vs LAION (Fig 8b)", 0.32, t["r2"]["r2"], "10_test_personalization",
+                      f"95 % CI [{t['r2']['ci_low']:.3f}, {t['r2']['ci_high']:.3f}]")]
+    a = _manifest(root, "09_run_ablations")
+    if a is None:
+        rows.append(_missing("Fig 6 / Fig 7 tests", "09_run_ablations"))
+    else:
+        for key, claim in (("fig6_p", "Fig 6: an effect (trade-off)"), ("fig7_p", "no significant effect")):
+            for test in a[key]:
+                rows.append(_row(f"Fig {key[3]} {test['metric']}: {test['test']} (permutation p)", claim,
+                                 test["p_permutation"], "09_run_ablations", f"Friedman p {test['p_friedman']:.3g}, "
+                                                                        f"{test['users']} users"))
+    return pd.DataFrame(rows)
+
+
+def _img(path: Path) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}" style="max-width:100%">'
+
+
+def write_report(out_dir: str | Path, built: pd.DataFrame, compare: pd.DataFrame, title: str) -> Path:
+    """report.html next to the figures: every figure (embedded) with its claim and our number, every table, the
+    paper-vs-ours table; one file, no server."""
+    out_dir = Path(out_dir)
+    parts = [f"<h1>{html.escape(title)}</h1>", "<h2>Paper vs ours</h2>",
+             compare.to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="")]
+    for r in built.itertuples(index=False):
+        parts.append(f"<h2>{html.escape(r.id)}</h2><p><b>Paper:</b> {html.escape(r.claim)}<br><b>Ours:</b> "
+                     f"{html.escape(str(r.ours))}<br><small>{html.escape(r.how)} · {html.escape(r.notebook)}</small></p>")
+        for f in r.outputs:
+            if f.endswith(".png"):
+                parts.append(_img(out_dir / f))
+            elif f.endswith(".csv"):
+                parts.append(pd.read_csv(out_dir / f).to_html(index=False, float_format=lambda x: f"{x:.4g}",
+                                                              na_rep=""))
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>" + html.escape(title) + "</title><style>body{"
+            "font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;font-size:12px}"
+            "td,th{border:1px solid #ccc;padding:2px 6px}</style></head><body>" + "\n".join(parts) + "</body></html>")
+    return atomic_write(out_dir / "report.html", page.encode("utf-8"))
