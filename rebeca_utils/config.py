@@ -234,7 +234,7 @@ class AblationConfig:
     levels: tuple[int, ...] = (0, 1, 2)  # App L.1's prompt levels
     level_omegas: tuple[float, ...] = (5.0, 7.0, 9.0)  # the reference ran only ω = 7
     n_per_user: int = 10  # App L.1: 10 images per user
-    n_users: int = 0  # 0 = every user the prior was trained on
+    n_users: int = 0  # 0 = generation.n_users (notebook 04's users), else every user the prior was trained on
 
 
 @dataclass(frozen=True)

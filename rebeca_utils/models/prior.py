@@ -131,6 +131,21 @@ class RebecaPrior(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", re
     def null_rating(self) -> int:
         return self.n_ratings
 
+    def add_users(self, rows: torch.Tensor) -> list[int]:
+        """Append users with the given embedding rows (n, hidden_dim); the null row stays last. Returns their ids.
+
+        Every other weight, and every earlier user's row, is unchanged; save_pretrained records the new n_users."""
+        rows = rows.detach().to(self.user_emb.weight).reshape(-1, self.hidden_dim)
+        old = self.user_emb.weight.detach()
+        table = nn.Embedding(self.n_users + len(rows) + 1, self.hidden_dim).to(old)
+        with torch.no_grad():
+            table.weight.copy_(torch.cat([old[: self.n_users], rows, old[self.n_users:]]))
+        ids = list(range(self.n_users, self.n_users + len(rows)))
+        self.user_emb, self.n_users = table, self.n_users + len(rows)
+        if getattr(self, "_hub_mixin_config", None) is not None:
+            self._hub_mixin_config["n_users"] = self.n_users  # what save_pretrained writes to config.json
+        return ids
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, user_id: torch.Tensor, rating: torch.Tensor) -> torch.Tensor:
         """Predict the diffusion target for noisy embeddings x_t (B, d) at timesteps t (B,)."""
         B = x_t.shape[0]

@@ -210,9 +210,11 @@ def build_all(root: str | Path, savefig: Callable, path: Callable, progress=lamb
         slug = e.id.lower().replace(" ", "")
         try:
             obj, ours, how = e.build(src, root)
-        except Missing as exc:
-            rows.append({"id": e.id, "status": "missing", "claim": e.claim, "ours": "", "how": str(exc),
-                         "notebook": e.notebook, "sources": {}, "outputs": []})
+        except Exception as exc:  # noqa: BLE001 - a partial or older run: this entry says why, the rest go on
+            missing = isinstance(exc, Missing)
+            why = str(exc) if missing else f"{type(exc).__name__}: {exc}; rerun {e.notebook}".splitlines()[0]
+            rows.append({"id": e.id, "status": "missing" if missing else "failed", "claim": e.claim, "ours": "",
+                         "how": why, "notebook": e.notebook, "sources": {}, "outputs": []})
             continue
         if isinstance(obj, pd.DataFrame):
             obj.to_csv(path(f"{slug}.csv"))

@@ -64,36 +64,53 @@ def _table2_rows(root: Path) -> list[dict]:
     return rows
 
 
-def comparison(root: str | Path) -> pd.DataFrame:
-    """Every headline number: quantity, paper, ours, source notebook, note (missing inputs say what to run)."""
-    root = Path(root)
-    rows = _table1_rows(root) + _table2_rows(root)
+def _verifier_rows(root: Path) -> list[dict]:
     v = _manifest(root, "05_train_verifier")
     if v is None:
-        rows.append(_missing("verifier ROC-AUC", "05_train_verifier"))
-    else:
-        rows += [_row("verifier ROC-AUC train", "≈ 0.87", v["auc_train"], "05_train_verifier"),
-                 _row("verifier ROC-AUC test", "≈ 0.87", v["auc_test"], "05_train_verifier",
-                      f"95 % CI [{v['auc_test_ci'][0]:.3f}, {v['auc_test_ci'][1]:.3f}]")]
-    t = _manifest(root, "10_test_personalization")
+        return [_missing("verifier ROC-AUC", "05_train_verifier")]
+    return [_row("verifier ROC-AUC train", "≈ 0.87", v["auc_train"], "05_train_verifier"),
+            _row("verifier ROC-AUC test", "≈ 0.87", v["auc_test"], "05_train_verifier",
+                 f"95 % CI [{v['auc_test_ci'][0]:.3f}, {v['auc_test_ci'][1]:.3f}]")]
+
+
+def _test_rows(root: Path) -> list[dict]:
+    nb = "10_test_personalization"
+    t = _manifest(root, nb)
     if t is None:
-        rows.append(_missing("matching test, Algorithm 2, R²", "10_test_personalization"))
-    else:
-        rows += [_row("matching test z (Fig 8a)", "≈ 5", t["matching"]["z"], "10_test_personalization"),
-                 _row("matching test p", "< 1e-3", t["matching"]["p_value"], "10_test_personalization",
-                      f"B = {t['n_permutations']} permutations: p >= {1 / (t['n_permutations'] + 1):.1e}"),
-                 _row("Algorithm 2 p", "< 0.05 (H0 rejected)", t["alg2"]["p_value"], "10_test_personalization"),
-                 _row("R² verifier vs LAION (Fig 8b)", 0.32, t["r2"]["r2"], "10_test_personalization",
-                      f"95 % CI [{t['r2']['ci_low']:.3f}, {t['r2']['ci_high']:.3f}]")]
-    a = _manifest(root, "09_run_ablations")
+        return [_missing("matching test, Algorithm 2, R²", nb)]
+    return [_row("matching test z (Fig 8a)", "≈ 5", t["matching"]["z"], nb),
+            _row("matching test p", "< 1e-3", t["matching"]["p_value"], nb,
+                 f"B = {t['n_permutations']} permutations: p >= {1 / (t['n_permutations'] + 1):.1e}"),
+            _row("Algorithm 2 p", "< 0.05 (H0 rejected)", t["alg2"]["p_value"], nb),
+            _row("R² verifier vs LAION (Fig 8b)", 0.32, t["r2"]["r2"], nb,
+                 f"95 % CI [{t['r2']['ci_low']:.3f}, {t['r2']['ci_high']:.3f}]")]
+
+
+def _ablation_rows(root: Path) -> list[dict]:
+    nb = "09_run_ablations"
+    a = _manifest(root, nb)
     if a is None:
-        rows.append(_missing("Fig 6 / Fig 7 tests", "09_run_ablations"))
-    else:
-        for key, claim in (("fig6_p", "Fig 6: an effect (trade-off)"), ("fig7_p", "no significant effect")):
-            for test in a[key]:
-                rows.append(_row(f"Fig {key[3]} {test['metric']}: {test['test']} (permutation p)", claim,
-                                 test["p_permutation"], "09_run_ablations", f"Friedman p {test['p_friedman']:.3g}, "
-                                                                        f"{test['users']} users"))
+        return [_missing("Fig 6 / Fig 7 tests", nb)]
+    return [_row(f"Fig {key[3]} {t['metric']}: {t['test']} (permutation p)", claim, t["p_permutation"], nb,
+                 f"Friedman p {t['p_friedman']:.3g}, {t['users']} users")
+            for key, claim in (("fig6_p", "Fig 6: an effect (trade-off)"), ("fig7_p", "no significant effect"))
+            for t in a[key]]
+
+
+SECTIONS = ((_table1_rows, "01_simulate_dsprites"), (_table2_rows, "08_evaluate_methods"),
+            (_verifier_rows, "05_train_verifier"), (_test_rows, "10_test_personalization"),
+            (_ablation_rows, "09_run_ablations"))
+
+
+def comparison(root: str | Path) -> pd.DataFrame:
+    """Every headline number: quantity, paper, ours, source notebook, note (missing inputs say what to run)."""
+    rows = []
+    for section, nb in SECTIONS:
+        try:
+            rows += section(Path(root))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:  # an older or partial output: say so, go on
+            rows.append(_row(section.__name__.strip("_").replace("_rows", ""), "", "", nb,
+                             f"unreadable ({type(exc).__name__}: {exc}); rerun {nb}"))
     return pd.DataFrame(rows)
 
 
