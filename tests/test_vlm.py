@@ -252,3 +252,17 @@ def test_truncation_counts_prompts_over_77_clip_tokens():
     out = P.truncation(build_tokenizer(), ["a red car", "word " * 90])
     assert (out["truncated"], out["limit"], out["prompts"]) == (1, 77, 2) and out["max_tokens"] == 92
     assert out["worst"].startswith("word word")
+
+
+def test_vlm_summary_falls_back_to_the_template_when_it_writes_nothing_usable(tiny_vlm, fixture_data):
+    model, processor = tiny_vlm
+    splits, root = fixture_data
+    summarise = P.summariser(model, processor, max_new_tokens=16)
+    assert summarise(["red", "corner"]) == ""  # the random tiny LLaVA writes bytes, not a phrase
+    users = sorted(splits.loc[~splits["holdout"], "user_id"].unique())[:2]
+    tags = P.planted_tags(root)
+    written = P.build_personas(tags, splits, users, VlmConfig(summarise=True), lambda pos: "warm red tones")
+    fallback = P.build_personas(tags, splits, users, VlmConfig(summarise=True), summarise)
+    for u in users:
+        assert (written[u].text, written[u].source) == ("warm red tones", "vlm")
+        assert fallback[u].source == "template" and fallback[u].text == P.persona_text(fallback[u].pos)
