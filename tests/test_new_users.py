@@ -82,13 +82,3 @@ def test_add_users_keeps_earlier_users_and_round_trips(trained, tmp_path):
                                                model(x, t, torch.tensor([5, 6, 7, 0]), ratings))
     with pytest.raises(ValueError, match=r"user_id 9: the prior has users 0..4; add_users\(\) first"):
         NU.with_rows(prior, {9: torch.zeros(32)})
-
-
-def test_nearest_user_and_histories():
-    scores = np.array([[0.9, 0.1, 0.8], [0.2, 0.9, 0.3]])
-    assert NU.nearest_user(scores, [True, False, True], [11, 12]) == 11
-    assert NU.nearest_user(scores, [False, True, False], [11, 12]) == 12
-    rows = np.arange(30)
-    h = NU.history(rows, 5, 0)
-    assert len(h) == 5 and np.array_equal(h, NU.history(rows, 5, 0)) and not np.array_equal(h, NU.history(rows, 5, 1))
-    assert np.array_equal(NU.history(rows, None, 0), rows) and np.array_equal(NU.history(rows, 99, 2), rows)

@@ -400,7 +400,8 @@ def test_09_ablations_grid_levels_reuse_and_tests(smoke_run):
     level2 = table[table["setting"].str.endswith("_prompt2")]
     assert len(level2) and (level2["prompt"] == AB.PROMPT_LEVELS[2][0]).all()
     assert (level2["negative_prompt"] == AB.PROMPT_LEVELS[2][1]).all()
-    assert sorted(table["decoder_cfg"].unique()) == sorted(ab.decoder_cfgs)
+    scored = pd.read_csv(d / "scores_per_image.csv")  # conditions labelled from their folder names
+    assert sorted(scored["decoder_cfg"].unique()) == sorted(ab.decoder_cfgs) and len(scored) == m["images"]
     grid = pd.read_csv(d / "fig6_grid.csv")
     assert len(grid) == len(ab.omegas) * len(ab.decoder_cfgs) and grid["verifier"].between(0, 1).all()
     B = prof.eval.n_permutations

@@ -14,6 +14,7 @@ from ..config import GenerationConfig, VlmConfig
 from ..data.synthetic import synthetic_truth
 from ..models.world_recipe import TEXTURE_WORDS, caption
 from ..pipeline.items import WorkItem, make_items
+from .tagging import chat_prompt, generate
 from .tags import LIST_FIELDS
 
 # Table 5
@@ -182,8 +183,6 @@ def keyword_table(personas: dict[int, Persona], users: Sequence[int], top: int =
 
 def summariser(model, processor, max_new_tokens: int = 48):
     """pos -> one persona sentence written by the VLM (text only, greedy); "" when it writes nothing usable."""
-    from .tagging import chat_prompt, generate  # noqa: I001 - tagging imports this module's neighbours
-
     def summarise(pos: Sequence[str]) -> str:
         ask = f"In one short phrase, describe the visual style of images with: {', '.join(pos)}."
         text = generate(model, processor, [chat_prompt(processor, ask, image=False)], None, max_new_tokens)[0][0]

@@ -115,14 +115,15 @@ def _chunk_path(out_dir: Path, i: int) -> Path:
     return out_dir / TAGS_DIR / f"chunk-{i:05d}.parquet"
 
 
-def _read_chunk(path: Path, names: list[str], fp: str) -> pd.DataFrame | None:
+def _read_chunk(path: Path, names: list[str], fp: str) -> tuple[pd.DataFrame, dict] | None:
+    """(replies, metadata) of a finished chunk made for `names` and fingerprint `fp`, else None."""
     try:
         table = pq.read_table(path)
         meta = json.loads(table.schema.metadata[b"rebeca"])
     except Exception:  # noqa: BLE001 - missing, truncated or foreign: redo the chunk
         return None
     df = table.to_pandas()
-    return df if meta.get("fingerprint") == fp and df["image"].tolist() == names else None
+    return (df, meta) if meta.get("fingerprint") == fp and df["image"].tolist() == names else None
 
 
 def _load_images(root: Path, names: Sequence[str]) -> tuple[list[Image.Image | None], list[str]]:
@@ -187,10 +188,10 @@ def collect(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     plan = load_tag_plan(out_dir)
     rows, secs, toks, n = [], 0.0, 0, 0
     for i, names in enumerate(_chunks(plan)):
-        df = _read_chunk(_chunk_path(out_dir, i), names, plan["fingerprint"])
-        if df is None:
+        done = _read_chunk(_chunk_path(out_dir, i), names, plan["fingerprint"])
+        if done is None:
             raise FileNotFoundError(f"{_chunk_path(out_dir, i)}: chunk {i} is missing or stale; tag the plan first")
-        meta = json.loads(pq.read_schema(_chunk_path(out_dir, i)).metadata[b"rebeca"])
+        df, meta = done
         secs, toks, n = secs + meta["seconds"], toks + int(df["new_tokens"].sum()), n + len(df)
         for r in df.itertuples(index=False):
             p = parse_reply(r.reply) if not r.error else None

@@ -35,10 +35,6 @@ class Parsed:
     def ok(self) -> bool:
         return self.status != "failed"
 
-    def keywords(self) -> list[str]:
-        """The tags of the four lists, in order, each once."""
-        return list(dict.fromkeys(k for f in LIST_FIELDS for k in self.lists[f]))
-
 
 class _Scanner:
     """Walks JSON text and tells which characters lie outside strings (escapes respected)."""

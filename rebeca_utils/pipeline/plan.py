@@ -101,23 +101,30 @@ def write_manifest(items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: G
     """The manifest table (one row per item, status ok | failed | missing | stale), written atomically as CSV.
 
     Call it when no process is decoding: it also removes temp files a killed run left behind."""
+    return write_manifests([(items, cfg)], out_dir, models)
 
+
+def write_manifests(groups: Sequence[tuple[Sequence[WorkItem], GenerationConfig]], out_dir: str | os.PathLike,
+                    models: ModelsConfig | None = None):
+    """`write_manifest` for items decoded under different generation configs (e.g. one per decoder CFG): one
+    table, each group's images checked against its own config."""
     out_dir = Path(out_dir)
     logs = _log_records(out_dir)
-    settings = image_settings(cfg, models)
     remove_orphans(out_dir, recursive=True)  # every temp file a SIGKILL left (PNGs, settings, plan, manifest)
     rows = []
-    for it in sorted(items, key=lambda it: it.key):
-        path = out_dir / it.relpath
-        rec = logs.get(it.key, {})
-        ok = valid_png(path, (cfg.width, cfg.height), item_fingerprint(it, settings))
-        rows.append({"method": it.method, "setting": it.setting, "user_id": it.user_id, "index": it.index,
-                     "seed": it.seed, "prompt": it.prompt, "negative_prompt": it.negative_prompt,
-                     "lora": it.lora or "", "path": it.relpath, "sha256": sha256(path) if ok else "",
-                     "seconds": rec.get("seconds", np.nan) if ok else np.nan,
-                     "status": "ok" if ok else "failed" if rec.get("status") == "failed" else
-                               "stale" if path.is_file() else "missing",
-                     "error": "" if ok else rec.get("error", "")})
+    for items, cfg in groups:
+        settings = image_settings(cfg, models)
+        for it in sorted(items, key=lambda it: it.key):
+            path = out_dir / it.relpath
+            rec = logs.get(it.key, {})
+            ok = valid_png(path, (cfg.width, cfg.height), item_fingerprint(it, settings))
+            rows.append({"method": it.method, "setting": it.setting, "user_id": it.user_id, "index": it.index,
+                         "seed": it.seed, "prompt": it.prompt, "negative_prompt": it.negative_prompt,
+                         "lora": it.lora or "", "path": it.relpath, "sha256": sha256(path) if ok else "",
+                         "seconds": rec.get("seconds", np.nan) if ok else np.nan,
+                         "status": "ok" if ok else "failed" if rec.get("status") == "failed" else
+                                   "stale" if path.is_file() else "missing",
+                         "error": "" if ok else rec.get("error", "")})
     df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     with atomic_path(out_dir / MANIFEST_NAME) as tmp:
         df.to_csv(tmp, index=False)

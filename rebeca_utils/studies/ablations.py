@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -11,9 +10,7 @@ import pandas as pd
 
 from ..config import AblationConfig, GenerationConfig
 from ..evaluate.stats import paired_effect
-from ..io import atomic_path
 from ..pipeline.items import WorkItem, make_items
-from ..pipeline.plan import MANIFEST_NAME
 from ..pipeline.sampling import prior_setting
 
 # App L.1, verbatim: level -> (prompt, negative prompt)
@@ -65,14 +62,6 @@ def cell_items(cell: Cell, samples: dict, main: GenerationConfig) -> tuple[Gener
     items = make_items("rebeca", cell.setting(main), samples["user_id"].tolist(), samples["index"].tolist(), gen,
                        ip_embeddings=samples["img_emb"], prompts=[prompt] * n, negative_prompts=[negative] * n)
     return gen, items
-
-
-def write_manifest(frames: Sequence[pd.DataFrame], out_dir) -> pd.DataFrame:
-    """One generation manifest for all conditions (each written with its own decoder CFG), atomically."""
-    df = pd.concat(frames, ignore_index=True)
-    with atomic_path(Path(out_dir) / MANIFEST_NAME) as tmp:
-        df.to_csv(tmp, index=False)
-    return df
 
 
 def label_conditions(images: pd.DataFrame, conds: Sequence[Cell], main: GenerationConfig) -> pd.DataFrame:

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch.func import functional_call
 
@@ -95,21 +94,3 @@ def with_rows(prior: RebecaPrior, rows: dict[int, torch.Tensor]) -> RebecaPrior:
                 raise ValueError(f"user_id {u}: the prior has users 0..{prior.n_users - 1}; add_users() first")
             out.user_emb.weight[int(u)] = row.to(out.user_emb.weight)
     return out
-
-
-def nearest_user(history_user_scores: np.ndarray, liked: np.ndarray, candidates: Sequence[int]) -> int:
-    """The seen user whose verifier predictions on the history items best fit the new user's likes (largest mean
-    log-likelihood). history_user_scores: (len(candidates), n_items) probabilities."""
-    p = np.clip(np.asarray(history_user_scores, dtype=np.float64), 1e-6, 1 - 1e-6)
-    y = np.asarray(liked, dtype=bool)
-    ll = np.where(y, np.log(p), np.log1p(-p)).mean(1)
-    return int(np.asarray(candidates)[int(np.argmax(ll))])
-
-
-def history(rows: np.ndarray, k: int | None, draw: int, seed: int = 0) -> np.ndarray:
-    """A history of k of `rows` (all when k is None or too large), draw `draw` of a seeded series."""
-    rows = np.asarray(rows)
-    if k is None or k >= len(rows):
-        return np.sort(rows)
-    rng = np.random.default_rng([seed, int(k), int(draw), 0x51])
-    return np.sort(rng.choice(rows, size=k, replace=False))
