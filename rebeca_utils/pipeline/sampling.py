@@ -75,11 +75,15 @@ def _sample_batch(model, sched, user_id, rating, gens, cfg_scale):
 @torch.no_grad()
 def sample_prior(model, train_sched: DDPMScheduler, user_ids, ratings, indices, *, cfg_scale: float = 1.0,
                  sampler: str = "ddim", steps: int = 50, seed: int = 0, batch_size: int = 512,
-                 device: str = "cpu", progress: bool = True) -> torch.Tensor:
-    """Sample embeddings for items (user_ids[i], ratings[i], indices[i]); each item has its own generator."""
+                 device: str = "cpu", progress: bool = True, seed_ids=None) -> torch.Tensor:
+    """Sample embeddings for items (user_ids[i], ratings[i], indices[i]); each item has its own generator.
+
+    Item i's noise is seeded by (seed, seed_ids[i], indices[i]), seed_ids defaulting to user_ids: pass other ids
+    to give several conditions the same noise (a new user's methods, two users compared side by side)."""
     user_ids, ratings, indices = (torch.as_tensor(a).long().reshape(-1) for a in (user_ids, ratings, indices))
-    if not (len(user_ids) == len(ratings) == len(indices)):
-        raise ValueError("sample_prior: user_ids, ratings and indices must have the same length")
+    seed_ids = user_ids if seed_ids is None else torch.as_tensor(seed_ids).long().reshape(-1)
+    if not (len(user_ids) == len(ratings) == len(indices) == len(seed_ids)):
+        raise ValueError("sample_prior: user_ids, ratings, indices and seed_ids must have the same length")
     if sampler == "ddpm":
         steps = train_sched.config.num_train_timesteps  # the paper's full ancestral chain
     model.to(device).eval()
@@ -88,7 +92,7 @@ def sample_prior(model, train_sched: DDPMScheduler, user_ids, ratings, indices, 
     for s in tqdm(range(0, len(user_ids), batch_size), total=n_batches, desc=f"sample {sampler}", disable=not progress):
         sched = make_sampler(train_sched, sampler, steps)  # fresh state per batch (multistep solvers keep history)
         u, r = user_ids[s : s + batch_size].to(device), ratings[s : s + batch_size].to(device)
-        gens = _generators(seed, u.tolist(), indices[s : s + batch_size].tolist(), device)
+        gens = _generators(seed, seed_ids[s : s + batch_size].tolist(), indices[s : s + batch_size].tolist(), device)
         out.append(_sample_batch(model, sched, u, r, gens, cfg_scale).float().cpu())
     return torch.cat(out) if out else torch.empty(0, model.emb_dim)
 

@@ -165,3 +165,14 @@ def train_verifier(model: NMFVerifier, train: Interactions, val: Interactions, c
             if stopper.stop:
                 break
     return stopper.finish(model, res, t0)
+
+
+def fit_on_splits(splits: pd.DataFrame, store: Any, cfg: VerifierConfig, include_holdout: bool = False,
+                  seed: int = 0, device: str = "cpu") -> tuple[NMFVerifier, VerifierResult, dict[str, Interactions]]:
+    """Notebook 05's fit: interactions of train / val / test, an NMF verifier over every user id, early-stopped on val.
+
+    `include_holdout` also trains on the hold-out workers' training ratings (notebook 12's measuring instrument)."""
+    data = {s: interactions(splits, store, s, include_holdout) for s in SPLITS}
+    n_users = int(splits["user_id"].max()) + 1
+    model = NMFVerifier.from_config(cfg, n_users, data["train"].img_emb.shape[1])
+    return model, train_verifier(model, data["train"], data["val"], cfg, seed=seed, device=device), data
