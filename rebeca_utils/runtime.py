@@ -25,6 +25,7 @@ RNG_STREAMS = {
     "fixture_images": 7, "fixture": 0x5EBECA,  # data.synthetic: per-image pixels; names, attributes, tastes, ratings
     "dsprites_val": 101, "dsprites_baselines": 202, "dsprites_oracle": 404,  # studies.controlled
     "random_draws": 303,  # evaluate.retrieval: random training embeddings as the selection score's floor
+    "new_user_history": 505, "new_user_fit": 506,  # studies.cold_start: histories of k ratings, fit seeds
 }
 
 

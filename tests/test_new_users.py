@@ -1,12 +1,16 @@
-"""User inversion (issue 16's foundation): a new user's row fitted on a frozen prior recovers a planted taste,
-leaves every prior weight bit for bit, is seeded, and add_users keeps earlier users and round-trips."""
+"""User inversion (issue 16): a new user's row fitted on a frozen prior recovers a planted taste, leaves every prior
+weight bit for bit, is seeded; add_users round-trips; notebook 12's study helpers and the explorer's saved users."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from rebeca_utils.config import DiffusionConfig, TrainConfig
+from rebeca_utils.config import DiffusionConfig, NewUserConfig, TrainConfig
 from rebeca_utils.models.prior import RebecaPrior, load_prior, save_prior
+from rebeca_utils.pipeline import sampling
 from rebeca_utils.pipeline.sampling import sample_prior
+from rebeca_utils.studies import cold_start as CS
+from rebeca_utils.studies import explorer as EX
 from rebeca_utils.studies import new_users as NU
 from rebeca_utils.train.diffusion import Triplets, make_scheduler, train_prior
 
@@ -82,3 +86,88 @@ def test_add_users_keeps_earlier_users_and_round_trips(trained, tmp_path):
                                                model(x, t, torch.tensor([5, 6, 7, 0]), ratings))
     with pytest.raises(ValueError, match=r"user_id 9: the prior has users 0..4; add_users\(\) first"):
         NU.with_rows(prior, {9: torch.zeros(32)})
+
+
+def test_seed_ids_give_two_users_the_same_noise(trained):
+    prior, sched = trained
+    twin = NU.with_rows(prior, {1: prior.user_emb.weight[0].detach()})  # user 1 made identical to user 0
+    kw = dict(cfg_scale=3.0, seed=4, sampler="dpmsolver", steps=10, progress=False)
+    users, ones, j = torch.tensor([0, 0, 1, 1]), torch.ones(4, dtype=torch.long), torch.tensor([0, 1, 0, 1])
+    own = sample_prior(twin, sched, users, ones, j, **kw)
+    assert not torch.equal(own[:2], own[2:])  # by default each user has its own noise
+    shared = sample_prior(twin, sched, users, ones, j, seed_ids=torch.full((4,), 7), **kw)
+    assert torch.equal(shared[:2], shared[2:])  # same row, same seed ids: the same samples
+    assert torch.equal(shared[:2], sample_prior(twin, sched, users[:2], ones[:2], j[:2], seed_ids=[7, 7], **kw))
+    with pytest.raises(ValueError, match="same length"):
+        sample_prior(twin, sched, users, ones, j, seed_ids=[7], **kw)
+
+
+def _ratings():
+    rows = []
+    for u, n in ((3, 12), (5, 4)):
+        for i in range(n):
+            rows.append(dict(user_id=u, image=f"{u}_{i}.jpg", like=i % 3 == 0, split="train"))
+        rows.append(dict(user_id=u, image=f"{u}_t.jpg", like=True, split="test"))
+    return pd.DataFrame(rows)
+
+
+def test_histories_are_seeded_training_rows_of_the_user():
+    r = _ratings()
+    hists = CS.histories(r, [3, 5], ks=(5, 0), draws=2, seed=0)
+    assert [(h.user_id, h.size, h.draw) for h in hists] == [(3, 5, 0), (3, 5, 1), (3, 0, 0), (5, 0, 0)]  # 5 >= 4
+    for h in hists:
+        sel = r.iloc[list(h.rows)]
+        assert (sel["user_id"] == h.user_id).all() and (sel["split"] == "train").all()
+        assert len(sel) == (h.size or (12 if h.user_id == 3 else 4))
+    assert hists[0].rows != hists[1].rows and hists[0].setting == "k5_d0" and hists[2].setting == "kall_d0"
+    assert CS.histories(r, [3, 5], (5, 0), 2, seed=0) == hists
+    assert CS.histories(r, [3, 5], (5, 0), 2, seed=1)[0].rows != hists[0].rows
+
+
+def test_nearest_user_separates_likes_from_dislikes(monkeypatch):
+    s = np.array([[0.9, 0.9, 0.9, 0.9],    # user 10 likes everything: no separation
+                  [0.8, 0.7, 0.2, 0.1],    # user 11 likes what the history likes
+                  [0.1, 0.2, 0.8, 0.9]])   # user 12 the opposite
+    monkeypatch.setattr(CS.scores, "score_matrix", lambda model, users, emb: s[: len(users)])
+    assert CS.nearest_user(None, [10, 11, 12], None, np.array([1, 1, 0, 0])) == 11
+    assert CS.nearest_user(None, [10, 11, 12], None, np.array([0, 0, 1, 1])) == 12
+    assert CS.nearest_user(None, [10, 11, 12], None, np.array([1, 1, 1, 1])) == 10  # likes only: the top scorer
+
+
+def test_appended_rows_sample_like_rows_in_their_slot(trained):
+    prior, sched = trained
+    new = _data([2], 20, 3)
+    hist = [CS.History(4, 0, 0, tuple(range(20)))]  # user 4: the never-trained slot
+    cfg = NewUserConfig(steps=20, n_samples=6, cfg_scale=3.0)
+    fits = CS.fit_rows(prior, sched, hist, new.img_emb, new.rating.numpy().astype(bool), [0, 1, 2, 3], cfg)
+    assert set(fits["method"]) == set(CS.INVERSIONS)
+    got = CS.method_samples("inversion_null", prior, sched, hist, cfg=cfg, fits=fits, steps=10)
+    row = fits.loc[fits["method"] == "inversion_null", "row"].iloc[0]
+    in_slot = sample_prior(NU.with_rows(prior, {4: row}), sched, [4] * 6, [1] * 6, range(6), cfg_scale=3.0,
+                           sampler="dpmsolver", steps=10, progress=False)
+    assert torch.equal(got[0], in_slot)  # appended for the study = the same user in its own slot
+    null = CS.method_samples("null", prior, sched, hist, cfg=cfg, steps=10)
+    assert not torch.equal(null, got)
+    with pytest.raises(ValueError, match="valid methods are null, mean"):
+        CS.method_samples("oracle", prior, sched, hist, cfg=cfg)
+
+
+def test_summarise_averages_draws_before_users():
+    long = pd.DataFrame(dict(metric="m", method="inv", history=5, user_id=[1, 1, 2], draw=[0, 1, 0],
+                             value=[0.0, 1.0, 1.0]))
+    out = CS.summarise(long, n_bootstrap=50)
+    assert out.loc[0, "mean"] == pytest.approx(0.75) and out.loc[0, "users"] == 2  # (0.5 + 1) / 2, not 2/3
+
+
+def test_saved_user_reloads_only_on_its_prior(trained, tmp_path):
+    prior, _ = trained
+    ex = EX.Explorer.__new__(EX.Explorer)  # the save/load half of the explorer, without a decoder
+    ex.prior, ex.names, ex.likes = NU.with_rows(prior, {}), {}, {}
+    ex.base_fingerprint = sampling.state_fingerprint(prior)
+    uid = ex.add(torch.randn(32, generator=torch.Generator().manual_seed(0)), "me")
+    path = ex.save_user(uid, tmp_path / "me.safetensors")
+    again = ex.load_user(path)
+    assert ex.names[again] == "me" and torch.equal(ex.prior.user_emb.weight[again], ex.prior.user_emb.weight[uid])
+    ex.base_fingerprint = "0" * 64
+    with pytest.raises(ValueError, match=r"me.safetensors: this user was fitted on another prior"):
+        ex.load_user(path)

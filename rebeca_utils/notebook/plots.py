@@ -297,3 +297,28 @@ def prompt_levels_figure(summary, metrics=("verifier", "LAION aesthetic"), title
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def new_user_curves(summary, panels: dict, labels: dict, title: str = ""):
+    """Metric vs history size k per method, 95 % CI over users (notebook 12); `panels`: metric column -> title.
+
+    summary rows: metric, method, history (k; 0 = all ratings), mean, ci_low, ci_high. k = all is the last tick."""
+    ks = sorted({int(k) for k in summary["history"]}, key=lambda k: (k == 0, k))
+    pos = {k: i for i, k in enumerate(ks)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (metric, name) in zip(axes[0], panels.items()):
+        for i, (method, label) in enumerate(labels.items()):
+            d = summary[(summary["metric"] == metric) & (summary["method"] == method)]
+            if d.empty:
+                continue
+            d = d.assign(x=d["history"].map(pos) + 0.04 * (i - len(labels) / 2)).sort_values("x")
+            yerr = np.vstack([d["mean"] - d["ci_low"], d["ci_high"] - d["mean"]])
+            ax.errorbar(d["x"], d["mean"], yerr=yerr, marker="o", ms=4, capsize=3, label=label)
+        ax.set_xticks(range(len(ks)), [str(k) if k else "all" for k in ks])
+        ax.set_xlabel("ratings in the history (k)")
+        ax.set_title(name, fontsize=10)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=8, frameon=False, loc="lower center", ncol=len(names))
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig

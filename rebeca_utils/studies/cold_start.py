@@ -1,0 +1,264 @@
+"""Notebook 12's study: hold-out users from k of their ratings, each method, measured on their test pool.
+
+Methods around user inversion (studies.new_users): the null user at R = 1, "Mean" (the mean embedding of the
+liked history, decoded directly), the nearest seen user (by verifier scores on the history), inversion from the
+null row and from the mean row, and the prior retrained with the hold-out workers (the upper bound, k = all).
+Every method of a user shares the prior noise (seeded by the real user id) and the decoder seeds: paired.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..config import NewUserConfig
+from ..data import splits as split_table
+from ..evaluate import retrieval, scores
+from ..models.prior import RebecaPrior
+from ..pipeline.items import make_items
+from ..pipeline.sampling import sample_prior, sample_users
+from ..progress import tqdm
+from ..runtime import seed_sequence
+from ..train.diffusion import flickr_triplets, train_prior
+from .ablations import mean_ci
+from .new_users import fit_user, with_rows
+
+METHODS = {"null": "null user (R = 1)", "mean": "Mean (liked history)", "nearest": "nearest seen user",
+           "inversion_null": "inversion (null init)", "inversion_mean": "inversion (mean init)",
+           "retrain": "retrained prior (upper bound)"}
+INVERSIONS = {"inversion_null": "null", "inversion_mean": "mean"}
+
+
+@dataclass(frozen=True)
+class History:
+    """`size` of a user's training-split ratings (0: all of them), draw d; `rows` index the ratings table."""
+
+    user_id: int
+    size: int
+    draw: int
+    rows: tuple[int, ...]
+
+    @property
+    def setting(self) -> str:
+        return f"k{self.size or 'all'}_d{self.draw}"
+
+
+def histories(ratings: pd.DataFrame, users, ks, draws: int, seed: int = 0) -> list[History]:
+    """Every user's histories: `draws` random draws of k training ratings per k (one for all; k ≥ n is skipped)."""
+    out = []
+    for u in users:
+        rows = np.flatnonzero(((ratings["user_id"] == u) & (ratings["split"] == "train")).to_numpy())
+        for k in ks:
+            if k == 0:
+                out.append(History(int(u), 0, 0, tuple(rows.tolist())))
+                continue
+            for d in range(draws if k < len(rows) else 0):
+                pick = np.random.default_rng(seed_sequence(seed, "new_user_history", u, k, d)).choice(rows, k, False)
+                out.append(History(int(u), int(k), d, tuple(np.sort(pick).tolist())))
+    return out
+
+
+def nearest_user(verifier, trained_users, ver_emb: torch.Tensor, like: np.ndarray) -> int:
+    """The seen user whose verifier scores best separate the history's likes from its dislikes (or rank likes)."""
+    s = scores.score_matrix(verifier, trained_users, ver_emb)  # (users, history)
+    like = np.asarray(like, dtype=bool)
+    agree = (s[:, like].mean(1) if like.any() else 0) - (s[:, ~like].mean(1) if (~like).any() else 0)
+    return int(np.asarray(trained_users)[int(np.argmax(agree))])
+
+
+def fit_rows(prior, sched, hists, z: torch.Tensor, like: np.ndarray, trained_users, cfg: NewUserConfig,
+             seed: int = 0, device: str = "cpu") -> pd.DataFrame:
+    """One fitted row per (history, init): columns user_id, history, draw, method, row, seconds, loss_first/last."""
+    recs = []
+    jobs = [(h, m) for h in hists for m in INVERSIONS]
+    for h, method in tqdm(jobs, desc="fit new users"):
+        rows = list(h.rows)
+        fit_seed = int(seed_sequence(seed, "new_user_fit", h.user_id, h.size, h.draw).generate_state(1)[0])
+        res = fit_user(prior, sched, z[rows], torch.as_tensor(like[rows]).long(), init=INVERSIONS[method],
+                       trained_users=trained_users, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                       seed=fit_seed)
+        recs.append(dict(user_id=h.user_id, history=h.size, draw=h.draw, method=method, row=res.row.cpu(),
+                         seconds=res.seconds, loss_first=float(np.mean(res.losses[:5])),
+                         loss_last=float(np.mean(res.losses[-5:]))))
+    return pd.DataFrame(recs)
+
+
+def method_samples(method: str, prior, sched, hists, *, cfg: NewUserConfig, fits: pd.DataFrame | None = None,
+                   nearest: dict | None = None, dec_emb: torch.Tensor | None = None, like=None, normalizer=None,
+                   seed: int = 0, sampler: str = "dpmsolver", steps: int = 20, device: str = "cpu") -> torch.Tensor:
+    """(len(hists), n_samples, d) decoder-space embeddings of `method` for each history (see METHODS)."""
+    n = cfg.n_samples
+    if method == "mean":  # the paper's "Mean": the liked history's mean embedding (all rated ones without likes)
+        rows = [np.asarray(h.rows)[like[list(h.rows)]] if like[list(h.rows)].any() else np.asarray(h.rows)
+                for h in hists]
+        return torch.stack([dec_emb[r].mean(0) for r in rows])[:, None].expand(-1, n, -1).contiguous()
+    model = prior
+    if method == "null":
+        ids = [prior.null_user] * len(hists)
+    elif method == "nearest":
+        ids = [nearest[h] for h in hists]
+    elif method == "retrain":
+        ids = [h.user_id for h in hists]
+    elif method in INVERSIONS:
+        key = fits.set_index(["user_id", "history", "draw", "method"])["row"]
+        model = copy_with_rows(prior, torch.stack([key[(h.user_id, h.size, h.draw, method)] for h in hists]))
+        ids = list(range(prior.n_users, prior.n_users + len(hists)))  # the appended rows (null row stays last)
+    else:
+        raise ValueError(f"method={method!r}: valid methods are {', '.join(METHODS)}")
+    u = torch.as_tensor(ids).repeat_interleave(n)
+    seed_ids = torch.as_tensor([h.user_id for h in hists]).repeat_interleave(n)  # paired noise across methods
+    x = sample_prior(model, sched, u, torch.ones_like(u), torch.arange(n).repeat(len(hists)), cfg_scale=cfg.cfg_scale,
+                     sampler=sampler, steps=steps, seed=seed, device=device, progress=False, seed_ids=seed_ids)
+    x = normalizer.inverse(x) if normalizer is not None else x
+    return x.view(len(hists), n, -1)
+
+
+def copy_with_rows(prior, rows: torch.Tensor):
+    """A copy of the prior with `rows` appended as new users (ids n_users, n_users + 1, ...)."""
+    out = with_rows(prior, {})
+    out.add_users(rows)
+    return out
+
+
+def rated_embeddings(splits: pd.DataFrame, *stores) -> tuple[pd.DataFrame, list[torch.Tensor]]:
+    """The ratings whose image has an embedding in every store, and each store's embeddings in that row order."""
+    pos = [dict(zip(*split_table.join_embeddings(splits, s))) for s in stores]
+    rows = sorted(set.intersection(*(set(p) for p in pos)))
+    return splits.iloc[rows].reset_index(drop=True), [torch.stack([p[r] for r in rows]) for p in pos]
+
+
+def long_metrics(gen: dict[str, tuple[list, torch.Tensor]], pool: dict, ks, space: str) -> pd.DataFrame:
+    """Per-user P@k and R@k (§4.4, both definitions) per method and history; gen: method -> (histories, (H, n, d)).
+
+    Long rows: user_id, method, history, draw, metric (e.g. "P@1 image (paper)"), value."""
+    out = []
+    for method, (hists, emb) in gen.items():
+        by_setting: dict[tuple, list[int]] = {}
+        for i, h in enumerate(hists):
+            by_setting.setdefault((h.size, h.draw), []).append(i)
+        for (size, draw), idx in by_setting.items():
+            x = emb[idx].reshape(-1, emb.shape[-1]).numpy()
+            user = np.repeat([hists[i].user_id for i in idx], emb.shape[1])
+            for definition in ("paper", "reference"):
+                per_user, _ = retrieval.retrieval_metrics(x, user, pool["img_emb"].numpy(), pool["user_id"],
+                                                          pool["liked"], ks=ks, definition=definition)
+                for stat, letter in (("precision", "P"), ("recall", "R")):
+                    out.append(pd.DataFrame({"user_id": per_user["user_id"], "method": method, "history": size,
+                                             "draw": draw, "value": per_user[stat],
+                                             "metric": [f"{letter}@{k} {space} ({definition})" for k in per_user["k"]]}))
+    return pd.concat(out, ignore_index=True)
+
+
+def verifier_metric(verifier, gen: dict[str, tuple[list, torch.Tensor]]) -> pd.DataFrame:
+    """Mean verifier score v(u, I) (eq. 5) of each method's decoded images per history, as long rows."""
+    out = []
+    for method, (hists, emb) in gen.items():
+        for h, e in zip(hists, emb):
+            out.append(dict(user_id=h.user_id, method=method, history=h.size, draw=h.draw, metric="verifier score",
+                            value=float(np.mean(scores.score(verifier, [h.user_id] * len(e), e)))))
+    return pd.DataFrame(out)
+
+
+def summarise(per_user: pd.DataFrame, value: str = "value", by=("metric", "method", "history"),
+              n_bootstrap: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Mean of `value` over draws per user, then mean and 95 % bootstrap CI over users, per `by`."""
+    by = list(by)
+    user_means = per_user.groupby(by + ["user_id"], sort=False)[value].mean().reset_index()
+    rows = []
+    for key, g in user_means.groupby(by, sort=False):
+        m, lo, hi = mean_ci(g[value].to_numpy(), n_bootstrap, seed)
+        rows.append(dict(zip(by, key if isinstance(key, tuple) else (key,)), mean=m, ci_low=lo, ci_high=hi,
+                         users=len(g)))
+    return pd.DataFrame(rows)
+
+
+def work_items(gen: dict[str, tuple[list, torch.Tensor]], n_images: int, cfg) -> list:
+    """Decoder work items for the first `n_images` samples of each method and history (App G.3 decoder seeds)."""
+    return [it for method, (hists, emb) in gen.items() for h, e in zip(hists, emb)
+            for it in make_items(method, h.setting, [h.user_id] * n_images, range(n_images), cfg,
+                                 ip_embeddings=e[:n_images])]
+
+
+def decoded_embeddings(store, gen: dict[str, tuple[list, torch.Tensor]], n_images: int) -> dict:
+    """The verifier-space embeddings of the decoded images, shaped like `gen`: method -> (histories, (H, n, d))."""
+    out = {}
+    for method, (hists, _) in gen.items():
+        paths = [f"{method}/{h.setting}/u{h.user_id:03d}/{j:02d}.png" for h in hists for j in range(n_images)]
+        out[method] = (hists, store.lookup(paths).view(len(hists), n_images, -1))
+    return out
+
+
+@dataclass
+class Update:
+    """Updating an existing user on a donor's ratings: the fit, P@1 against both pools, the samples."""
+
+    fit: object
+    table: pd.DataFrame
+    samples: dict
+
+
+def update_user(prior, sched, user_id: int, donor_id: int, ratings: pd.DataFrame, z: torch.Tensor, pool: dict,
+                cfg: NewUserConfig, normalizer=None, seed: int = 0, sampler: str = "dpmsolver", steps: int = 20,
+                device: str = "cpu") -> Update:
+    """Refit `user_id`'s row on `donor_id`'s training ratings (a moved taste) from the old row, pulled towards it."""
+    rows = np.flatnonzero(((ratings["user_id"] == donor_id) & (ratings["split"] == "train")).to_numpy())
+    like = torch.as_tensor(ratings["like"].to_numpy()[rows]).long()
+    old = prior.user_emb.weight[user_id].detach().clone()
+    fit = fit_user(prior, sched, z[rows], like, init=old, anchor=old, l2=cfg.update_l2, steps=cfg.steps, lr=cfg.lr,
+                   batch_size=cfg.batch_size, seed=seed)
+    models = {"before": (prior, user_id), "after": (with_rows(prior, {user_id: fit.row}), user_id),
+              "donor": (prior, donor_id)}
+    n, samples, table = cfg.n_samples, {}, []
+    for name, (model, u) in models.items():
+        x = sample_prior(model, sched, [u] * n, [1] * n, range(n), cfg_scale=cfg.cfg_scale, sampler=sampler,
+                         steps=steps, seed=seed, device=device, progress=False, seed_ids=[user_id] * n)
+        samples[name] = normalizer.inverse(x) if normalizer is not None else x
+        row = {"samples": name}
+        for who, target in (("own pool", user_id), ("donor's pool", donor_id)):
+            _, summ = retrieval.retrieval_metrics(samples[name].numpy(), [target] * n, pool["img_emb"].numpy(),
+                                                  pool["user_id"], pool["liked"], ks=(1,))
+            row[f"P@1 vs {who}"] = float(summ["precision"].iloc[0])
+        table.append(row)
+    donor_mean = samples["donor"].mean(0, keepdim=True)
+    for row in table:  # how far the samples moved towards the donor's
+        row["cos(mean sample, donor's)"] = float(torch.nn.functional.cosine_similarity(
+            samples[row["samples"]].mean(0, keepdim=True), donor_mean))
+    return Update(fit, pd.DataFrame(table).set_index("samples"), samples)
+
+
+def test_pool(ratings: pd.DataFrame, emb: torch.Tensor, split: str = "test") -> dict:
+    """Each user's held-out pool P_u (likes ∪ dislikes of `split`, §4.4) in the space of `emb` (rows of `ratings`)."""
+    m = (ratings["split"] == split).to_numpy()
+    return {"user_id": ratings["user_id"].to_numpy()[m], "liked": ratings["like"].to_numpy()[m].astype(bool),
+            "img_emb": emb[torch.as_tensor(np.flatnonzero(m))]}
+
+
+def distant_pair(prior, sched, users, n: int = 8, **sample_kw) -> tuple[int, int]:
+    """(users[0], the user whose mean prior sample is least like users[0]'s): a taste that moved, and one the prior
+    tells apart from the first."""
+    x = sample_users(prior, sched, users, n, progress=False, **sample_kw).mean(1)
+    return int(users[0]), int(users[int(torch.nn.functional.cosine_similarity(x[:1], x).argmin())])
+
+
+def retrain(prior_cfg, sched, ratings: pd.DataFrame, z: torch.Tensor, train_cfg, seed: int = 0,
+            device: str = "cpu"):
+    """The upper bound: notebook 03's training with the hold-out workers' training ratings in."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # 03's initialisation, without touching the caller's global RNG
+        model = RebecaPrior.from_config(prior_cfg)
+    train = flickr_triplets(ratings, z, "train", include_holdout=True)
+    val = flickr_triplets(ratings, z, "val", include_holdout=True)
+    train_prior(model, sched, train, val, train_cfg, seed=seed, device=device)
+    return model.eval()
+
+
+def wide_table(summary: pd.DataFrame, metrics) -> pd.DataFrame:
+    """Mean over workers per (metric, method) × history size (k = all last), the README's table."""
+    d = summary[summary["metric"].isin(list(metrics))]
+    t = d.pivot_table(index=["metric", "method"], columns="history", values="mean", sort=False)
+    t = t[sorted(t.columns, key=lambda k: (k == 0, k))]
+    t.columns = [f"k={k}" if k else "all" for k in t.columns]
+    t.index = t.index.set_levels([t.index.levels[0], [METHODS.get(m, m) for m in t.index.levels[1]]])
+    return t.round(3)
