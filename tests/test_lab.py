@@ -1,29 +1,12 @@
 """A real browser: `make lab`'s JupyterLab runs notebook 00 on the kit's kernel with Run All."""
-import importlib.util
-import os
-import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-TOKEN = "rebeca-browser-test"
-MISSING = ("no Chromium found (apt-get install chromium, or set CHROMIUM=path)" if CHROMIUM is None else
-           "playwright is not installed (pip install -e '.[test]')" if importlib.util.find_spec("playwright") is None
-           else None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from browser import ROOT, lab_server, needs_browser, open_notebook, run_all
 
 
 def git_repo(path: Path) -> None:
@@ -45,50 +28,21 @@ def _git(path: Path, *args) -> str:
 def lab(tmp_path):
     """`make lab`'s command in a git copy of notebooks/ (Lab saves there), on a free port, without a browser."""
     git_repo(tmp_path)
-    cmd = subprocess.run(["make", "-s", "--no-print-directory", "lab-command", f"PY={sys.executable}"], cwd=ROOT,
-                         check=True, capture_output=True, text=True).stdout.strip()
-    port = _free_port()
-    args = [*shlex.split(cmd), "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
-            f"--IdentityProvider.token={TOKEN}", "--LabApp.news_url=", "--ServerApp.allow_root=True"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    log = open(tmp_path / "lab.log", "w")
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(f"{url}/api/status?token={TOKEN}", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"JupyterLab exited: {(tmp_path / 'lab.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-    yield url, tmp_path
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with lab_server(tmp_path) as url:
+        yield url, tmp_path
 
 
 @pytest.mark.slow  # starts JupyterLab, a kernel and a browser (about 30 s)
-@pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
+@needs_browser
 def test_run_all_of_notebook_00_in_jupyterlab(lab):
     from playwright import (
-        sync_api,  # optional (the `test` extra): the skip above says when it is missing
+        sync_api,  # optional (the `test` extra): needs_browser says when it is missing
     )
 
     url, root = lab
     with sync_api.sync_playwright() as p:
-        # the browser cannot be downloaded here: Debian's chromium; --no-sandbox because CI runs as root
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page()
-        page.goto(f"{url}/lab/tree/notebooks/00_setup.ipynb?token={TOKEN}")
-        page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=60_000)
-        kernel = page.locator(".jp-NotebookPanel-toolbar .jp-KernelName").first
-        sync_api.expect(kernel).to_have_text("Python (rebeca kit)", timeout=60_000)
-        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        browser, page = open_notebook(p, url, "notebooks/00_setup.ipynb")
+        run_all(page)
         last = page.locator(".jp-Notebook .jp-CodeCell").last
         sync_api.expect(last.locator(".jp-OutputArea-output")).to_contain_text("00_setup", timeout=180_000)
         errors = page.locator(".jp-Notebook [data-mime-type='application/vnd.jupyter.stderr']", has_text="Error")

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from browser import lab_server, needs_browser, open_notebook, run_all
 from papermill.translators import PythonTranslator
 
 from rebeca_utils import run as runner
@@ -33,6 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 # signal thresholds in the smoke world, below what was measured (README, "The smoke world")
 MIN_VERIFIER_AUC = 0.75
 MIN_P1_OVER_RANDOM = 0.1
+MIN_NEW_USER_P1_MARGIN = 0.15  # measured 0.34 (inversion 0.62 vs the null user 0.27)
+MIN_NEW_USER_VERIFIER_MARGIN = 0.1  # measured 0.22 (0.75 vs 0.53)
+SCREENSHOT = REPO / ".pytest_cache" / "explorer.png"  # taken by the browser test
 NOTEBOOKS = runner.discover(REPO / "notebooks")
 # 01 (dSprites) reads nothing of the others: it runs on its own in tests/test_notebook_dsprites.py, so the two
 # pytest workers of `make test` share the notebooks
@@ -503,3 +507,96 @@ def test_08_picks_up_any_method_folder(smoke_run, tmp_path):
     # the same images and verifier: the stand-in scores exactly as REBECA at CFG 5
     assert m["verifier_mean"]["Shared LoRA"] == pytest.approx(m["verifier_mean"]["REBECA (CFG=5.0)"])
     assert m["table2"]["paper"]["Shared LoRA"] == pytest.approx(m["table2"]["paper"]["REBECA (CFG=5.0)"])
+
+
+@pytest.mark.slow  # executes notebooks
+def test_12_inversion_beats_the_null_user_and_leaves_the_prior(smoke_run):
+    from rebeca_utils.models.prior import load_prior
+
+    d = smoke_run / "12_fit_new_users"
+    m = manifest(smoke_run, "12_fit_new_users")["metrics"]
+    assert m["prior_untouched"] and m["reloaded_identical"] and m["new_users"] == 4 and m["fits"] == 2 * m["histories"]
+    s = pd.read_csv(d / "metrics_summary.csv", keep_default_na=False)  # the method "null" is no NaN
+    at = s[s["history"] == 0].set_index(["metric", "method"])["mean"]
+    for inv in ("inversion_null", "inversion_mean"):  # the hold-out workers, from all their training ratings
+        assert at["P@1 embedding (paper)", inv] >= at["P@1 embedding (paper)", "null"] + MIN_NEW_USER_P1_MARGIN, at
+        assert at["verifier score", inv] >= at["verifier score", "null"] + MIN_NEW_USER_VERIFIER_MARGIN, at
+    # the saved prior: the new workers' rows are fitted, every other weight is 03's bit for bit
+    old, new = load_prior(smoke_run / "03_train_prior/prior"), load_prior(d / "prior")
+    ids = json.loads((d / "new_users.json").read_text())["user_ids"]
+    for k, v in old.state_dict().items():
+        w = new.state_dict()[k]
+        if k == "user_emb.weight":
+            rest = [i for i in range(len(v)) if i not in ids]
+            assert torch.equal(v[rest], w[rest]) and not torch.equal(v[ids], w[ids])
+        else:
+            assert torch.equal(v, w), k
+    update = pd.DataFrame(m["update"])
+    assert update.loc["after", "cos(mean sample, donor's)"] > update.loc["before", "cos(mean sample, donor's)"]
+    assert (d / "inversion_null/kall_d0/u001/00.png").is_file() and (d / "new_users_vs_k.pdf").is_file()
+
+
+@pytest.mark.slow  # executes notebooks
+def test_13_static_grid_and_a_saved_new_user(smoke_run):
+    d = smoke_run / "13_explore_users"
+    m = manifest(smoke_run, "13_explore_users")["metrics"]
+    assert m["reloaded_same"] and m["example_likes"] > 0 and m["fit_seconds"] > 0 and 0 <= m["grid_verifier_mean"] <= 1
+    for fig in ("default_grid", "new_user_example"):
+        assert (d / f"{fig}.png").is_file() and (d / f"{fig}.pdf").is_file()
+    assert (d / "users/example.safetensors").is_file()
+
+
+@pytest.mark.slow  # starts JupyterLab, a kernel and a browser (about a minute)
+@needs_browser
+def test_13_explorer_in_jupyterlab(smoke_run, tmp_path):
+    """Run notebook 13 in Lab; change the user and ω, Generate; like three gallery images, Fit me; a screenshot."""
+    import shutil
+
+    from playwright import (
+        sync_api,  # optional (the `test` extra): needs_browser says when it is missing
+    )
+
+    shutil.copytree(REPO / "notebooks", tmp_path / "notebooks")
+    for nb in ("02_embed_flickr", "03_train_prior", "05_train_verifier"):
+        shutil.copytree(smoke_run / nb, tmp_path / "outputs" / "smoke" / nb)
+    expect = sync_api.expect
+    with lab_server(tmp_path) as url, sync_api.sync_playwright() as p:
+        browser, page = open_notebook(p, url, "notebooks/13_explore_users.ipynb")
+        run_all(page)
+        go, status = page.locator("button.rebeca-generate"), page.locator(".rebeca-status")
+        expect(go).to_be_visible(timeout=240_000)
+        users = page.locator(".rebeca-user select")
+        name = users.locator("option").nth(2).inner_text()
+        users.select_option(index=2)
+        readout = page.locator(".rebeca-omega .widget-readout")
+        readout.click()
+        page.keyboard.press("Control+a")
+        page.keyboard.type("9")
+        page.keyboard.press("Enter")
+        go.click()
+        expect(status).to_contain_text(f"grid 1: {name}, prior ω 9,", timeout=120_000)
+        grid = page.locator(".rebeca-grid img.rebeca-grid-image")
+        expect(grid).to_have_count(4)
+        page.locator(".widget-tab .lm-TabBar-tab", has_text="New user").click()
+        likes = page.locator(".rebeca-gallery").get_by_role("button", name="like", exact=True)
+        for i in range(3):
+            likes.nth(i).click()
+        page.locator("button.rebeca-fit").click()
+        expect(status).to_contain_text("grid 2: new user, prior ω 9,", timeout=120_000)
+        expect(grid).to_have_count(4)
+        expect(page.locator(".jp-OutputArea-output", has_text="fitted 'new user' on 3 likes").first).to_be_visible()
+        page.locator(".widget-tab .lm-TabBar-tab", has_text="Explore").click()
+        expect(page.locator(".rebeca-strip img")).to_have_count(3)  # the new user's strip: the three likes
+        page.locator(".rebeca-compare input").check()
+        go.click()
+        expect(status).to_contain_text("grid 3: new user, user 1, prior ω 9,", timeout=120_000)
+        expect(grid).to_have_count(8)  # the same seeds for both users, side by side
+        page.add_style_tag(content=".Toastify { display: none !important; }")  # Lab's news prompt
+        panel = page.locator(".widget-tab").first
+        panel.scroll_into_view_if_needed()
+        panel.screenshot(path=tmp_path / "explorer.png")
+        errors = page.locator(".jp-Notebook [data-mime-type='application/vnd.jupyter.stderr']", has_text="Error")
+        assert errors.count() == 0, errors.all_inner_texts()
+        browser.close()
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(tmp_path / "explorer.png", SCREENSHOT)  # README's screenshot: docs/explorer.png is a copy of it

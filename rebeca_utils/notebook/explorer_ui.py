@@ -1,0 +1,155 @@
+"""The explorer panel of notebook 13 (ipywidgets). Widgets only: every action is one call to studies.explorer.
+
+CSS classes (`rebeca-*`) name the parts the browser test drives: user, omega, generate, grid, gallery, fit.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import ipywidgets as W
+import numpy as np
+from PIL import Image
+
+from ..studies.explorer import Explorer, Grid
+
+THUMB = 96  # pixels per thumbnail in the panel
+
+
+def png(image) -> bytes:
+    """PNG bytes of an (H, W, 3) float image in [0, 1] or of an image file."""
+    im = Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else \
+        Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def thumb(image, caption: str = "", cls: str = "rebeca-thumb") -> W.VBox:
+    img = W.Image(value=png(image), format="png", width=THUMB, height=THUMB)
+    img.add_class(cls)
+    return W.VBox([img, W.HTML(f"<small>{caption}</small>")])
+
+
+class Panel:
+    """Explore tab (user, ω, decoder CFG, n, seed, compare, Generate) and New-user tab (gallery, Fit me, save/load)."""
+
+    def __init__(self, ex: Explorer, cfg_scale: float, decoder_cfg: float, n_images: int, seed: int,
+                 users_dir: str | Path, per_page: int = 12):
+        self.ex, self.users_dir, self.per_page, self.ratings, self.n_grids = ex, Path(users_dir), per_page, {}, 0
+        opts = [(name, uid) for uid, name in ex.names.items()]
+        self.user = W.Dropdown(options=opts, description="user")
+        self.other = W.Dropdown(options=opts, value=opts[min(1, len(opts) - 1)][1], description="vs user")
+        self.omega = W.FloatSlider(value=cfg_scale, min=1.0, max=15.0, step=0.5, description="prior ω")
+        self.dcfg = W.FloatSlider(value=decoder_cfg, min=1.0, max=10.0, step=0.5, description="decoder CFG")
+        self.n = W.IntSlider(value=n_images, min=1, max=16, description="images")
+        self.seed = W.IntText(value=seed, description="seed")
+        self.compare = W.Checkbox(value=False, description="compare users")
+        self.go = W.Button(description="Generate", button_style="primary")
+        self.bar, self.status = W.IntProgress(value=0, min=0, max=1), W.HTML()
+        self.strip, self.grid = W.HBox(), W.VBox()
+        self.strip_label = W.HTML()
+        for w, c in ((self.user, "user"), (self.omega, "omega"), (self.go, "generate"), (self.grid, "grid"),
+                     (self.status, "status"), (self.compare, "compare"), (self.strip, "strip")):
+            w.add_class(f"rebeca-{c}")
+        self.user.observe(lambda _: self.show_liked(), names="value")
+        self.go.on_click(lambda _: self.generate())
+        self.page = W.IntText(value=0, description="page")
+        self.page.observe(lambda _: self.show_gallery(), names="value")
+        self.gallery = W.GridBox(layout=W.Layout(grid_template_columns=f"repeat(6, {THUMB + 20}px)"))
+        self.gallery.add_class("rebeca-gallery")
+        self.name = W.Text(value="new user", description="name")
+        self.fit_btn = W.Button(description="Fit me", button_style="success")
+        self.fit_btn.add_class("rebeca-fit")
+        self.fit_out, self.path = W.Output(), W.Text(description="file", layout=W.Layout(width="60%"))
+        self.save_btn, self.load_btn = W.Button(description="Save user"), W.Button(description="Load user")
+        self.fit_btn.on_click(lambda _: self.fit())
+        self.save_btn.on_click(lambda _: self.save())
+        self.load_btn.on_click(lambda _: self.load())
+        self.show_liked()
+        self.show_gallery()
+
+    def widget(self) -> W.Tab:
+        explore = W.VBox([W.HBox([self.user, self.compare, self.other]), self.strip_label,
+                          self.strip, W.HBox([self.omega, self.dcfg]), W.HBox([self.n, self.seed, self.go]),
+                          W.HBox([self.bar, self.status]), self.grid])
+        new = W.VBox([W.HTML("Like or dislike a few images, then <b>Fit me</b> (user inversion, notebook 12)."),
+                      self.page, self.gallery, W.HBox([self.name, self.fit_btn]), self.fit_out,
+                      W.HBox([self.path, self.save_btn, self.load_btn])])
+        tab = W.Tab(children=[explore, new])
+        tab.set_title(0, "Explore")
+        tab.set_title(1, "New user")
+        return tab
+
+    def show_liked(self) -> None:
+        new = self.user.value in self.ex.likes
+        self.strip_label.value = f"<b>liked {'in the gallery' if new else 'in training'}</b>"
+        self.strip.children = [thumb(p) for p in self.ex.liked(self.user.value, 8)]
+
+    def show_gallery(self) -> None:
+        cells = []
+        for name in self.ex.gallery(max(0, self.page.value), self.per_page):
+            toggle = W.ToggleButtons(options=["–", "like", "dislike"], value=self._label(name),
+                                     style=W.ToggleButtonsStyle(button_width="30px"))
+            toggle.observe(lambda ch, n=name: self._rate(n, ch["new"]), names="value")
+            cells.append(W.VBox([thumb(self.ex.image_dir / name), toggle]))
+        self.gallery.children = cells
+
+    def _label(self, name: str) -> str:
+        return {1: "like", 0: "dislike"}.get(self.ratings.get(name), "–")
+
+    def _rate(self, name: str, label: str) -> None:
+        if label == "–":
+            self.ratings.pop(name, None)
+        else:
+            self.ratings[name] = 1 if label == "like" else 0
+
+    def _row(self, g: Grid) -> W.VBox:
+        caps = [f"v = {s:.2f}" if np.isfinite(s) else "v: no row" for s in g.scores]  # the verifier has no new users
+        return W.VBox([W.HTML(f"<b>{self.ex.names[g.user_id]}</b>"),
+                       W.HBox([thumb(im, c, "rebeca-grid-image") for im, c in zip(g.images, caps)])])
+
+    def generate(self) -> list[Grid]:
+        users = [self.user.value] + ([self.other.value] if self.compare.value else [])
+        self.bar.max, self.bar.value = self.n.value * len(users), 0
+        grids = []
+        for i, u in enumerate(users):
+            def tick(done, total, base=i * self.n.value):
+                self.bar.value = base + done
+            grids.append(self.ex.generate(u, self.omega.value, self.dcfg.value, self.n.value, self.seed.value, tick))
+        self.n_grids += 1
+        self.grid.children = [self._row(g) for g in grids]
+        self.status.value = (f"grid {self.n_grids}: {', '.join(self.ex.names[u] for u in users)}, prior ω "
+                             f"{self.omega.value:g}, decoder CFG {self.dcfg.value:g}, seed {self.seed.value}, "
+                             f"{sum(g.seconds for g in grids):.1f} s")
+        return grids
+
+    def fit(self) -> int | None:
+        liked = [n for n, r in self.ratings.items() if r == 1]
+        disliked = [n for n, r in self.ratings.items() if r == 0]
+        with self.fit_out:
+            self.fit_out.clear_output()
+            if not liked:
+                print("like at least one image first")
+                return None
+            uid, seconds = self.ex.fit(liked, disliked, self.name.value, progress=True)
+            print(f"fitted {self.name.value!r} on {len(liked)} likes and {len(disliked)} dislikes in {seconds:.1f} s")
+        self._add_option(uid)
+        self.path.value = str(self.users_dir / f"{self.name.value.replace(' ', '_')}.safetensors")
+        self.generate()
+        return uid
+
+    def _add_option(self, uid: int) -> None:
+        opts = [(name, u) for u, name in self.ex.names.items()]
+        self.user.options, self.other.options = opts, opts
+        self.user.value = uid
+
+    def save(self) -> None:
+        with self.fit_out:
+            print(f"saved {self.ex.save_user(self.user.value, self.path.value)}")
+
+    def load(self) -> None:
+        with self.fit_out:
+            uid = self.ex.load_user(self.path.value)
+            print(f"loaded {self.ex.names[uid]!r} as user id {uid}")
+        self._add_option(uid)

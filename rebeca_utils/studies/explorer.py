@@ -1,0 +1,163 @@
+"""The explorer's back end (notebook 13): each action of the panel is one call here, through 04's and 12's code.
+
+Loads what notebooks 02, 03 and 05 wrote; generates a grid for (user, prior ω, decoder CFG, n, seed) with the
+prior sampler and decoder of notebook 04; fits a new user from liked / disliked gallery images with notebook 12's
+user inversion; saves and reloads fitted users. Prior noise and decoder seeds depend on (seed, j) only, so two
+users compared side by side get the same seeds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..config import Profile
+from ..data import splits as split_table
+from ..data.flickr import IMAGE_DIR
+from ..evaluate import scores
+from ..io import read_safetensors, save_safetensors
+from ..models import decoder, encoders, nmf
+from ..models.prior import load_prior
+from ..pipeline import embeddings
+from ..pipeline.decoding import run_batch
+from ..pipeline.items import WorkItem
+from ..pipeline.sampling import sample_prior, state_fingerprint
+from ..train.diffusion import make_scheduler
+from ..train.normalize import Normalizer
+from .new_users import fit_user
+
+SEED_ID = 0  # every user's prior noise is seeded by (seed, SEED_ID, j): the same seeds for every user
+
+
+@dataclass
+class Grid:
+    """Decoded images (n, H, W, 3) in [0, 1] for one user, and their verifier scores (NaN for a new user)."""
+
+    user_id: int
+    images: np.ndarray
+    scores: np.ndarray
+    seconds: float
+
+
+class Explorer:
+    """Everything the panel needs, loaded once from a profile's output folder."""
+
+    def __init__(self, cfg: Profile, root: str | os.PathLike, device: str = "cpu"):
+        root = Path(root)
+        self.cfg, self.device, self.gen_cfg = cfg, device, cfg.generation
+        src02, src03 = root / "02_embed_flickr", root / "03_train_prior"
+        self.splits, _ = split_table.load_splits(src02 / "flickr_splits.parquet")
+        self.image_dir = split_table.dataset_root(cfg.flickr, src02) / IMAGE_DIR
+        self.store = embeddings.load_embeddings(src02 / "embeddings", "decoder", cfg.models)
+        self.prior = load_prior(src03 / "prior", device)
+        self.norm = Normalizer.load(src03 / "normalizer.json")
+        self.sched = make_scheduler(cfg.diffusion)
+        self.trained_users = json.loads((src03 / "trained_users.json").read_text())["user_ids"]
+        self.verifier = nmf.load_verifier(root / "05_train_verifier" / "verifier", device)
+        self.encoder = encoders.build_encoder("verifier", cfg.models, device)
+        self.pipe = decoder.build_decoder(cfg.models, self.gen_cfg, device)
+        self.names: dict[int, str] = {u: f"user {u + 1}" for u in self.trained_users}
+        self.likes: dict[int, list[str]] = {}  # a fitted user's liked images (their strip)
+        self.base_fingerprint = state_fingerprint(self.prior)
+
+    def liked(self, user_id: int, n: int = 8) -> list[Path]:
+        """Up to n images the user liked in the training split, or when fitting (the strip under the dropdown)."""
+        if user_id in self.likes:
+            return [self.image_dir / name for name in self.likes[user_id][:n]]
+        s = self.splits
+        rows = s[(s["user_id"] == user_id) & (s["split"] == "train") & (s["like"] == 1)]
+        return [self.image_dir / name for name in rows["image"].head(n)]
+
+    def gallery(self, page: int = 0, per_page: int = 24) -> list[str]:
+        """Page `page` of the dataset's images with an embedding (names), in a fixed order."""
+        names = sorted(set(self.splits["image"]) & set(self.store[0]))
+        return names[page * per_page : (page + 1) * per_page]
+
+    def generate(self, user_id: int, cfg_scale: float, decoder_cfg: float, n: int, seed: int = 0,
+                 progress: Callable[[int, int], None] | None = None) -> Grid:
+        """n images for `user_id` at prior ω = cfg_scale and this decoder CFG; sample j seeded by (seed, j)."""
+        t0, j = time.perf_counter(), torch.arange(n)
+        u = torch.full((n,), int(user_id))
+        x = sample_prior(self.prior, self.sched, u, torch.ones_like(u), j, cfg_scale=cfg_scale,
+                         sampler=self.cfg.diffusion.sampler, steps=self.cfg.diffusion.sampler_steps, seed=seed,
+                         device=self.device, progress=False, seed_ids=torch.full_like(u, SEED_ID))
+        emb = self.norm.inverse(x)
+        gen_cfg = dataclasses.replace(self.gen_cfg, decoder_cfg=float(decoder_cfg))
+        items = [WorkItem("explorer", "grid", int(user_id), i, 42 + seed * 10_000 + i, gen_cfg.prompt,
+                          gen_cfg.negative_prompt, emb[i]) for i in range(n)]
+        images, bs = [], max(1, gen_cfg.batch_size)
+        for s in range(0, n, bs):
+            images.append(run_batch(self.pipe, items[s : s + bs], gen_cfg))
+            if progress is not None:
+                progress(min(s + bs, n), n)
+        images = np.concatenate(images)
+        known = user_id in self.trained_users
+        s = (scores.score(self.verifier, [user_id] * n, [_pil(im) for im in images], encoder=self.encoder)
+             if known else np.full(n, np.nan))
+        return Grid(int(user_id), images, s, time.perf_counter() - t0)
+
+    def fit(self, liked: Sequence[str], disliked: Sequence[str] = (), name: str = "new user", steps: int | None = None,
+            seed: int = 0, progress: bool = False) -> tuple[int, float]:
+        """User inversion on the chosen images (R = 1 liked, R = 0 disliked); the new user's id and seconds."""
+        if not liked:
+            raise ValueError("fit: like at least one image")
+        images = list(liked) + list(disliked)
+        x = self.norm.forward(self.store_lookup(images))
+        rating = torch.tensor([1] * len(liked) + [0] * len(disliked))
+        nu = self.cfg.new_users
+        res = fit_user(self.prior, self.sched, x, rating, init="null", steps=steps or nu.steps, lr=nu.lr,
+                       batch_size=nu.batch_size, seed=seed, progress=progress)
+        return self.add(res.row, name, list(liked)), res.seconds
+
+    def add(self, row: torch.Tensor, name: str, likes: Sequence[str] = ()) -> int:
+        """Append a fitted row to the explorer's prior (the trained users keep their rows)."""
+        uid = self.prior.add_users(row[None])[0]
+        self.names[uid], self.likes[uid] = name, list(likes)
+        return uid
+
+    def store_lookup(self, images: Sequence[str]) -> torch.Tensor:
+        names, emb = self.store
+        pos = {n: i for i, n in enumerate(names)}
+        missing = [im for im in images if im not in pos]
+        if missing:
+            raise KeyError(f"no decoder-space embedding for image {missing[0]!r} (notebook 02)")
+        return emb[[pos[im] for im in images]].float()
+
+    def save_user(self, user_id: int, path: str | os.PathLike) -> Path:
+        """One fitted user as a safetensors file: its row, name and the fingerprint of the prior it belongs to."""
+        row = self.prior.user_emb.weight[int(user_id)].detach().cpu()[None]
+        meta = {"name": self.names[int(user_id)], "prior": self.base_fingerprint,
+                "likes": self.likes.get(int(user_id), [])}
+        return save_safetensors({"row": row}, path, {"rebeca_user": json.dumps(meta)})  # atomic
+
+    def load_user(self, path: str | os.PathLike) -> int:
+        """A saved user, added again; refused when it was fitted on another prior."""
+        tensors, meta = read_safetensors(path, "save the user again from the explorer")
+        if "rebeca_user" not in meta:
+            raise ValueError(f"{path}: not a user saved by the explorer (no rebeca_user metadata)")
+        info = json.loads(meta["rebeca_user"])
+        if info["prior"] != self.base_fingerprint:
+            raise ValueError(f"{path}: this user was fitted on another prior (fingerprint {info['prior'][:12]}), "
+                             f"not on {self.base_fingerprint[:12]}")
+        return self.add(tensors["row"][0], info["name"], info.get("likes", []))
+
+
+def _pil(image: np.ndarray) -> Image.Image:
+    return Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+
+
+def image_arrays(paths: Sequence[str | os.PathLike], size: int) -> np.ndarray:
+    """(n, size, size, 3) floats in [0, 1] of image files (the liked strip next to a grid)."""
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(np.asarray(im.convert("RGB").resize((size, size)), dtype=np.float32) / 255)
+    return np.stack(out) if out else np.zeros((0, size, size, 3), np.float32)
