@@ -34,6 +34,7 @@ from .pipeline.decoding import run_batch
 from .pipeline.embeddings import embed_images
 from .pipeline.items import make_items
 from .pipeline.sampling import sample_prior
+from .studies.new_users import fit_user
 from .train.diffusion import Triplets, diffusion_loss, epoch_indices, make_scheduler
 
 
@@ -206,6 +207,16 @@ def bench_metrics(n_users: int = 210, n_gen: int = 25, pool_size: int = 20, n_im
     return out
 
 
+def bench_new_user(model, sched, n_ratings: int, steps: int, lr: float, batch_size: int, device: str = "cpu") -> dict:
+    """Seconds to fit one new user's row (user inversion, notebook 12) on `n_ratings` random ratings."""
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(n_ratings, model.emb_dim, generator=g), torch.randint(0, 2, (n_ratings,), generator=g)
+    model.to(device)
+    fit = fit_user(model, sched, x, r, steps=steps, lr=lr, batch_size=batch_size, seed=0)
+    model.to("cpu")
+    return {"seconds": fit.seconds, "steps_per_s": steps / fit.seconds}
+
+
 def main(argv=None) -> int:
     """`make bench`: run the benchmarks side by side and print one JSON summary."""
     ap = argparse.ArgumentParser(prog="python -m rebeca_utils.bench", description=__doc__.splitlines()[0])
@@ -243,6 +254,14 @@ def main(argv=None) -> int:
     print(f"training (batch {paper.train.batch_size}): ours {tr['ours_samples_per_s']:.0f} samples/s | "
           f"per-item DataLoader {tr['dataloader_samples_per_s']:.0f} samples/s | ratio {tr['ratio']:.2f}x | "
           f"one epoch (21,000 samples) ~ {epoch_s:.0f} s")
+
+    nu = paper.new_users
+    for dev in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        fu = bench_new_user(model, sched, 50, 20 if a.quick else nu.steps, nu.lr, nu.batch_size, dev)
+        fit_s = fu["seconds"] * nu.steps / (20 if a.quick else nu.steps)
+        print(f"new user (inversion, {nu.steps} steps, batch {nu.batch_size}, 50 ratings) on {dev}: {fit_s:.1f} s "
+              f"({fu['steps_per_s']:.0f} steps/s) | retraining the prior ~ {epoch_s * paper.train.max_epochs:.0f} s "
+              f"on this CPU (up to {paper.train.max_epochs} epochs)")
 
     emb = bench_embedding(100 if a.quick else 400)
     print("embedding throughput (tiny encoders, CPU, incl. model build and JPEG decode): "

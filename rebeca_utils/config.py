@@ -108,6 +108,9 @@ class DSpritesConfig:
     cfg_scales: tuple[float, ...] = (1.0, 3.0, 5.0)
     ddpm_reps: int = 5  # repetitions for the slow 1000-step sampler comparison
     umap_points: int = 4000
+    fifth_ks: tuple[int, ...] = (5, 20, 100, 0)  # the fifth user's history sizes (0 = all training images)
+    fifth_draws: int = 3  # random histories per size
+    fifth_retrain: bool = True  # the fifth user's upper bound: a prior retrained with five users (one more training)
 
 
 @dataclass(frozen=True)
@@ -297,7 +300,8 @@ def _smoke() -> Profile:
         train=TrainConfig(lr=1e-3, samples_per_user=300, max_epochs=40, patience=8),
         dsprites=DSpritesConfig(
             n_images=4_000, vae_epochs=4, vae_batch_size=64, samples_per_user=3000, max_epochs=40, patience=40,
-            reps=5, ddpm_reps=1, umap_points=1000,
+            reps=5, ddpm_reps=1, umap_points=1000, fifth_ks=(5, 100, 0), fifth_draws=2,
+            fifth_retrain=False,  # ~100 s more here; README has its numbers
         ),
         flickr=FlickrConfig(n_holdout_workers=4),
         generation=GenerationConfig(n_per_user=4, n_users=12, steps=4, height=64, width=64, batch_size=4,

@@ -26,6 +26,7 @@ RNG_STREAMS = {
     "dsprites_val": 101, "dsprites_baselines": 202, "dsprites_oracle": 404,  # studies.controlled
     "random_draws": 303,  # evaluate.retrieval: random training embeddings as the selection score's floor
     "new_user_history": 505, "new_user_fit": 506,  # studies.cold_start: histories of k ratings, fit seeds
+    "dsprites_fifth": 405, "dsprites_fifth_history": 406,  # studies.fifth_user: its ratings and histories
 }
 
 

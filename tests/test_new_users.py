@@ -171,3 +171,20 @@ def test_saved_user_reloads_only_on_its_prior(trained, tmp_path):
     ex.base_fingerprint = "0" * 64
     with pytest.raises(ValueError, match=r"me.safetensors: this user was fitted on another prior"):
         ex.load_user(path)
+
+
+def test_methods_share_noise_and_mean_is_the_liked_history(trained):
+    prior, sched = trained
+    hist = [CS.History(4, 0, 0, (0, 1, 2)), CS.History(4, 5, 0, (3, 4))]
+    cfg = NewUserConfig(n_samples=3, cfg_scale=3.0)
+    null = CS.method_samples("null", prior, sched, hist, cfg=cfg, steps=10)
+    near = CS.method_samples("nearest", prior, sched, hist, cfg=cfg, steps=10,
+                             nearest={h: prior.null_user for h in hist})
+    assert torch.equal(null, near)  # same condition, same noise: the methods differ only in who they condition on
+    emb = torch.arange(50.0).view(5, 10)
+    like = np.array([True, False, True, False, False])
+    mean = CS.method_samples("mean", prior, sched, hist, cfg=cfg, dec_emb=emb, like=like)
+    assert mean.shape == (2, 3, 10) and torch.equal(mean[0, 2], emb[[0, 2]].mean(0))  # the history's likes only
+    assert torch.equal(mean[1, 0], emb.mean(0))  # a history without likes: the mean of every image
+    with pytest.raises(ValueError, match=r"method_samples\(method='mean'\) needs dec_emb, like"):
+        CS.method_samples("mean", prior, sched, hist, cfg=cfg)

@@ -588,8 +588,10 @@ def test_13_explorer_in_jupyterlab(smoke_run, tmp_path):
         page.locator(".widget-tab .lm-TabBar-tab", has_text="Explore").click()
         expect(page.locator(".rebeca-strip img")).to_have_count(3)  # the new user's strip: the three likes
         page.locator(".rebeca-compare input").check()
+        vs = page.locator(".rebeca-other select").evaluate("e => e.options[e.selectedIndex].text")
+        assert vs != "new user"  # fitting a user keeps the comparison user as chosen
         go.click()
-        expect(status).to_contain_text("grid 3: new user, user 1, prior ω 9,", timeout=120_000)
+        expect(status).to_contain_text(f"grid 3: new user, {vs}, prior ω 9,", timeout=120_000)
         expect(grid).to_have_count(8)  # the same seeds for both users, side by side
         page.add_style_tag(content=".Toastify { display: none !important; }")  # Lab's news prompt
         panel = page.locator(".widget-tab").first

@@ -11,21 +11,21 @@ import ipywidgets as W
 import numpy as np
 from PIL import Image
 
-from ..studies.explorer import Explorer, Grid
+from ..studies.explorer import Explorer, Grid, to_pil
 
 THUMB = 96  # pixels per thumbnail in the panel
 
 
 def png(image) -> bytes:
     """PNG bytes of an (H, W, 3) float image in [0, 1] or of an image file."""
-    im = Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else \
-        Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+    im = Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else to_pil(image)
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
 
 
 def thumb(image, caption: str = "", cls: str = "rebeca-thumb") -> W.VBox:
+    """A thumbnail with a caption; `cls` names it for the browser test."""
     img = W.Image(value=png(image), format="png", width=THUMB, height=THUMB)
     img.add_class(cls)
     return W.VBox([img, W.HTML(f"<small>{caption}</small>")])
@@ -49,8 +49,9 @@ class Panel:
         self.bar, self.status = W.IntProgress(value=0, min=0, max=1), W.HTML()
         self.strip, self.grid = W.HBox(), W.VBox()
         self.strip_label = W.HTML()
-        for w, c in ((self.user, "user"), (self.omega, "omega"), (self.go, "generate"), (self.grid, "grid"),
-                     (self.status, "status"), (self.compare, "compare"), (self.strip, "strip")):
+        named = {"user": self.user, "other": self.other, "omega": self.omega, "generate": self.go, "grid": self.grid,
+                 "status": self.status, "compare": self.compare, "strip": self.strip}
+        for c, w in named.items():
             w.add_class(f"rebeca-{c}")
         self.user.observe(lambda _: self.show_liked(), names="value")
         self.go.on_click(lambda _: self.generate())
@@ -132,7 +133,11 @@ class Panel:
             if not liked:
                 print("like at least one image first")
                 return None
-            uid, seconds = self.ex.fit(liked, disliked, self.name.value, progress=True)
+            try:
+                uid, seconds = self.ex.fit(liked, disliked, self.name.value, progress=True)
+            except (KeyError, ValueError) as exc:  # an Output widget would swallow it: say it where the user looks
+                print(f"Fit me failed: {exc}")
+                return None
             print(f"fitted {self.name.value!r} on {len(liked)} likes and {len(disliked)} dislikes in {seconds:.1f} s")
         self._add_option(uid)
         self.path.value = str(self.users_dir / f"{self.name.value.replace(' ', '_')}.safetensors")
@@ -140,16 +145,23 @@ class Panel:
         return uid
 
     def _add_option(self, uid: int) -> None:
-        opts = [(name, u) for u, name in self.ex.names.items()]
-        self.user.options, self.other.options = opts, opts
-        self.user.value = uid
+        """Offer a new user in both dropdowns and select it; the comparison user stays as chosen."""
+        opts, other = [(name, u) for u, name in self.ex.names.items()], self.other.value
+        self.user.options, self.other.options = opts, opts  # assigning options resets the value
+        self.user.value, self.other.value = uid, other
 
     def save(self) -> None:
+        """Save the selected user to the file named beside the button."""
         with self.fit_out:
             print(f"saved {self.ex.save_user(self.user.value, self.path.value)}")
 
     def load(self) -> None:
+        """Add the user saved in the file named beside the button."""
         with self.fit_out:
-            uid = self.ex.load_user(self.path.value)
+            try:
+                uid = self.ex.load_user(self.path.value)
+            except (OSError, ValueError) as exc:  # e.g. fitted on another prior: one line, in the panel
+                print(f"Load user failed: {exc}")
+                return
             print(f"loaded {self.ex.names[uid]!r} as user id {uid}")
         self._add_option(uid)

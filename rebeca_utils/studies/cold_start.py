@@ -72,6 +72,7 @@ def fit_rows(prior, sched, hists, z: torch.Tensor, like: np.ndarray, trained_use
              seed: int = 0, device: str = "cpu") -> pd.DataFrame:
     """One fitted row per (history, init): columns user_id, history, draw, method, row, seconds, loss_first/last."""
     recs = []
+    prior.to(device)
     jobs = [(h, m) for h in hists for m in INVERSIONS]
     for h, method in tqdm(jobs, desc="fit new users"):
         rows = list(h.rows)
@@ -90,10 +91,15 @@ def method_samples(method: str, prior, sched, hists, *, cfg: NewUserConfig, fits
                    seed: int = 0, sampler: str = "dpmsolver", steps: int = 20, device: str = "cpu") -> torch.Tensor:
     """(len(hists), n_samples, d) decoder-space embeddings of `method` for each history (see METHODS)."""
     n = cfg.n_samples
-    if method == "mean":  # the paper's "Mean": the liked history's mean embedding (all rated ones without likes)
-        rows = [np.asarray(h.rows)[like[list(h.rows)]] if like[list(h.rows)].any() else np.asarray(h.rows)
-                for h in hists]
-        return torch.stack([dec_emb[r].mean(0) for r in rows])[:, None].expand(-1, n, -1).contiguous()
+    needs = {"mean": ("dec_emb", "like"), "nearest": ("nearest",), **{m: ("fits",) for m in INVERSIONS}}
+    given = {"dec_emb": dec_emb, "like": like, "nearest": nearest, "fits": fits}
+    missing = [a for a in needs.get(method, ()) if given[a] is None]
+    if missing:
+        raise ValueError(f"method_samples(method={method!r}) needs {', '.join(missing)}")
+    if method == "mean":  # the paper's "Mean": the liked history's mean embedding; no like: the mean of all images
+        means = [dec_emb[np.asarray(h.rows)[like[list(h.rows)]]].mean(0) if like[list(h.rows)].any()
+                 else dec_emb.mean(0) for h in hists]
+        return torch.stack(means)[:, None].expand(-1, n, -1).contiguous()
     model = prior
     if method == "null":
         ids = [prior.null_user] * len(hists)
@@ -147,7 +153,8 @@ def long_metrics(gen: dict[str, tuple[list, torch.Tensor]], pool: dict, ks, spac
                 for stat, letter in (("precision", "P"), ("recall", "R")):
                     out.append(pd.DataFrame({"user_id": per_user["user_id"], "method": method, "history": size,
                                              "draw": draw, "value": per_user[stat],
-                                             "metric": [f"{letter}@{k} {space} ({definition})" for k in per_user["k"]]}))
+                                             "metric": [f"{letter}@{k} {space} ({definition})"
+                                                        for k in per_user["k"]]}))
     return pd.concat(out, ignore_index=True)
 
 
@@ -206,8 +213,10 @@ def update_user(prior, sched, user_id: int, donor_id: int, ratings: pd.DataFrame
     rows = np.flatnonzero(((ratings["user_id"] == donor_id) & (ratings["split"] == "train")).to_numpy())
     like = torch.as_tensor(ratings["like"].to_numpy()[rows]).long()
     old = prior.user_emb.weight[user_id].detach().clone()
+    prior.to(device)
     fit = fit_user(prior, sched, z[rows], like, init=old, anchor=old, l2=cfg.update_l2, steps=cfg.steps, lr=cfg.lr,
                    batch_size=cfg.batch_size, seed=seed)
+    fit.row = fit.row.cpu()  # the caller compares it with the old row wherever the prior lives
     models = {"before": (prior, user_id), "after": (with_rows(prior, {user_id: fit.row}), user_id),
               "donor": (prior, donor_id)}
     n, samples, table = cfg.n_samples, {}, []
@@ -229,7 +238,7 @@ def update_user(prior, sched, user_id: int, donor_id: int, ratings: pd.DataFrame
 
 
 def test_pool(ratings: pd.DataFrame, emb: torch.Tensor, split: str = "test") -> dict:
-    """Each user's held-out pool P_u (likes ∪ dislikes of `split`, §4.4) in the space of `emb` (rows of `ratings`)."""
+    """Each user's held-out pool P_u (likes ∪ dislikes of `split`, §4.4) in the space of `emb` (rows of ratings)."""
     m = (ratings["split"] == split).to_numpy()
     return {"user_id": ratings["user_id"].to_numpy()[m], "liked": ratings["like"].to_numpy()[m].astype(bool),
             "img_emb": emb[torch.as_tensor(np.flatnonzero(m))]}

@@ -28,7 +28,7 @@ from ..models import decoder, encoders, nmf
 from ..models.prior import load_prior
 from ..pipeline import embeddings
 from ..pipeline.decoding import run_batch
-from ..pipeline.items import WorkItem
+from ..pipeline.items import make_items
 from ..pipeline.sampling import sample_prior, state_fingerprint
 from ..train.diffusion import make_scheduler
 from ..train.normalize import Normalizer
@@ -91,8 +91,9 @@ class Explorer:
                          device=self.device, progress=False, seed_ids=torch.full_like(u, SEED_ID))
         emb = self.norm.inverse(x)
         gen_cfg = dataclasses.replace(self.gen_cfg, decoder_cfg=float(decoder_cfg))
-        items = [WorkItem("explorer", "grid", int(user_id), i, 42 + seed * 10_000 + i, gen_cfg.prompt,
-                          gen_cfg.negative_prompt, emb[i]) for i in range(n)]
+        # decoder seed of image j: App G.3's formula with the seed in the user's place, the same for every user
+        items = [dataclasses.replace(it, user_id=int(user_id))
+                 for it in make_items("explorer", "grid", [seed] * n, range(n), gen_cfg, ip_embeddings=emb)]
         images, bs = [], max(1, gen_cfg.batch_size)
         for s in range(0, n, bs):
             images.append(run_batch(self.pipe, items[s : s + bs], gen_cfg))
@@ -100,7 +101,7 @@ class Explorer:
                 progress(min(s + bs, n), n)
         images = np.concatenate(images)
         known = user_id in self.trained_users
-        s = (scores.score(self.verifier, [user_id] * n, [_pil(im) for im in images], encoder=self.encoder)
+        s = (scores.score(self.verifier, [user_id] * n, [to_pil(im) for im in images], encoder=self.encoder)
              if known else np.full(n, np.nan))
         return Grid(int(user_id), images, s, time.perf_counter() - t0)
 
@@ -124,6 +125,7 @@ class Explorer:
         return uid
 
     def store_lookup(self, images: Sequence[str]) -> torch.Tensor:
+        """Decoder-space embeddings of dataset images by name (notebook 02's store)."""
         names, emb = self.store
         pos = {n: i for i, n in enumerate(names)}
         missing = [im for im in images if im not in pos]
@@ -150,7 +152,8 @@ class Explorer:
         return self.add(tensors["row"][0], info["name"], info.get("likes", []))
 
 
-def _pil(image: np.ndarray) -> Image.Image:
+def to_pil(image: np.ndarray) -> Image.Image:
+    """An (H, W, 3) float image in [0, 1] as a PIL image."""
     return Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
 
 
