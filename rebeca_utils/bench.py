@@ -260,7 +260,7 @@ def main(argv=None) -> int:
         fu = bench_new_user(model, sched, 50, 20 if a.quick else nu.steps, nu.lr, nu.batch_size, dev)
         fit_s = fu["seconds"] * nu.steps / (20 if a.quick else nu.steps)
         print(f"new user (inversion, {nu.steps} steps, batch {nu.batch_size}, 50 ratings) on {dev}: {fit_s:.1f} s "
-              f"({fu['steps_per_s']:.0f} steps/s) | retraining the prior ~ {epoch_s * paper.train.max_epochs:.0f} s "
+              f"({fu['steps_per_s']:.1f} steps/s) | retraining the prior ~ {epoch_s * paper.train.max_epochs:.0f} s "
               f"on this CPU (up to {paper.train.max_epochs} epochs)")
 
     emb = bench_embedding(100 if a.quick else 400)
