@@ -35,7 +35,10 @@ def lab_server(root: Path):
                          check=True, capture_output=True, text=True).stdout.strip()
     port = _free_port()
     args = [*shlex.split(cmd), "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
-            f"--IdentityProvider.token={TOKEN}", "--LabApp.news_url=", "--ServerApp.allow_root=True"]
+            f"--IdentityProvider.token={TOKEN}", "--LabApp.news_url=", "--ServerApp.allow_root=True",
+            # each server its own workspace: Lab otherwise restores the notebooks another test's server opened (the
+            # default workspace lives in ~/.jupyter) and Run All can land on the wrong notebook
+            f"--LabApp.workspaces_dir={root / '.lab-workspaces'}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     log = open(root / "lab.log", "w")
     proc = subprocess.Popen(args, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
