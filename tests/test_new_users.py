@@ -146,9 +146,9 @@ def test_appended_rows_sample_like_rows_in_their_slot(trained):
     in_slot = sample_prior(NU.with_rows(prior, {4: row}), sched, [4] * 6, [1] * 6, range(6), cfg_scale=3.0,
                            sampler="dpmsolver", steps=10, progress=False)
     assert torch.equal(got[0], in_slot)  # appended for the study = the same user in its own slot
-    null = CS.method_samples("null", prior, sched, hist, cfg=cfg, steps=10)
+    null = CS.method_samples("null_user", prior, sched, hist, cfg=cfg, steps=10)
     assert not torch.equal(null, got)
-    with pytest.raises(ValueError, match="valid methods are null, mean"):
+    with pytest.raises(ValueError, match="valid methods are null_user, mean"):
         CS.method_samples("oracle", prior, sched, hist, cfg=cfg)
 
 
@@ -177,7 +177,7 @@ def test_methods_share_noise_and_mean_is_the_liked_history(trained):
     prior, sched = trained
     hist = [CS.History(4, 0, 0, (0, 1, 2)), CS.History(4, 5, 0, (3, 4))]
     cfg = NewUserConfig(n_samples=3, cfg_scale=3.0)
-    null = CS.method_samples("null", prior, sched, hist, cfg=cfg, steps=10)
+    null = CS.method_samples("null_user", prior, sched, hist, cfg=cfg, steps=10)
     near = CS.method_samples("nearest", prior, sched, hist, cfg=cfg, steps=10,
                              nearest={h: prior.null_user for h in hist})
     assert torch.equal(null, near)  # same condition, same noise: the methods differ only in who they condition on

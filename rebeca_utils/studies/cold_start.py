@@ -25,7 +25,7 @@ from ..train.diffusion import flickr_triplets, train_prior
 from .ablations import mean_ci
 from .new_users import fit_user, with_rows
 
-METHODS = {"null": "null user (R = 1)", "mean": "Mean (liked history)", "nearest": "nearest seen user",
+METHODS = {"null_user": "null user (R = 1)", "mean": "Mean (liked history)", "nearest": "nearest seen user",
            "inversion_null": "inversion (null init)", "inversion_mean": "inversion (mean init)",
            "retrain": "retrained prior (upper bound)"}
 INVERSIONS = {"inversion_null": "null", "inversion_mean": "mean"}
@@ -101,7 +101,7 @@ def method_samples(method: str, prior, sched, hists, *, cfg: NewUserConfig, fits
                  else dec_emb.mean(0) for h in hists]
         return torch.stack(means)[:, None].expand(-1, n, -1).contiguous()
     model = prior
-    if method == "null":
+    if method == "null_user":
         ids = [prior.null_user] * len(hists)
     elif method == "nearest":
         ids = [nearest[h] for h in hists]
