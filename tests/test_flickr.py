@@ -159,6 +159,14 @@ def test_error_missing_column(tmp_path):
                  header="worker, imagePair")
 
 
+def test_error_repeated_column(tmp_path):
+    # which 'score' holds the scores would be a guess (pandas renames the second 'score.1', csv.DictReader keeps it)
+    _check_error(tmp_path, f"WA,{IMG[0]},2,5\nWB,{IMG[1]},4,1\n", "{csv}:1: column 'score' appears twice in the header",
+                 header="worker, imagePair, score, score")
+    _check_error(tmp_path / "b", f"WA,{IMG[0]},2,x,y,z\n", "{csv}:1: column 'note' appears 3 times in the header",
+                 header="worker,imagePair,score,note,note,note")
+
+
 def test_error_bad_score(tmp_path):
     _check_error(tmp_path, GOOD + f"WC,{IMG[0]},x\nWC,{IMG[1]},6\n",
                  "{csv}:6: score 'x' is not an integer 1-5 (and 1 more such rows)")
@@ -279,8 +287,11 @@ def test_splits_seeded(ratings):
     c, hc = SP.make_splits(ratings, n_holdout_workers=4, seed=1)
     assert not a["split"].equals(c["split"]) and hc != ha
     assert SP.make_splits(ratings, n_holdout_workers=6, seed=0)[0]["split"].equals(a["split"])
-    with pytest.raises(ValueError, match="n_holdout_workers=37"):
+    with pytest.raises(ValueError) as e:  # one line: how many are eligible, how many asked, which override
         SP.make_splits(ratings, n_holdout_workers=37)
+    assert str(e.value) == ("37 hold-out workers asked but only 24 worker(s) are eligible (>= 21 ratings: 10 test + "
+                            "10 val + 1 train); set flickr.n_holdout_workers to at most 24 (runner: -p "
+                            "'overrides={\"flickr.n_holdout_workers\": 24}')")
 
 
 def test_save_load_roundtrip(ratings, tmp_path):

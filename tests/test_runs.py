@@ -1,5 +1,6 @@
 """Run folders: prerequisites checked at the top of a notebook, inputs and digests in the manifest, the closing line."""
 import json
+import time
 
 import pytest
 
@@ -67,3 +68,13 @@ def test_finish_lists_skipped_images_and_says_what_is_next(tmp_path, capsys):
                                        "skipped, listed in manifest.json; next: 03_train_prior\n")
     _run(tmp_path, "04_generate_images").finish({}, "cpu")
     assert capsys.readouterr().out.endswith("; next: nothing, this is the last notebook\n")
+
+
+def test_manifest_records_peak_rss_and_cpu_time(tmp_path):
+    ballast = b"\x01" * (96 << 20)  # 96 MB touched: the peak is at least that
+    cpu = time.process_time()
+    _run(tmp_path, "03_train_prior").finish({}, "cpu")
+    m = json.loads((tmp_path / "smoke/03_train_prior/manifest.json").read_text())
+    assert isinstance(m["peak_rss_mb"], float) and m["peak_rss_mb"] > 96 and len(ballast) == 96 << 20
+    # this process's CPU time, user + system, as time.process_time() counts it (getrusage may count in ticks)
+    assert isinstance(m["cpu_time_s"], float) and 0 < cpu - 0.05 <= m["cpu_time_s"] <= time.process_time() + 0.05

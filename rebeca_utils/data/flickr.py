@@ -71,6 +71,11 @@ def _read_table(path: Path) -> tuple[list[str], pd.DataFrame, int]:
     header = _split_line(path, 1, lines[0])
     if "" in header:
         raise DataError(f"{path}:1: empty column name in the header (a trailing comma?)")
+    repeated = [c for c in dict.fromkeys(header) if header.count(c) > 1]
+    if repeated:  # which of two 'score' columns holds the scores is a guess: refuse it
+        n = header.count(repeated[0])
+        raise DataError(f"{path}:1: column {repeated[0]!r} appears {'twice' if n == 2 else f'{n} times'} "
+                        "in the header")
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise DataError(f"{path}:1: missing column(s) {', '.join(repr(c) for c in missing)}; "

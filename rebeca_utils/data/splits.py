@@ -38,9 +38,12 @@ def make_splits(ratings: pd.DataFrame, n_test: int = 10, n_val: int = 10, n_hold
     df["split"] = np.where(eligible, split, "train")
 
     workers = np.sort(df.loc[eligible, "worker"].unique())
-    if n_holdout_workers > len(workers):
-        raise ValueError(f"n_holdout_workers={n_holdout_workers} but only {len(workers)} workers have "
-                         f">= {n_test + n_val + 1} ratings")
+    if n_holdout_workers > len(workers):  # e.g. the paper's 37 on a subset of FLICKR-AES
+        n = len(workers)
+        raise ValueError(f"{n_holdout_workers} hold-out workers asked but only {n} worker(s) are eligible (>= "
+                         f"{n_test + n_val + 1} ratings: {n_test} test + {n_val} val + 1 train); set "
+                         f"flickr.n_holdout_workers to at most {n} (runner: -p "
+                         f"'overrides={{\"flickr.n_holdout_workers\": {n}}}')")
     pick = np.random.default_rng(seed_sequence(seed, "holdout_workers")).choice(len(workers), n_holdout_workers, replace=False)
     holdout = sorted(workers[pick].tolist())
     df["holdout"] = df["worker"].isin(holdout)

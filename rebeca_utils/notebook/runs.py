@@ -5,6 +5,8 @@ import ast
 import json
 import os
 import platform
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -28,6 +30,14 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def resource_usage() -> dict[str, float]:
+    """Peak resident memory (MB) and CPU time (user + system, s) of this process so far: for a notebook, its kernel
+    (the runner starts one per notebook; in Lab, everything since the kernel's last restart)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    kib = r.ru_maxrss / 1024 if sys.platform == "darwin" else r.ru_maxrss  # macOS counts bytes, Linux KiB
+    return {"peak_rss_mb": round(kib / 1024, 1), "cpu_time_s": round(r.ru_utime + r.ru_stime, 3)}
 
 
 NOTEBOOKS_ENV = "REBECA_NOTEBOOKS"
@@ -107,8 +117,9 @@ class Run:
 
     def finish(self, metrics: dict, device: str, config: Any = None,
                skipped_images: list[dict[str, str]] | None = None) -> None:
-        """Write manifest.json (parameters, device, versions, seed, wall time, metrics, inputs read and digests of
-        the artifacts, images skipped as unreadable) and print the closing line: where results are, what is next."""
+        """Write manifest.json (parameters, device, versions, seed, wall time, the kernel's peak RSS and CPU time,
+        metrics, inputs read and digests of the artifacts, images skipped as unreadable) and print the closing line:
+        where results are, what is next."""
         skipped = sorted(skipped_images or [], key=lambda r: r["image"])
         manifest = {
             "notebook": self.notebook,
@@ -119,6 +130,7 @@ class Run:
             "device": device,
             "packages": package_versions(),
             "wall_time_s": round(time.perf_counter() - self.t0, 3),
+            **resource_usage(),
             "metrics": metrics,
             "inputs": dict(sorted(self.inputs.items())),
             "artifacts": sorted(self.artifacts),

@@ -15,6 +15,8 @@ from .runs import package_versions
 
 FLICKR_EXPECTED = {"images": 40_988, "users": 210, "ratings": 193_208}  # paper §4.1
 
+DSPRITES_FALLBACK = "notebook 01 renders the same factor grid procedurally"
+
 
 def environment_report(device: str) -> pd.DataFrame:
     """Python/package versions, the resolved device and, on CUDA, the GPU and its memory."""
@@ -41,19 +43,18 @@ def dsprites_status(data_dir: str | Path) -> dict:
     """Whether the official dSprites npz is under <data_dir>/dsprites/ and structurally valid."""
 
     path = Path(data_dir) / "dsprites" / DSPRITES_FILENAME
+    out = {"dataset": "dSprites", "path": str(path), "optional": True}  # 01 renders the same grid without it
     if not path.exists():
-        return {"dataset": "dSprites", "path": str(path), "present": False, "valid": False,
-                "note": "absent: notebook 01 renders the same factor grid procedurally"}
-    chk = check_dsprites_npz(path, full=True)
-    return {"dataset": "dSprites", "path": str(path), "present": True, "valid": bool(chk["ok"]),
-            "note": "; ".join(chk["problems"]) or "ok"}
+        return {**out, "present": False, "valid": False, "note": f"optional, absent: {DSPRITES_FALLBACK}"}
+    chk = check_dsprites_npz(path, full=True)  # present, notebook 01 reads it: an invalid one must not pass
+    return {**out, "present": True, "valid": bool(chk["ok"]), "note": "; ".join(chk["problems"]) or "ok"}
 
 
 def flickr_status(data_dir: str | Path) -> dict:
     """Whether FLICKR-AES is under <data_dir>/FLICKR-AES/, passes validation, and has the paper's counts."""
 
     root = Path(data_dir) / "FLICKR-AES"
-    out = {"dataset": "FLICKR-AES", "path": str(root), "present": root.exists(), "valid": False}
+    out = {"dataset": "FLICKR-AES", "path": str(root), "optional": False, "present": root.exists(), "valid": False}
     if not root.exists():
         return {**out, "note": "absent: see README 'Data' for where to get it and the expected layout"}
     try:
@@ -67,7 +68,7 @@ def flickr_status(data_dir: str | Path) -> dict:
 
 
 def datasets_report(data_dir: str | Path) -> pd.DataFrame:
-    """Presence and validity of every dataset the kit uses."""
+    """Presence and validity of every dataset the kit uses, and whether the paper profile can do without it."""
     return pd.DataFrame([dsprites_status(data_dir), flickr_status(data_dir)])
 
 
@@ -79,8 +80,22 @@ def download_all(data_dir: str | Path, models: ModelsConfig | None = None) -> di
     return {"weights": weights, "dsprites": str(npz)}
 
 
+def blockers(weights: pd.DataFrame, datasets: pd.DataFrame) -> list[str]:
+    """What keeps the paper profile from running here: uncached weights, required datasets missing or invalid,
+    optional ones present but invalid (their notebook would read them); an absent optional dataset is none."""
+    missing = weights.loc[~weights["in_cache"], "weights"].tolist()
+    bad = datasets.loc[~datasets["valid"] & (~datasets["optional"] | datasets["present"]), "dataset"].tolist()
+    todo = []
+    if missing:
+        todo.append(f"{len(missing)} of {len(weights)} weights are not cached ({', '.join(missing)}): rerun with "
+                    "download=True on a machine with internet")
+    if bad:
+        todo.append(f"dataset(s) {', '.join(bad)} missing or invalid: see README 'Data' and the notes below")
+    return todo
+
+
 def readiness(profile: str, models: ModelsConfig, weights: pd.DataFrame, datasets: pd.DataFrame) -> str:
-    """One plain paragraph: can this profile run here, and if not, what to fetch."""
+    """One plain paragraph: can this profile run here, and if not, what to fetch; optional items never decide it."""
     if models.builder == "tiny":
         if not pretrained(models):
             world = "random weights (models.tiny_weights='random')"
@@ -92,14 +107,10 @@ def readiness(profile: str, models: ModelsConfig, weights: pd.DataFrame, dataset
         return (f"{profile} profile: ready. It builds tiny models from configs with {world}, and writes a "
                 "synthetic FLICKR-AES in the real on-disk format, so it needs no downloads and no GPU; the weights "
                 "and datasets below matter only for the paper profile.")
-    missing = weights.loc[~weights["in_cache"], "weights"].tolist()
-    absent = datasets.loc[~datasets["valid"], "dataset"].tolist()
-    if not missing and not absent:
-        return f"{profile} profile: ready; every weight is in the Hugging Face cache and every dataset is valid."
-    todo = []
-    if missing:
-        todo.append(f"{len(missing)} of {len(weights)} weights are not cached ({', '.join(missing)}): rerun with "
-                    "download=True on a machine with internet")
-    if absent:
-        todo.append(f"dataset(s) {', '.join(absent)} missing or invalid: see README 'Data' and the notes below")
-    return f"{profile} profile: not ready; " + "; ".join(todo) + "."
+    todo = blockers(weights, datasets)
+    optional = datasets[datasets["optional"] & ~datasets["present"]]
+    extra = "".join(f" {r.dataset}: {r.note}." for r in optional.itertuples())  # said, but never "not ready"
+    if not todo:
+        return (f"{profile} profile: ready; every weight is in the Hugging Face cache and every required dataset "
+                f"is valid.{extra}")
+    return f"{profile} profile: not ready; " + "; ".join(todo) + f".{extra}"
