@@ -76,8 +76,11 @@ lab: install
 lab-command:
 	@echo '$(LAB)'
 
+# then every stage of `make paper` through the paper-profile builders, priced on 1 and GPUS GPUs (a CPU: the ci shape)
+GPUS ?= 1
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) -m rebeca_utils.bench
+	HF_HUB_OFFLINE=1 $(PY) -m rebeca_utils.bench --paper-stages --gpus $(GPUS)
 
 clean-outputs:
 	find outputs -mindepth 1 ! -name README.md -exec rm -rf {} +

@@ -1,11 +1,14 @@
 """`make bench`: speed of the prior, the decoder and the metrics at the paper's sizes, measured side by side in one run.
 
 python -m rebeca_utils.bench [--quick] [--only prior|decoding|metrics]
+python -m rebeca_utils.bench --paper-stages [--gpus N] [--quick] [--shape auto|paper|ci] [--device auto|cpu|cuda]
 """
 from __future__ import annotations
 
 import argparse
 import io
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -222,7 +225,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rebeca_utils.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps (a sanity run, not for the README)")
     ap.add_argument("--only", choices=("prior", "decoding", "metrics"), help="run one group of benchmarks")
-    a = ap.parse_args(argv)
+    ap.add_argument("--paper-stages", action="store_true", help="time every stage of `make paper` through the "
+                    "paper-profile builders and price it (python -m rebeca_utils.bench_price; its options follow)")
+    a, rest = ap.parse_known_args(argv)
+    if a.paper_stages:  # another entry point: run as a process (entry points never import each other)
+        return subprocess.call([sys.executable, "-m", "rebeca_utils.bench_price", *(["--quick"] if a.quick else []),
+                                *rest])
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     if a.only in (None, "decoding"):
         dec = bench_decoding(16 if a.quick else 64)
         print(f"decoding (tiny SD-1.5-shaped pipeline, CPU, {dec['size']}px, {dec['steps']} steps, CFG 5): batches of 8 "

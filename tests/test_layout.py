@@ -9,7 +9,7 @@ PKG = Path(__file__).resolve().parents[1] / "rebeca_utils"
 # below all
 STAGES = ["config", "io", "runtime", "progress", "data", "models", "train", "pipeline", "baselines", "evaluate",
           "studies", "notebook"]
-OUTERMOST = {"run", "bench", "__init__", "__main__"}  # entry points: may import any stage
+OUTERMOST = {"run", "bench", "bench_price", "bench_stages", "rehearse", "rehearse_hub", "__init__", "__main__"}  # entry points: may import any stage
 MODULES = sorted(p for p in PKG.rglob("*.py"))
 MAX_LINES = 400
 
