@@ -190,10 +190,7 @@ def test_paper_vlm_fails_fast_offline_and_loads_from_cache(hf_cache, tiny_vlm):
     model, processor = tiny_vlm
     snap = _fake_repo(hf_cache, models.vlm_id)
     model.save_pretrained(snap, max_shard_size="100KB")  # 3 shards, named as the 7B model's on the Hub
-    processor.save_pretrained(snap)
-    for spec in W.VLM_FILES:  # files transformers 5 no longer writes (the Hub repo predates it)
-        if not any((snap / f).is_file() for f in spec.split("|")):
-            (snap / spec.split("|")[0]).write_text("{}")
+    processor.save_pretrained(snap)  # transformers 5's layout (test_vlm_snapshot: the Hub repo's)
     loaded, proc = V.build_vlm(models)
     assert type(loaded).__name__ == "LlavaForConditionalGeneration" and proc.tokenizer.padding_side == "left"
     assert all((a == b).all() for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

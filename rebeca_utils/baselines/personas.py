@@ -34,9 +34,11 @@ class Persona:
     pos: tuple[str, ...]
     neg: tuple[str, ...]
     text: str
-    n_liked: int = 0
+    n_liked: int = 0  # liked images with usable tags (the keywords read these)
     n_disliked: int = 0
     source: str = "template"  # "vlm" when the VLM wrote the text
+    rated_liked: int = 0  # liked images the user rated (tagged or not: tag_limit may leave most untagged)
+    rated_disliked: int = 0
 
 
 def check_config(cfg: VlmConfig) -> None:
@@ -101,14 +103,24 @@ def persona_text(pos: Sequence[str]) -> str:
 def build_personas(tags: pd.DataFrame, splits: pd.DataFrame, users: Sequence[int], cfg: VlmConfig,
                    summarise=None) -> dict[int, Persona]:
     """Personas of `users`; summarise(pos) -> text (optional LLaVA) replaces the template where it returns one."""
-    kw = user_keywords(tags, rated_images(splits, cfg), cfg)
+    rated = rated_images(splits, cfg)
+    kw = user_keywords(tags, rated, cfg)
+    per = rated.groupby(["user_id", "like"]).size()
     out = {}
     for u in users:
         pos, neg, n_like, n_dis = kw.get(int(u), ([], [], 0, 0))
         written = summarise(pos) if summarise and pos else ""
         out[int(u)] = Persona(int(u), tuple(pos), tuple(neg), written or persona_text(pos), n_like, n_dis,
-                              "vlm" if written else "template")
+                              "vlm" if written else "template", int(per.get((u, True), 0)),
+                              int(per.get((u, False), 0)))
     return out
+
+
+def tagged_share(personas: dict[int, Persona]) -> dict:
+    """How many of the personas' rated images had usable tags: {"tagged": n, "rated": m}."""
+    ps = personas.values()
+    return {"tagged": sum(p.n_liked + p.n_disliked for p in ps),
+            "rated": sum(p.rated_liked + p.rated_disliked for p in ps)}
 
 
 def fallback_subject(seed: int, user_id: int, index: int) -> str:
@@ -175,10 +187,12 @@ def truncation(tokenizer, prompts: Sequence[str]) -> dict:
 
 
 def keyword_table(personas: dict[int, Persona], users: Sequence[int], top: int = 6) -> pd.DataFrame:
-    """Top positive and negative keywords of a few users, one row each."""
-    return pd.DataFrame([{"user_id": u, "liked": personas[u].n_liked, "disliked": personas[u].n_disliked,
-                          "positive": ", ".join(personas[u].pos[:top]) or "(none: fallback)",
-                          "negative": ", ".join(personas[u].neg[:top]) or "(none)"} for u in users])
+    """Top positive and negative keywords of a few users and how many of their rated images were tagged."""
+    ps = [personas[u] for u in users]
+    return pd.DataFrame([{"user_id": p.user_id, "liked (tagged of rated)": f"{p.n_liked} of {p.rated_liked}",
+                          "disliked (tagged of rated)": f"{p.n_disliked} of {p.rated_disliked}",
+                          "positive": ", ".join(p.pos[:top]) or "(none: fallback)",
+                          "negative": ", ".join(p.neg[:top]) or "(none)"} for p in ps])
 
 
 def summariser(model, processor, max_new_tokens: int = 48):

@@ -1,14 +1,16 @@
 """LLaVA tagging of images (App F): batched greedy generation, resumable chunks, shards, the parsed tag table.
 
 Layout under a notebook's output folder:
-    tags/plan.json                 names, chunk size, fingerprint, image root (what the CLI runs)
+    tags/plan.json                 names (all, or tag_limit of a seeded order), chunk size, batch size, dtype,
+                                   fingerprint, image root (what the CLI runs)
     tags/chunk-00000.parquet ...   raw replies of one chunk (image, reply, new_tokens, error) + fingerprint, seconds
     tags.parquet                   every planned image parsed (status ok | repaired | failed, reason, tags)
     captions.parquet               image, caption ("" where tagging failed), status: notebook 06's lora.caption=llava
 
 Several GPUs: ``accelerate launch --multi_gpu --num_processes N -m rebeca_utils.baselines.tagging --out-dir <folder>``
-tags the plan a notebook saved there; chunk i belongs to process i mod N. Greedy decoding: the replies do not depend
-on N, the batch size or on which chunks were resumed.
+tags the plan a notebook saved there; chunk i belongs to process i mod N, in the plan's dtype. Greedy decoding: the
+replies do not depend on N or on which chunks were resumed; a chunk is keyed on the batch size and dtype too (in
+bf16 a batch's padding changes the numerics, so the replies can change).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import json
 import os
 import sys
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -32,7 +35,7 @@ from transformers import LogitsProcessorList
 
 from ..config import ModelsConfig, VlmConfig
 from ..io import atomic_path, write_json
-from ..models.vlm import build_vlm, vlm_dtype
+from ..models.vlm import LazyVlm, build_vlm, dtype_name, named_dtype
 from ..models.world import weights_tag
 from ..progress import tqdm
 from ..runtime import process_share
@@ -40,16 +43,33 @@ from .constrained import SchemaConstraint
 from .tags import INSTRUCTION, LIST_FIELDS, PARSER_VERSION, parse_reply, reference_parse
 
 TAGS_DIR, PLAN_NAME, TAGS_NAME, CAPTIONS_NAME = "tags", "plan.json", "tags.parquet", "captions.parquet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the plan holds the dtype and the selection; batch size and dtype in the fingerprint
 
 
-def fingerprint(models: ModelsConfig, cfg: VlmConfig) -> str:
-    """Hash of what determines a reply: the model, instruction, decoding (not the batch size or device)."""
+class TaggingPending(RuntimeError):
+    """The plan has chunks to tag and this run was asked not to tag them (tag_images=False): the message says how."""
+
+
+def fingerprint(models: ModelsConfig, cfg: VlmConfig, dtype: str = "float32", selection: dict | None = None) -> str:
+    """Hash of what determines the tags: the model, instruction, decoding, batch size and dtype (padding in a bf16
+    batch changes the numerics), and which images were selected (not the device or the process split)."""
     model = {"builder": models.builder, "vlm_id": models.vlm_id,
              **({"seed": models.seed, "weights": weights_tag(models)} if models.builder == "tiny" else {})}
     payload = {"version": FORMAT_VERSION, "model": model, "instruction": INSTRUCTION, "decoding": "greedy",
-               "max_new_tokens": cfg.max_new_tokens, "constrained": cfg.constrained}
+               "max_new_tokens": cfg.max_new_tokens, "constrained": cfg.constrained, "batch_size": cfg.batch_size,
+               "dtype": dtype, "selection": selection or {"limit": 0}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def select_images(names: Sequence[str], limit: int = 0, seed: int = 0) -> list[str]:
+    """The sorted names to tag: all (limit 0), else the first `limit` of an order seeded by `seed` (a hash of seed
+    and name: a larger limit keeps every image a smaller one chose)."""
+    if not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"tag_limit={limit!r}: expected 0 (every image) or a positive number of images")
+    names = sorted(set(names))
+    if not limit or limit >= len(names):
+        return names
+    return sorted(sorted(names, key=lambda n: hashlib.sha256(f"rebeca-tag:{seed}:{n}".encode()).digest())[:limit])
 
 
 def chat_prompt(processor, text: str = INSTRUCTION, image: bool = True) -> str:
@@ -87,20 +107,30 @@ class TagReport:
 
 
 def save_tag_plan(out_dir: str | os.PathLike, names: Sequence[str], image_root: str | os.PathLike,
-                  models: ModelsConfig, cfg: VlmConfig) -> Path:
-    """Write tags/plan.json: the sorted image names, chunking, fingerprint and configs (for the CLI)."""
+                  models: ModelsConfig, cfg: VlmConfig, dtype: torch.dtype = torch.float32, limit: int = 0,
+                  seed: int = 0) -> Path:
+    """Write tags/plan.json: the image names (all of `names`, or `limit` of them: select_images), chunking, dtype,
+    fingerprint and configs (for the CLI)."""
+    every = sorted(set(names))
+    chosen = select_images(every, limit, seed)
+    selection = {"limit": len(chosen), "seed": seed} if len(chosen) < len(every) else {"limit": 0}
     return write_json(Path(out_dir) / TAGS_DIR / PLAN_NAME, {
-        "names": sorted(set(names)), "chunk_size": cfg.chunk_size, "fingerprint": fingerprint(models, cfg),
+        "version": FORMAT_VERSION, "names": chosen, "selection": {**selection, "of": len(every)},
+        "chunk_size": cfg.chunk_size, "dtype": dtype_name(dtype),
+        "fingerprint": fingerprint(models, cfg, dtype_name(dtype), selection),
         "image_root": str(Path(image_root).resolve()), "models": dataclasses.asdict(models),
         "vlm": dataclasses.asdict(cfg)})
 
 
 def load_tag_plan(out_dir: str | os.PathLike) -> dict:
-    """tags/plan.json as saved; a clear error when there is none."""
+    """tags/plan.json as saved; a clear error when there is none or an older kit saved it."""
     path = Path(out_dir) / TAGS_DIR / PLAN_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no tagging plan; run notebook 07 (or save_tag_plan) first")
     plan = json.loads(path.read_text())
+    if plan.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: a plan of format {plan.get('version', 1)}, this kit reads {FORMAT_VERSION}; run "
+                         "notebook 07 again (tag_images=False saves the plan)")
     plan["models"] = ModelsConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan["models"].items()})
     plan["vlm"] = VlmConfig(**plan["vlm"])
     return plan
@@ -126,6 +156,32 @@ def _read_chunk(path: Path, names: list[str], fp: str) -> tuple[pd.DataFrame, di
     return (df, meta) if meta.get("fingerprint") == fp and df["image"].tolist() == names else None
 
 
+def missing_chunks(out_dir: str | os.PathLike) -> list[int]:
+    """Indices of the plan's chunks that are not finished for its fingerprint (missing, truncated or stale)."""
+    plan = load_tag_plan(out_dir)
+    return [i for i, names in enumerate(_chunks(plan))
+            if _read_chunk(_chunk_path(Path(out_dir), i), names, plan["fingerprint"]) is None]
+
+
+def tag_command(out_dir: str | os.PathLike, n_gpus: int) -> str:
+    """The accelerate command that tags the plan saved in `out_dir` with `n_gpus` processes."""
+    multi = f"--multi_gpu --num_processes {n_gpus}" if n_gpus > 1 else "--num_processes 1"
+    return f"accelerate launch {multi} -m rebeca_utils.baselines.tagging --out-dir {Path(out_dir).resolve()}"
+
+
+def tag_plan(llava: LazyVlm, out_dir: str | os.PathLike, tag: bool = True, progress: bool = True) -> TagReport:
+    """Tag the saved plan's unfinished chunks; LLaVA is built only when there are some. tag=False builds nothing
+    and raises TaggingPending naming the command that tags them (several GPUs), when there are some."""
+    todo, n = missing_chunks(out_dir), len(_chunks(load_tag_plan(out_dir)))
+    if todo and not tag:
+        raise TaggingPending(f"{len(todo)} of {n} tag chunks to make in {Path(out_dir).resolve() / TAGS_DIR} "
+                             f"(tag_images=False); run `{tag_command(out_dir, torch.cuda.device_count())}`, then "
+                             "this notebook again")
+    if not todo:
+        return TagReport(reused=n)
+    return tag_images(*llava.get(), out_dir, progress=progress)
+
+
 def _load_images(root: Path, names: Sequence[str]) -> tuple[list[Image.Image | None], list[str]]:
     images, errors = [], []
     for n in names:
@@ -139,6 +195,22 @@ def _load_images(root: Path, names: Sequence[str]) -> tuple[list[Image.Image | N
     return images, errors
 
 
+def _tag_chunk(model, processor, prompt: str, root: Path, names: list[str], cfg: VlmConfig, bar) -> pa.Table:
+    """Replies of one chunk, batch by batch (image, reply, new_tokens, error); unreadable images are failed rows."""
+    replies, counts, errors = [], [], []
+    for s in range(0, len(names), cfg.batch_size):
+        images, errs = _load_images(root, names[s:s + cfg.batch_size])
+        ok = [j for j, im in enumerate(images) if im is not None]
+        texts, ns = generate(model, processor, [prompt] * len(ok), [images[j] for j in ok], cfg.max_new_tokens,
+                             cfg.constrained) if ok else ([], [])
+        got = dict(zip(ok, zip(texts, ns)))
+        replies += [got.get(j, ("", 0))[0] for j in range(len(images))]
+        counts += [got.get(j, ("", 0))[1] for j in range(len(images))]
+        errors += errs
+        bar.update(len(images))
+    return pa.table({"image": names, "reply": replies, "new_tokens": counts, "error": errors})
+
+
 def tag_images(model, processor, out_dir: str | os.PathLike, *, rank: int = 0, world_size: int = 1,
                progress: bool = True) -> TagReport:
     """Tag this process's chunks of the saved plan (chunk i: i mod world_size == rank); finished chunks with the
@@ -146,6 +218,9 @@ def tag_images(model, processor, out_dir: str | os.PathLike, *, rank: int = 0, w
     out_dir = Path(out_dir)
     plan = load_tag_plan(out_dir)
     cfg, fp, root = plan["vlm"], plan["fingerprint"], Path(plan["image_root"])
+    if dtype_name(model.dtype) != plan["dtype"]:  # the fingerprint says the plan's dtype: the chunks must hold it
+        raise ValueError(f"{out_dir / TAGS_DIR / PLAN_NAME} was planned in {plan['dtype']}, the model is "
+                         f"{dtype_name(model.dtype)}: build it in {plan['dtype']} or save the plan again")
     prompt = chat_prompt(processor)
     rep, chunks = TagReport(), list(enumerate(_chunks(plan)))[rank::world_size]
     bar = tqdm(total=sum(len(c) for _, c in chunks), desc=f"tag [{rank}/{world_size}]" if world_size > 1 else "tag",
@@ -156,26 +231,19 @@ def tag_images(model, processor, out_dir: str | os.PathLike, *, rank: int = 0, w
             rep.reused += 1
             bar.update(len(names))
             continue
-        t0, replies, counts, errors = time.perf_counter(), [], [], []
-        for s in range(0, len(names), cfg.batch_size):
-            images, errs = _load_images(root, names[s:s + cfg.batch_size])
-            ok = [j for j, im in enumerate(images) if im is not None]
-            texts, ns = generate(model, processor, [prompt] * len(ok), [images[j] for j in ok], cfg.max_new_tokens,
-                                 cfg.constrained) if ok else ([], [])
-            got = dict(zip(ok, zip(texts, ns)))
-            replies += [got.get(j, ("", 0))[0] for j in range(len(images))]
-            counts += [got.get(j, ("", 0))[1] for j in range(len(images))]
-            errors += errs
-            bar.update(len(images))
-        secs = time.perf_counter() - t0
+        for stale in path.parent.glob(f".{path.name}.*"):  # a killed write's temp file (chunk i is only ours)
+            with suppress(FileNotFoundError):
+                stale.unlink()
+        t0 = time.perf_counter()
+        table = _tag_chunk(model, processor, prompt, root, names, cfg, bar)
+        secs, n_new = time.perf_counter() - t0, sum(table.column("new_tokens").to_pylist())
         meta = {"fingerprint": fp, "seconds": secs, "device": str(model.device), "batch_size": cfg.batch_size,
-                "dtype": str(model.dtype).replace("torch.", "")}
-        table = pa.table({"image": names, "reply": replies, "new_tokens": counts, "error": errors})
+                "dtype": plan["dtype"]}
         with atomic_path(path) as tmp:
             pq.write_table(table.replace_schema_metadata({"rebeca": json.dumps(meta)}), tmp)
-        rep.computed, rep.images, rep.new_tokens = rep.computed + 1, rep.images + len(names), rep.new_tokens + sum(counts)
+        rep.computed, rep.images, rep.new_tokens = rep.computed + 1, rep.images + len(names), rep.new_tokens + n_new
         rep.seconds += secs
-        rep.chunks.append({"chunk": i, **meta, "images": len(names), "new_tokens": sum(counts)})
+        rep.chunks.append({"chunk": i, **meta, "images": len(names), "new_tokens": n_new})
     bar.close()
     return rep
 
@@ -205,7 +273,8 @@ def collect(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     with atomic_path(out_dir / CAPTIONS_NAME) as tmp:
         caps.to_parquet(tmp, index=False)
     throughput = {"images": n, "seconds": secs, "images_per_s": n / max(secs, 1e-9), "new_tokens": toks,
-                  "tokens_per_s": toks / max(secs, 1e-9), "parser_version": PARSER_VERSION}
+                  "tokens_per_s": toks / max(secs, 1e-9), "parser_version": PARSER_VERSION,
+                  "selection": plan["selection"], "dtype": plan["dtype"], "batch_size": plan["vlm"].batch_size}
     return tags, throughput
 
 
@@ -241,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}".splitlines()[0], file=sys.stderr)
         return 2
     share = process_share(args.device)
-    model, processor = build_vlm(plan["models"], share.device, vlm_dtype(share.device, plan["vlm"].dtype))
+    model, processor = build_vlm(plan["models"], share.device, named_dtype(plan["dtype"]))
     rep = tag_images(model, processor, args.out_dir, rank=share.rank, world_size=share.world_size,
                      progress=not args.no_progress)
     summary = {"rank": share.rank, "world_size": share.world_size, "computed": rep.computed, "reused": rep.reused,

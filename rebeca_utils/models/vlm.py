@@ -1,6 +1,7 @@
 """The VLM of the prompt-based baselines: LLaVA-1.5-7B (App F) or a tiny LLaVA built offline from configs."""
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import torch
@@ -69,6 +70,19 @@ def vlm_dtype(device: str, dtype: str = "auto") -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """"float32", "bfloat16", ...: a dtype as plans and fingerprints record it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def named_dtype(name: str) -> torch.dtype:
+    """The torch dtype a plan recorded (dtype_name's inverse)."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype {name!r}: expected a torch dtype name such as float32 or bfloat16")
+    return dtype
+
+
 def build_vlm(models: ModelsConfig, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(LlavaForConditionalGeneration, processor) in eval mode; the processor's tokenizer pads on the left."""
     if check_builder(models) == "tiny":
@@ -83,3 +97,31 @@ def build_vlm(models: ModelsConfig, device: str = "cpu", dtype: torch.dtype = to
         processor = AutoProcessor.from_pretrained(folder)
     processor.tokenizer.padding_side = "left"  # batched generation: every prompt ends where generation starts
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False), processor
+
+
+class LazyVlm:
+    """The VLM of one notebook run: built on first get() (a run whose tags are done loads nothing), and freed by
+    release() before the next model needs the GPU (LLaVA-1.5-7B holds ~14 GB in bf16)."""
+
+    def __init__(self, models: ModelsConfig, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.models, self.device, self.dtype = models, device, dtype
+        self._pair: tuple | None = None
+        self.builds = 0  # how often it was built (a run that needs no tagging builds it 0 times)
+
+    @property
+    def loaded(self) -> bool:
+        return self._pair is not None
+
+    def get(self) -> tuple:
+        """(model, processor), built now if needed; callers keep no reference, so release() can free it."""
+        if self._pair is None:
+            self._pair = build_vlm(self.models, self.device, self.dtype)
+            self.builds += 1
+        return self._pair
+
+    def release(self) -> None:
+        """Drop the model, collect it and hand CUDA's cached blocks back, so that SD gets the memory."""
+        self._pair = None
+        gc.collect()  # the model's reference cycles (hooks, generation config) go now, not at some later gc pass
+        if str(self.device).startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -11,7 +12,7 @@ from urllib.parse import unquote, urlparse
 import open_clip
 import torch
 from diffusers.utils import logging as diffusers_logging
-from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub import constants, hf_hub_download, snapshot_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError
 from transformers.utils import logging as transformers_logging
 
@@ -38,6 +39,7 @@ class WeightsEntry(NamedTuple):
     repo_id: str
     files: list[str]
     url: str = ""  # set: files = [the local path] that this URL is fetched to (not the Hugging Face cache)
+    patterns: tuple[str, ...] = ()  # set: a snapshot fetched by these patterns, checked by snapshot_missing()
 
 
 def check_builder(models: ModelsConfig) -> str:
@@ -114,17 +116,20 @@ def aesthetic_head_entry(models: ModelsConfig, path: str | os.PathLike | None = 
                         [str(Path(target).expanduser().absolute())], url=models.aesthetic_head_url)
 
 
-# llava-hf/llava-1.5-7b-hf: config first (its folder is the snapshot from_pretrained reads), 3 weight shards; the
-# processor files as "a|b" where snapshots of the repo differ (the chat template moved out of tokenizer_config)
-VLM_FILES = ["config.json", "model.safetensors.index.json", *(f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)),
-             "preprocessor_config.json", "processor_config.json|preprocessor_config.json", "tokenizer_config.json",
-             "tokenizer.json|tokenizer.model", "special_tokens_map.json", "chat_template.json|tokenizer_config.json",
-             "added_tokens.json|tokenizer_config.json"]
+# llava-hf/llava-1.5-7b-hf is fetched by patterns, not a file list: its snapshots differ (the chat template moved from
+# tokenizer_config.json to chat_template.json, then chat_template.jinja; the shards are named by the index)
+VLM_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.jinja", "tokenizer*")
+VLM_REQUIRED = ("config.json", "model.safetensors.index.json", "tokenizer_config.json")
+VLM_EITHER = (("preprocessor_config.json", "processor_config.json"),  # the image processor (transformers 5: in the
+              ("tokenizer.json", "tokenizer.model"))                 # latter), the fast or sentencepiece tokenizer
+VLM_TEMPLATES = ("chat_template.jinja", "chat_template.json")  # else a "chat_template" key in tokenizer_config.json
+VLM_FILES = [*VLM_REQUIRED, "the shards model.safetensors.index.json names", *("|".join(e) for e in VLM_EITHER),
+             "|".join(VLM_TEMPLATES) + "|tokenizer_config.json (its chat_template key)"]  # what weights_report shows
 
 
 def vlm_entry(models: ModelsConfig) -> WeightsEntry:
-    """LLaVA-1.5-7B, the tagger of the VLM baselines (App F): weights and processor files."""
-    return WeightsEntry("LLaVA-1.5-7B (VLM baselines' tagger)", models.vlm_id, list(VLM_FILES))
+    """LLaVA-1.5-7B, the tagger of the VLM baselines (App F): a snapshot of its weights and processor files."""
+    return WeightsEntry("LLaVA-1.5-7B (VLM baselines' tagger)", models.vlm_id, list(VLM_FILES), patterns=VLM_PATTERNS)
 
 
 def paper_weights(models: ModelsConfig | None = None) -> list[WeightsEntry]:
@@ -144,10 +149,48 @@ def cached_file(repo_id: str, spec: str) -> str | None:
     return None
 
 
+def snapshot_folder(repo_id: str, patterns: tuple[str, ...] = VLM_PATTERNS) -> Path | None:
+    """The cached snapshot of `repo_id` (the one refs/main names: what snapshot_download returns offline), or None."""
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns), cache_dir=hf_cache(),
+                                      local_files_only=True))
+    except FileNotFoundError as err:  # LocalEntryNotFoundError; IncompleteSnapshotError names the folder it judged
+        path = getattr(err, "snapshot_path", None)  # (snapshot_missing decides what the kit needs of it)
+        return Path(path) if path else None
+
+
+def snapshot_missing(folder: Path | None) -> list[str]:
+    """What a LLaVA snapshot lacks: config, index, every shard the index names, processor and tokenizer files."""
+    if folder is None:
+        return ["every file (no snapshot)"]
+    missing = [f for f in VLM_REQUIRED if not (folder / f).is_file()]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError):  # a truncated download: fetch it again
+            shards = [f"{index.name} (unreadable)"]
+        missing += [s for s in shards if not (folder / s).is_file()]
+    missing += [" or ".join(e) for e in VLM_EITHER if not any((folder / f).is_file() for f in e)]
+    tok_cfg = folder / "tokenizer_config.json"
+    in_tok_cfg = tok_cfg.is_file() and '"chat_template"' in tok_cfg.read_text(errors="replace")  # older snapshots
+    if not in_tok_cfg and not any((folder / f).is_file() for f in VLM_TEMPLATES):
+        missing.append(" or ".join(VLM_TEMPLATES))
+    return missing
+
+
+def snapshot_files(folder: Path) -> list[str]:
+    """The files of a snapshot, config.json first (its folder is what from_pretrained reads)."""
+    rest = sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.name != "config.json")
+    return [str(folder / "config.json"), *rest]
+
+
 def weights_in_cache(entry: WeightsEntry) -> bool:
     """True when every file of `entry` is present locally (HF cache or its path; never touches the network)."""
     if entry.url:
         return all(os.path.isfile(f) for f in entry.files)
+    if entry.patterns:
+        return not snapshot_missing(snapshot_folder(entry.repo_id, entry.patterns))
     return all(cached_file(entry.repo_id, spec) is not None for spec in entry.files)
 
 
@@ -155,9 +198,13 @@ def _missing_message(entry: WeightsEntry, why: str) -> str:
     if entry.url:
         return (f"{entry.label}: {entry.files[0]} does not exist and {why}. {SETUP_HINT}, or download "
                 f"{entry.url} to {entry.files[0]} (or point {AESTHETIC_HEAD_ENV} / head_path= at a local copy).")
-    names = " ".join(s.split("|")[0] for s in entry.files if cached_file(entry.repo_id, s) is None)
-    return (f"{entry.label}: weights of {entry.repo_id} are not in the Hugging Face cache {hf_cache()} and {why}. "
-            f"{SETUP_HINT}, or `hf download {entry.repo_id} {names}`, then copy that cache here "
+    if entry.patterns:
+        lacks = f" (missing: {', '.join(snapshot_missing(snapshot_folder(entry.repo_id, entry.patterns)))})"
+        names = "--include " + " ".join(f"'{p}'" for p in entry.patterns)
+    else:
+        lacks, names = "", " ".join(s.split("|")[0] for s in entry.files if cached_file(entry.repo_id, s) is None)
+    return (f"{entry.label}: weights of {entry.repo_id} are not in the Hugging Face cache {hf_cache()}{lacks} and "
+            f"{why}. {SETUP_HINT}, or `hf download {entry.repo_id} {names}`, then copy that cache here "
             f"(or point HF_HOME / HF_HUB_CACHE at it).")
 
 
@@ -169,6 +216,12 @@ def download_paper_weights(entries: list[WeightsEntry] | None = None,
     for entry in entries if entries is not None else paper_weights(models):
         if entry.url:
             out.setdefault(entry.repo_id, []).append(str(download_url(entry.url, Path(entry.files[0]))))
+            continue
+        if entry.patterns:  # the repo's current layout, whatever its file names (the shards, the chat template)
+            folder = Path(snapshot_download(entry.repo_id, allow_patterns=list(entry.patterns), cache_dir=hf_cache()))
+            if snapshot_missing(folder):
+                raise FileNotFoundError(f"{entry.label}: {entry.repo_id} has no {', '.join(snapshot_missing(folder))}")
+            out[entry.repo_id] = snapshot_files(folder)
             continue
         for spec in entry.files:
             path = cached_file(entry.repo_id, spec)
@@ -196,6 +249,8 @@ def require_weights(entry: WeightsEntry) -> list[str]:
         if urlparse(entry.url).scheme != "file" and not hub_reachable(endpoint=entry.url or None):
             raise MissingWeightsError(_missing_message(entry, f"{where} is unreachable from this machine"))
         download_paper_weights([entry])
+    if entry.patterns:
+        return snapshot_files(snapshot_folder(entry.repo_id, entry.patterns))
     return list(entry.files) if entry.url else [cached_file(entry.repo_id, spec) for spec in entry.files]
 
 
