@@ -10,7 +10,7 @@ KERNEL ?= rebeca
 RUN = $(PY) -m rebeca_utils.run
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: install demo test test-fast smoke paper report lab lab-command git-filter bench clean-outputs
+.PHONY: install demo test test-fast smoke paper report lab lab-command git-filter bench rehearse clean-outputs
 
 $(STAMP): pyproject.toml
 	@s=$$SECONDS; \
@@ -75,6 +75,15 @@ lab: install
 
 lab-command:
 	@echo '$(LAB)'
+
+# every notebook in the paper profile, offline, on random weights of the paper's architectures in a Hub-layout cache
+# (README "On a GPU box"): SIZE=ci (published interfaces, cut depth; < 2 GB) or SIZE=full (~20 GB, every
+# architecture at its published size); WORK=DIR keeps the cache and outputs there (default: a temp folder)
+SIZE ?= ci
+WORK ?=
+rehearse: install
+	@s=$$SECONDS; HF_HUB_OFFLINE=1 $(PY) -m rebeca_utils.rehearse --size $(SIZE) $(if $(WORK),--work $(WORK)) && \
+	echo "== rehearsal ($(SIZE)) done in $$((SECONDS - s)) s"
 
 # then every stage of `make paper` through the paper-profile builders, priced on 1 and GPUS GPUs (a CPU: the ci shape)
 GPUS ?= 1

@@ -218,9 +218,12 @@ def _coalesce(path: Path) -> None:
 
 
 def _summary(manifest: Path) -> str:
-    """What the notebook skipped, from its manifest (`skipped_images`), for the ok line."""
-    skipped = json.loads(manifest.read_text()).get("skipped_images") or []
-    return f" ({len(skipped)} unreadable image{'s' * (len(skipped) != 1)} skipped; see manifest)" if skipped else ""
+    """The kernel's peak RSS and what the notebook skipped (`skipped_images`), from its manifest, for the ok line."""
+    m = json.loads(manifest.read_text())
+    skipped = m.get("skipped_images") or []
+    rss = f", peak RSS {m['peak_rss_mb']:,.0f} MB" if m.get("peak_rss_mb") else ""
+    return rss + (f" ({len(skipped)} unreadable image{'s' * (len(skipped) != 1)} skipped; see manifest)" if skipped
+                  else "")
 
 
 def run_notebooks(profile: str, nbs: list[Path], params: dict, output_dir: Path, kernel: str = KERNEL,

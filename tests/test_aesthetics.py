@@ -1,4 +1,5 @@
 """LAION aesthetic predictor and HPSv2: official checkpoint layouts, batched scoring, offline failures."""
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before any Hugging Face import: these tests never reach the network
@@ -187,11 +188,17 @@ def test_hps_transform_pads_the_longest_side_to_square():
 
 
 @pytest.mark.parametrize("prefix,half", [("", True), ("module.", False)])
-def test_hps_checkpoint_in_the_real_layout_loads_offline(hf_cache, tiny_hps, prefix, half):
+def test_hps_checkpoint_in_the_real_layout_loads_offline(hf_cache, tiny_hps, prefix, half, monkeypatch):
     """A tiny model saved as HPS_v2_compressed.pt ({"state_dict": ...}) in the xswu/HPSv2 cache loads by the hub path."""
     import open_clip
 
     arch = ENC.tiny_clip_name(TINY, "hps")
+    # the architecture HPS fine-tuned comes from its base repo's open_clip_config.json (a tiny one here)
+    pcfg = dict(open_clip.get_pretrained_cfg("ViT-H-14", "laion2b_s32b_b79k"), hf_hub="someone/tiny-hps-base/")
+    real = open_clip.get_pretrained_cfg
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda a, t: pcfg if a == arch else real(a, t))
+    base = _fake_repo(hf_cache, "someone/tiny-hps-base")
+    (base / W.OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": open_clip.get_model_config(arch)}))
     models = replace(HUB, hps_clip=(arch, "laion2b_s32b_b79k"))
     with pytest.raises(W.MissingWeightsError, match="xswu/HPSv2"):
         AES.HPSScorer.from_models(models)

@@ -218,11 +218,34 @@ def test_hub_clip_loads_cached_open_clip_weights_offline(hf_cache, monkeypatch):
     models = replace(HUB, aesthetic_clip=(arch, "openai"))
     with pytest.raises(W.MissingWeightsError, match="someone/tiny-clip"):
         ENC.build_clip(models, "aesthetic")
-    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()},
-              str(_fake_repo(hf_cache, "someone/tiny-clip") / "open_clip_model.safetensors"))
+    repo = _fake_repo(hf_cache, "someone/tiny-clip")
+    save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(repo / "open_clip_model.safetensors"))
+    with pytest.raises(W.MissingWeightsError, match="open_clip_config.json"):  # the architecture comes from the repo
+        ENC.build_clip(models, "aesthetic")
+    (repo / W.OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": open_clip.get_model_config(arch)}))
     model, preprocess, tokenizer = ENC.build_clip(models, "aesthetic")
     assert _same(model, tiny) and not model.training
     assert model.encode_text(tokenizer(["a cat"])).shape == (1, ENC.AESTHETIC_EMB_DIM)
+    # a checkpoint that does not fit the repo's architecture is one line naming the file
+    save_file({"visual.nope": torch.zeros(1)}, str(repo / "open_clip_model.safetensors"))
+    with pytest.raises(ValueError, match=r"open_clip_model.safetensors: checkpoint does not fit the architecture"):
+        ENC.build_clip(models, "aesthetic")
+
+
+def test_hub_clip_is_made_in_the_target_dtype_and_filled_in_place(tmp_path):
+    """open_clip_from_repo + stream_state_dict: the model is made in the dtype asked for (no fp32 copy first) and
+    the checkpoint is copied into it tensor by tensor, equal to open_clip's own load."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    arch = ENC.tiny_clip_name(TINY, "aesthetic")
+    ref = open_clip.create_model(arch, pretrained=None)
+    (tmp_path / W.OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": open_clip.get_model_config(arch)}))
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    model, _ = ENC.open_clip_from_repo(tmp_path / W.OPEN_CLIP_CONFIG, "cpu", torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ENC.stream_state_dict(model, tmp_path / "w.safetensors")
+    assert all(torch.equal(v, ref.state_dict()[k].to(v.dtype)) for k, v in model.state_dict().items())
 
 
 # ----------------------------------------------------------------------------------------------- paper profile

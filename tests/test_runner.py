@@ -174,7 +174,8 @@ def test_progress_lines_saved_bars_and_summary(tmp_path, capfd):
     assert cells == ["    [01] cell 1/3, N s", "    [01] cell 2/3, N s", "    [01] cell 3/3, N s"]  # with the injected one
     bars = [x for x in lines if "train prior" in x]
     assert bars[-1].startswith("    [01] train prior: 100%") and "40/40" in bars[-1] and len(bars) <= 3
-    assert re.fullmatch(r"\[1/1\] 01_bars ok in [\d.]+ s \(2 unreadable images skipped; see manifest\) -> .*", lines[-1])
+    assert re.fullmatch(r"\[1/1\] 01_bars ok in [\d.]+ s, peak RSS [\d,]+ MB \(2 unreadable images skipped; see "
+                        r"manifest\) -> .*", lines[-1])
     assert "without encryption" not in capfd.readouterr().err
     saved = nbformat.read(tmp_path / "out/smoke/notebooks/01_bars.ipynb", as_version=4)
     stderr = [o.text for c in saved.cells for o in c.get("outputs", []) if o.get("name") == "stderr"]

@@ -18,12 +18,14 @@ from ..config import ModelsConfig
 from ..models.encoders import (
     AESTHETIC_EMB_DIM,
     build_clip,
+    open_clip_from_repo,
     quiet_random_init,
     tiny_clip_name,
 )
 from ..models.weights import (
     aesthetic_head_entry,
     check_builder,
+    clip_config_entry,
     hps_entry,
     require_weights,
 )
@@ -177,7 +179,9 @@ def hps_transform(image_size: int):
 def load_hps_state(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Loads an HPS checkpoint ({"state_dict": ...}, keys optionally "module."-prefixed) into an open_clip CLIP."""
 
-    try:
+    try:  # memory-mapped: host RAM holds the model, not a second copy of the 2 GB checkpoint
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a file in torch's legacy (non-zip) format cannot be mapped
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # hpsv2 itself loads with full pickle; fall back only for a file that is not plain tensors and containers
@@ -206,9 +210,11 @@ def build_hps(models: ModelsConfig, version: str = "v2.0", device: str = "cpu", 
     else:
         name = models.hps_clip[0]
         path = require_weights(entry)[0]
-        # the architecture only: the HPS checkpoint holds both towers, so the base laion2b weights are not needed
-        with quiet_random_init():  # random until load_hps_state fills both towers
-            model = load_hps_state(open_clip.create_model(name, pretrained=None, device=device), path)
+        # the architecture only, from the open_clip_config.json of the repo HPS fine-tuned (the checkpoint holds
+        # both towers, so the base weights are not read); made on the device in the dtype, then filled
+        config = require_weights(clip_config_entry(models.hps_clip))[0]
+        model, _ = open_clip_from_repo(config, device, dtype)
+        load_hps_state(model, path)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, hps_transform(model.visual.image_size[0]), open_clip.get_tokenizer(name)
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import open_clip
 import open_clip.tokenizer as oct
 import torch
+from safetensors import safe_open
 from transformers import (
     CLIPImageProcessor,
     CLIPTokenizer,
@@ -24,7 +25,7 @@ from ..io import atomic_write
 from ..runtime import kit_cache_dir, seeded
 from .weights import (
     CLIP_ROLES,
-    cached_file,
+    OPEN_CLIP_CONFIG,
     check_builder,
     clip_entry,
     hf_cache,
@@ -108,16 +109,65 @@ def build_clip(models: ModelsConfig, role: str, device: str = "cpu", dtype: torc
     else:
         name, tag = getattr(models, f"{role}_clip")
         entry = clip_entry(models, role)
-        require_weights(entry)
+        weights, config = require_weights(entry)
+        # the repo's architecture, with the tag's preprocessing and activation as open_clip's registry gives them
         pcfg = open_clip.get_pretrained_cfg(name, tag)
-        # load the cached file by path (no Hub round-trip) with the tag's preprocessing and activation
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=cached_file(entry.repo_id, entry.files[0]),
-            force_quick_gelu=pcfg.get("quick_gelu", False), image_mean=pcfg.get("mean"),
+        model, preprocess = open_clip_from_repo(
+            config, device, dtype, force_quick_gelu=pcfg.get("quick_gelu", False), image_mean=pcfg.get("mean"),
             image_std=pcfg.get("std"), image_interpolation=pcfg.get("interpolation"),
             image_resize_mode=pcfg.get("resize_mode"))
+        stream_state_dict(model, weights)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, preprocess, open_clip.get_tokenizer(name)
+
+
+def open_clip_from_repo(config: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                        **kwargs):
+    """(model, preprocess) of the architecture in a Hub repo's open_clip_config.json, made on `device` in `dtype`
+    without weights: no second copy of the model (bigG in fp32 is 10 GB) exists before stream_state_dict fills it."""
+    folder = Path(config).parent
+    with torch.device(device), default_dtype(dtype), quiet_random_init():
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            f"local-dir:{folder}", load_weights=False, device=device, **kwargs)
+    return model.to(device=device, dtype=dtype), preprocess
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """torch's default floating dtype set to `dtype` (a floating type) inside the block."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def stream_state_dict(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
+    """Copy a checkpoint into `model` one tensor at a time (safetensors, or a memory-mapped torch file), so host RAM
+    holds one tensor of it at a time, not a second copy of the model; the same keys, or one line naming the file."""
+    own = model.state_dict()
+    if str(path).endswith(".safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            _check_keys(path, own, keys)
+            for k in keys:
+                own[k].copy_(f.get_tensor(k))
+        return model
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    state = state.get("state_dict", state)
+    state = {k.removeprefix("module."): v for k, v in state.items() if k not in ("attn_mask", "module.attn_mask")}
+    _check_keys(path, own, set(state))
+    for k, v in state.items():
+        own[k].copy_(v)
+    return model
+
+
+def _check_keys(path, own: dict, keys: set) -> None:
+    missing, unexpected = sorted(set(own) - keys), sorted(keys - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not fit the architecture of its repo's {OPEN_CLIP_CONFIG}: "
+                         f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
 
 
 def tiny_image_encoder_config(models: ModelsConfig):

@@ -26,6 +26,7 @@ HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  
 
 SETUP_HINT = "Run notebooks/00_setup.ipynb with download=True on a machine with internet"
 CLIP_ROLES = ("verifier", "aesthetic", "decoder")
+OPEN_CLIP_CONFIG = "open_clip_config.json"
 
 
 class MissingWeightsError(RuntimeError):
@@ -64,8 +65,16 @@ def _open_clip_entry(label: str, arch_tag: tuple[str, str]) -> WeightsEntry:
     # open_clip's "org/name/" means the default file: open_clip_model.safetensors, else open_clip_pytorch_model.bin
     org, name, filename = (cfg["hf_hub"].split("/", 2) + [""])[:3]
     files = [filename] if filename else ["open_clip_model.safetensors|open_clip_pytorch_model.bin"]
+    # the repo's own architecture and preprocessing (open_clip's push_to_hf_hub writes it beside the weights)
+    files.append(OPEN_CLIP_CONFIG)
     repo = f"{org}/{name}"
     return WeightsEntry(f"{label} (open_clip {arch} / {tag})", repo, files)
+
+
+def clip_config_entry(arch_tag: tuple[str, str]) -> WeightsEntry:
+    """Only the open_clip_config.json of an open_clip tag's repo: an architecture whose weights come elsewhere (HPS)."""
+    entry = _open_clip_entry("architecture", arch_tag)
+    return WeightsEntry(entry.label, entry.repo_id, [OPEN_CLIP_CONFIG])
 
 
 def sd_entry(models: ModelsConfig) -> WeightsEntry:

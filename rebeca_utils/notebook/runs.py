@@ -121,11 +121,13 @@ class Run:
         metrics, inputs read and digests of the artifacts, images skipped as unreadable) and print the closing line:
         where results are, what is next."""
         skipped = sorted(skipped_images or [], key=lambda r: r["image"])
+        # a notebook that builds no model still records which models its profile names (provenance of its inputs)
+        config = config if config is not None else get_profile(self.profile, self.params.get("overrides") or {})
         manifest = {
             "notebook": self.notebook,
             "profile": self.profile,
             "parameters": self.params,
-            "config": as_dict(config) if config is not None else None,
+            "config": as_dict(config),
             "seed": self.seed,
             "device": device,
             "packages": package_versions(),

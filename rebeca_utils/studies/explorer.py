@@ -50,12 +50,13 @@ class Grid:
 class Explorer:
     """Everything the panel needs, loaded once from a profile's output folder."""
 
-    def __init__(self, cfg: Profile, root: str | os.PathLike, device: str = "cpu"):
+    def __init__(self, cfg: Profile, root: str | os.PathLike, device: str = "cpu",
+                 data_dir: str | os.PathLike | None = None):
         root = Path(root)
         self.cfg, self.device, self.gen_cfg = cfg, device, cfg.generation
         src02, src03 = root / "02_embed_flickr", root / "03_train_prior"
         self.splits, _ = split_table.load_splits(src02 / "flickr_splits.parquet")
-        self.image_dir = split_table.dataset_root(cfg.flickr, src02) / IMAGE_DIR
+        self.image_dir = split_table.dataset_root(cfg.flickr, src02, data_dir) / IMAGE_DIR  # the gallery's images
         self.store = embeddings.load_embeddings(src02 / "embeddings", "decoder", cfg.models)
         self.prior = load_prior(src03 / "prior", device)
         self.norm = Normalizer.load(src03 / "normalizer.json")
