@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy.stats import kstest
 
+from rebeca_utils import io as KIO
 from rebeca_utils.config import get_profile
 from rebeca_utils.evaluate import stats as S
 from rebeca_utils.models import decoder as DEC
@@ -111,3 +112,79 @@ def test_factor_tests_on_a_long_table():
     assert set(t["test"]) == {"decoder_cfg at omega=3", "decoder_cfg at omega=9"} and (t["users"] == 20).all()
     ref = t[t["decoder_cfg"] == 5.0]
     assert (ref["diff"] == 0).all() and len(A.p_values(t)) == 2
+
+
+def test_adopted_count_is_the_reused_images_on_a_rerun_too(pipe, tmp_path):
+    gen, items = A.cell_items(A.Cell(9.0, MAIN.decoder_cfg, 0), _samples(2), MAIN)
+    D.decode(pipe, items, tmp_path / "04", gen, models=PROF.models, progress=False)
+    assert D.adopt_done(items, tmp_path / "09", [tmp_path / "04"], gen, PROF.models) == 2
+    # a rerun of 09 reports the same reuse (the manifest's number does not drop to 0 once the copies exist)
+    assert D.adopt_done(items, tmp_path / "09", [tmp_path / "04"], gen, PROF.models) == 2
+    assert D.pending(items, tmp_path / "09", gen, PROF.models) == []
+    assert D.pending(items, tmp_path / "09", gen, PROF.models, overwrite=True) == items
+
+
+def test_09_takes_04s_samples_so_last_bit_differences_do_not_redo_its_images(pipe, tmp_path):
+    """04 sampled 4 per user (on a GPU, say, whose batch gave other last bits); 09 needs 2 per user at the same ω:
+    it takes 04's stored samples, so its work items are 04's and every image is adopted, none decoded again."""
+    from rebeca_utils.models.prior import RebecaPrior
+    from rebeca_utils.pipeline import sampling as SAMPLE
+    from rebeca_utils.train.diffusion import make_scheduler
+
+    torch.manual_seed(0)
+    prior = RebecaPrior.from_config(replace(PROF.prior, n_users=4))
+    with torch.no_grad():  # away from the zero init (its samples are all zero)
+        for p in prior.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sched = make_scheduler(PROF.diffusion)
+    kw = dict(cfg_scale=9.0, seed=0, sampler="dpmsolver", steps=4, progress=False)
+    src = tmp_path / "04" / "rebeca" / "prior_cfg9" / "embeddings.safetensors"
+    first = SAMPLE.prior_embeddings(prior, sched, [0, 2], 4, path=src, **kw)
+    tensors, meta = KIO.read_safetensors(src, "x")
+    bumped = torch.nextafter(first["img_emb"], torch.full_like(first["img_emb"], np.inf))  # one ulp each
+    KIO.save_safetensors({**tensors, "img_emb": bumped}, src, meta)
+    s04 = SAMPLE.prior_embeddings(prior, sched, [0, 2], 4, path=src, **kw)
+    assert torch.equal(s04["img_emb"], bumped)  # 04's own cache, as stored
+    items04 = SAMPLE.rebeca_items(s04, "prior_cfg9", MAIN)
+    assert D.decode(pipe, items04, tmp_path / "04", MAIN, models=PROF.models, progress=False).written == 8
+    fresh = SAMPLE.prior_embeddings(prior, sched, [0, 2], 2, path=tmp_path / "fresh.safetensors", **kw)
+    s09 = SAMPLE.prior_embeddings(prior, sched, [0, 2], 2, path=tmp_path / "09" / "e.safetensors", reuse=[src], **kw)
+    assert not torch.equal(fresh["img_emb"], bumped[[0, 1, 4, 5]])  # a redraw differs in the last bits
+    assert torch.equal(s09["img_emb"], bumped[[0, 1, 4, 5]])
+    gen, items = A.cell_items(A.Cell(9.0, MAIN.decoder_cfg, 0), s09, MAIN)
+    assert D.adopt_done(items, tmp_path / "09", [tmp_path / "04"], gen, PROF.models) == 4
+    assert D.pending(items, tmp_path / "09", gen, PROF.models) == []
+    # another ω, another prior or another seed is another sample: nothing taken from 04
+    other = SAMPLE.prior_embeddings(prior, sched, [0, 2], 2, path=tmp_path / "09" / "o.safetensors", reuse=[src],
+                                    **{**kw, "seed": 1})
+    assert not torch.equal(other["img_emb"], bumped[[0, 1, 4, 5]])
+
+
+def test_holm_over_a_figures_tests_counts_each_test_once():
+    import pandas as pd
+
+    rows = [{"metric": m, "test": f"level at omega={w}", "level": lev, "p_permutation": p, "p_friedman": p / 2,
+             "users": 12} for m, ps in (("verifier", (0.01, 0.04)), ("LAION aesthetic", (0.03, 0.005)))
+            for w, p in zip((5, 9), ps) for lev in (0, 1, 2)]
+    t = A.with_holm(pd.DataFrame(rows))
+    first = t.groupby(["metric", "test"], sort=False).first()
+    # m = 4 tests (not 12 rows): 0.005*4, 0.01*3, 0.03*2, max(0.04*1, 0.06)
+    assert first["p_permutation_holm"].round(12).tolist() == [0.03, 0.06, 0.06, 0.02]
+    assert (t.groupby(["metric", "test"])["p_permutation_holm"].nunique() == 1).all()
+    assert [round(p["p_permutation_holm"], 12) for p in A.p_values(t)] == [0.03, 0.06, 0.06, 0.02]
+
+
+def test_cell_effects_are_paired_differences_to_the_reference_cell():
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(0, 2, 30)  # users differ a lot: the between-user spread hides what pairing shows
+    rows = [{"omega": w, "decoder_cfg": c, "level": 0, "user_id": u,
+             "verifier": base[u] + 0.3 * (w == 9.0 and c == 1.0) + rng.normal(0, 0.05)}
+            for w in (3.0, 9.0) for c in (1.0, 5.0) for u in range(30)]
+    e = A.cell_effects(pd.DataFrame(rows), ["verifier"], (3.0, 5.0), 500).set_index(["omega", "decoder_cfg"])
+    assert e.loc[(3.0, 5.0), ["diff", "ci_low", "ci_high"]].tolist() == [0.0, 0.0, 0.0]
+    planted = e.loc[(9.0, 1.0)]
+    assert 0.2 < planted["ci_low"] < planted["diff"] < planted["ci_high"] < 0.4 and planted["users"] == 30
+    assert e.loc[(9.0, 5.0), "ci_low"] < 0 < e.loc[(9.0, 5.0), "ci_high"]
+    assert A.main_cell(PROF.ablation, MAIN) == (PROF.ablation.omegas[0], MAIN.decoder_cfg)

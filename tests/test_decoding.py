@@ -290,8 +290,8 @@ def test_prior_embeddings_cached_and_tied_to_weights(tmp_path, monkeypatch):
     prior = RebecaPrior.from_config(replace(SMOKE.prior, n_users=4))
     sched = make_scheduler(SMOKE.diffusion)
     calls = []
-    sample = SAMPLE.sample_users
-    monkeypatch.setattr(SAMPLE, "sample_users", lambda *a, **k: calls.append(k["cfg_scale"]) or sample(*a, **k))
+    sample = SAMPLE.sample_prior
+    monkeypatch.setattr(SAMPLE, "sample_prior", lambda *a, **k: calls.append(k["cfg_scale"]) or sample(*a, **k))
     kw = dict(cfg_scale=5.0, path=tmp_path / "e.safetensors", sampler="ddim", steps=3, progress=False)
     a = SAMPLE.prior_embeddings(prior, sched, [0, 2], 3, **kw)
     assert a["img_emb"].shape == (6, 32) and a["user_id"].tolist() == [0, 0, 0, 2, 2, 2] and a["index"].tolist() == [0, 1, 2] * 2
@@ -309,6 +309,41 @@ def test_prior_embeddings_cached_and_tied_to_weights(tmp_path, monkeypatch):
     items = SAMPLE.rebeca_items(a, "prior_cfg5", CFG)
     assert [it.seed for it in items] == [42, 43, 44, 20_042, 20_043, 20_044]
     assert torch.equal(items[4].ip_embedding, a["img_emb"][4])
+
+
+def _prior(n_users=4):
+    from rebeca_utils.models.prior import RebecaPrior
+    from rebeca_utils.train.diffusion import make_scheduler
+
+    torch.manual_seed(0)
+    prior = RebecaPrior.from_config(replace(SMOKE.prior, n_users=n_users))
+    with torch.no_grad():  # away from the zero init, so every path of the network shapes the sample
+        for p in prior.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    return prior, make_scheduler(SMOKE.diffusion)
+
+
+@pytest.mark.parametrize("sampler", ["dpmsolver", "ddpm"])
+def test_a_sample_is_the_same_bits_alone_or_in_a_batch_of_25(sampler, tmp_path):
+    """04 samples 25 per user, 09 10: sample (seed, u, j) must not depend on its batch mates or their number
+    (unpadded, 1 row vs 25 rows differ in the last bits on CPU: another matmul kernel)."""
+    from rebeca_utils.train.diffusion import make_scheduler
+
+    prior, sched = _prior()
+    if sampler == "ddpm":  # the ancestral chain runs every training step: 50 here (its noise comes per step too)
+        sched = make_scheduler(replace(SMOKE.diffusion, num_train_timesteps=50))
+    kw = dict(cfg_scale=5.0, sampler=sampler, steps=8, seed=3, progress=False, batch_size=32, pad=True)
+    batch = SAMPLE.sample_prior(prior, sched, [2] * 25, [1] * 25, range(25), **kw)
+    alone = SAMPLE.sample_prior(prior, sched, [2], [1], [7], **kw)
+    ten = SAMPLE.sample_prior(prior, sched, [2] * 10, [1] * 10, range(10), **kw)
+    mixed = SAMPLE.sample_prior(prior, sched, [0, 2, 1], [1] * 3, [4, 7, 7], **kw)
+    assert torch.equal(alone[0], batch[7]) and torch.equal(ten, batch[:10]) and torch.equal(mixed[1], batch[7])
+    assert not torch.equal(mixed[0], batch[4])  # another user: another sample
+    if sampler == "dpmsolver":  # notebooks 04 and 09 draw through this cache: 25 vs 10 per user, other users
+        kw = dict(cfg_scale=5.0, seed=3, sampler=sampler, steps=8, progress=False)
+        a = SAMPLE.prior_embeddings(prior, sched, [0, 2], 25, path=tmp_path / "04.safetensors", **kw)
+        b = SAMPLE.prior_embeddings(prior, sched, [2], 10, path=tmp_path / "09.safetensors", **kw)
+        assert torch.equal(a["img_emb"][25:35], b["img_emb"])
 
 
 def test_lora_items_load_their_adapter_and_leave_the_pipeline_clean(pipe, tmp_path):

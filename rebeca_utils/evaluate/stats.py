@@ -271,3 +271,19 @@ def paired_effect(matrix, levels, reference=None, n_permutations: int = 1000, n_
         lo, hi = np.percentile(d[boot].mean(1), [2.5, 97.5])
         diffs[lev] = (float(d.mean()), float(lo), float(hi))
     return PairedEffect(list(levels), x.mean(0), stat, p, float(fp), diffs)
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error), in the input's order; NaNs stay NaN, outside the family.
+
+    The i-th smallest of m p-values becomes max over j <= i of min(1, (m - j + 1) p_(j)) (Holm 1979; statsmodels'
+    multipletests(method="holm") gives the same)."""
+    p = np.asarray(p_values, dtype=np.float64).reshape(-1)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    if np.any((p[ok] < 0) | (p[ok] > 1)):
+        raise ValueError(f"holm: p-values must lie in [0, 1], got {p[ok].min():.3g} to {p[ok].max():.3g}")
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m = len(order)
+    out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    return out

@@ -85,6 +85,28 @@ def _wins(kind: str):
     return build
 
 
+def own_scores(root: Path, omega: float, users) -> str:
+    """Per-user signal of a samples figure: eq. 5 (verifier score of the user's own images, notebook 08) for the
+    shown users, against all users; and, at notebook 10's setting, how many shown users' images score higher for
+    them than for other users (Algorithm 2's per-user gap)."""
+    v_path = root / "08_evaluate_methods" / "verifier_per_user.csv"
+    if not v_path.is_file():
+        return "verifier scores: run 08_evaluate_methods first"
+    v = pd.read_csv(v_path)
+    v = v[v["method"] == P.method_label("rebeca", f"prior_cfg{omega:g}")]
+    shown = v[v["user_id"].isin(users)]["score"]
+    if shown.empty:
+        return f"no verifier scores at ω = {omega:g} in 08"
+    text = (f"verifier score of own images (eq. 5), users 1-{len(users)}: mean {shown.mean():.3f} "
+            f"(min {shown.min():.3f}, max {shown.max():.3f}); all {len(v)} users {v['score'].mean():.3f}")
+    gap_path, m10 = root / "10_test_personalization" / "per_user.csv", root / "10_test_personalization" / "manifest.json"
+    if gap_path.is_file() and m10.is_file() and \
+            json.loads(m10.read_text()).get("parameters", {}).get("setting") == f"prior_cfg{omega:g}":
+        gap = pd.read_csv(gap_path).set_index("user_id")["gap_generated"].reindex(users)
+        text += f"; own − other users' score > 0 for {int((gap > 0).sum())} of {len(users)} (Algorithm 2 gap)"
+    return text
+
+
 def _samples(omega: float, fig_id: str):
     def build(src, root):
         m = pd.read_csv(_read(src, "generation_manifest.csv"), keep_default_na=False)
@@ -95,8 +117,10 @@ def _samples(omega: float, fig_id: str):
             raise Missing(f"{src}: no images of {setting}; run 04_generate_images with ω = {omega:g}")
         n = min(cfg["grid_images"], cfg["n_per_user"])
         rows = [load_images(src, "rebeca", setting, int(u), n) for u in users]
-        fig = plots.user_rows(rows, [f"user {u}" for u in users], f"{fig_id}: users 1-{len(users)}, prior CFG {omega:g}")
-        return fig, f"{len(users)} users × {n} images", "redrawn from 04's PNGs"
+        # users are numbered from 1 wherever people read them (notebook 04's Figs 13-15 too)
+        fig = plots.user_rows(rows, [f"user {u + 1}" for u in users],
+                              f"{fig_id}: users 1-{len(users)}, prior CFG {omega:g}")
+        return fig, own_scores(Path(root), omega, [int(u) for u in users]), "redrawn from 04's PNGs"
     return build
 
 
@@ -137,24 +161,41 @@ def _image(name: str, number: Callable[[dict], str]):
 def _ablation(name: str, fig: str):
     def build(src, root):
         data = pd.read_csv(_read(src, name))
-        m = _metrics(src)
-        tests = m["fig6_p" if fig == "6" else "fig7_p"]
-        low = min((t["p_permutation"] for t in tests), default=float("nan"))
+        tests = _metrics(src)["fig6_p" if fig == "6" else "fig7_p"]
+        low = min((t.get("p_permutation_holm", np.nan) for t in tests), default=np.nan)
+        cols = [c for c in ("verifier", "LAION aesthetic") if c in data.columns or f"{c} mean" in data.columns]
+        extra = src / ("fig6_effects.csv" if fig == "6" else "fig7_tests.csv")
+        extra = pd.read_csv(extra) if extra.is_file() else None  # older 09 runs: the plain figure
         if fig == "6":
-            cols = [c for c in ("verifier", "LAION aesthetic") if c in data.columns]
-            out = plots.dual_guidance_heatmaps(data, cols, "Fig 6: user-averaged scores by SD × prior CFG")
+            out = plots.dual_guidance_heatmaps(data, cols, "Fig 6: user-averaged scores by SD × prior CFG", extra)
         else:
-            cols = [c for c in ("verifier", "LAION aesthetic") if f"{c} mean" in data.columns]
-            out = plots.prompt_levels_figure(data, cols, "Fig 7: scores by system-prompt level")
-        return out, f"{len(tests)} paired tests, smallest permutation p {low:.3g}", f"replotted from {name}"
+            out = plots.prompt_levels_figure(data, cols, "Fig 7: scores by system-prompt level", extra)
+        return out, f"{len(tests)} paired tests, smallest Holm-adjusted permutation p {low:.3g}", \
+            f"replotted from {name}" + (f" and {extra_name(fig)}" if extra is not None else "")
     return build
+
+
+def extra_name(fig: str) -> str:
+    """The companion file of Fig 6 (paired effects per cell) or Fig 7 (paired tests)."""
+    return "fig6_effects.csv" if fig == "6" else "fig7_tests.csv"
+
+
+def _dsprites_fig2(m: dict) -> str:
+    return f"test images whose nearest VAE-latent neighbour has the same shape-colour pair: {m['vae_nn_pair_agreement']:.3f}"
+
+
+def _dsprites_fig3(m: dict) -> str:
+    p, r, land = m["rebeca_precision"], m["random_precision"], m["landing_own_pair"]
+    k = min(p, key=int)
+    return (f"REBECA P@{k} {p[k]:.3f} vs Random {r[k]:.3f} (Table 1); samples landing on the user's own pair: "
+            f"REBECA {land['REBECA']:.3f}, Oracle {land['Oracle']:.3f}, Random {land['Random']:.3f}")
 
 
 REGISTRY = [
     Entry("Fig 2", "the VAE latent space separates the four shape-colour pairs", "01_simulate_dsprites",
-          ("fig2_umap_vae.png",), _image("fig2_umap_vae.png", lambda m: "")),
-    Entry("Fig 3", "REBECA's samples follow each dSprites user's taste", "01_simulate_dsprites", ("fig3_users.png",),
-          _image("fig3_users.png", lambda m: "")),
+          ("fig2_umap_vae.png", "manifest.json"), _image("fig2_umap_vae.png", _dsprites_fig2)),
+    Entry("Fig 3", "REBECA's samples follow each dSprites user's taste", "01_simulate_dsprites",
+          ("fig3_users.png", "manifest.json"), _image("fig3_users.png", _dsprites_fig3)),
     Entry("Fig 4", "REBECA achieves the highest personalization scores", "08_evaluate_methods",
           ("verifier_per_user.csv",), _verifier),
     Entry("Fig 5a", "LAION aesthetic: REBECA best", "08_evaluate_methods", ("quality_per_image.csv",),
@@ -162,9 +203,9 @@ REGISTRY = [
     Entry("Fig 5b", "HPSv2 (generic prompt): REBECA best", "08_evaluate_methods", ("quality_per_image.csv",),
           _quality("HPSv2 (generic prompt)", "Fig 5b: HPSv2, generic prompt")),
     Entry("Fig 6", "higher prior CFG: more personalization; higher SD CFG: aesthetics up, personalization down",
-          "09_run_ablations", ("fig6_grid.csv", "manifest.json"), _ablation("fig6_grid.csv", "6")),
+          "09_run_ablations", ("fig6_grid.csv", "fig6_effects.csv", "manifest.json"), _ablation("fig6_grid.csv", "6")),
     Entry("Fig 7", "no significant effect of the prompt level at any prior CFG", "09_run_ablations",
-          ("fig7_summary.csv", "manifest.json"), _ablation("fig7_summary.csv", "7")),
+          ("fig7_summary.csv", "fig7_tests.csv", "manifest.json"), _ablation("fig7_summary.csv", "7")),
     Entry("Fig 8a", "correct matches score ~5 SD above random, p < 1e-3", "10_test_personalization",
           ("fig8a_matching_permutation.png", "manifest.json"),
           _image("fig8a_matching_permutation.png", lambda m: f"z {m['matching']['z']:.2f}, "
@@ -184,7 +225,8 @@ REGISTRY = [
     Entry("Fig 12", "HPSv2, empty prompt: all methods similar", "08_evaluate_methods", ("quality_per_image.csv",),
           _quality("HPSv2 (empty prompt)", "Fig 12: HPSv2, empty prompt")),
     *(Entry(f"Fig {13 + i}", f"samples for users 1-12 at prior CFG {w:g}", "04_generate_images",
-            ("generation_manifest.csv", "manifest.json"), _samples(w, f"Fig {13 + i}")) for i, w in enumerate((5, 7, 9))),
+            ("generation_manifest.csv", "manifest.json", "../08_evaluate_methods/verifier_per_user.csv"),
+            _samples(w, f"Fig {13 + i}")) for i, w in enumerate((5, 7, 9))),
     Entry("Table 1", "dSprites: REBECA P@1 0.782, Random 0.290", "01_simulate_dsprites", ("table1_inputs.npz",),
           _table1),
     Entry("Table 2", "REBECA beats every baseline on P@1", "08_evaluate_methods", ("table2_paper.csv",), _table2),

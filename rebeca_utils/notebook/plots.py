@@ -264,36 +264,83 @@ def captioned_images(images, captions, title: str = "", ncols: int = 4):
     return fig
 
 
-def dual_guidance_heatmaps(cells, value_cols=("verifier", "LAION aesthetic"), title: str = ""):
-    """Fig 6: user-averaged scores by prior ω (rows) × decoder CFG (columns), one panel per metric, own scale."""
+def _cell_text(mean: float, eff) -> str:
+    """A Fig 6 cell: the mean, then the paired difference to the reference cell with its CI (if known)."""
+    if eff is None or not np.isfinite(eff["diff"]):
+        return f"{mean:.4g}"
+    if (eff["omega"], eff["decoder_cfg"]) == (eff["ref_omega"], eff["ref_decoder_cfg"]):
+        return f"{mean:.4g}\nreference"
+    return f"{mean:.4g}\nΔ {eff['diff']:+.3g}\n[{eff['ci_low']:+.2g}, {eff['ci_high']:+.2g}]"
+
+
+def dual_guidance_heatmaps(cells, value_cols=("verifier", "LAION aesthetic"), title: str = "", effects=None):
+    """Fig 6: user-averaged scores by prior ω (rows) × decoder CFG (columns), one panel per metric, own scale;
+    with `effects` (ablations.cell_effects) each cell also shows Δ = its paired difference to the reference cell
+    (per user, cell − reference) and the 95 % bootstrap CI over users."""
     cols = [c for c in value_cols if c in cells.columns]
-    fig, axes = plt.subplots(1, len(cols), figsize=(5.2 * len(cols), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(cols), figsize=(5.6 * len(cols), 4.4 if effects is not None else 3.8),
+                             squeeze=False)
     for ax, col in zip(axes[0], cols):
         grid = cells.pivot(index="omega", columns="decoder_cfg", values=col).sort_index(ascending=False)
-        sns.heatmap(grid, annot=True, fmt=".4g", cmap="viridis", ax=ax, cbar_kws={"label": col})
+        eff = {} if effects is None else {(r.omega, r.decoder_cfg): r._asdict() for r in
+                                          effects[effects["metric"] == col].itertuples(index=False)}
+        text = np.array([[_cell_text(grid.loc[w, c], eff.get((w, c)) if effects is not None else None)
+                          for c in grid.columns] for w in grid.index])
+        sns.heatmap(grid, annot=text, fmt="", cmap="viridis", ax=ax, cbar_kws={"label": col},
+                    annot_kws={"fontsize": 7 if effects is not None else 9})
         ax.set_xlabel("decoder (SD) CFG"), ax.set_ylabel("prior CFG ω")
-        ax.set_title(f"user-averaged {col}")
+        ref = next(iter(eff.values()), None)
+        ax.set_title(f"user-averaged {col}" + (f"\nΔ: paired difference to ω={ref['ref_omega']:g}, CFG "
+                                                f"{ref['ref_decoder_cfg']:g}, 95 % CI over users" if ref else ""),
+                     fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def prompt_levels_figure(summary, metrics=("verifier", "LAION aesthetic"), title: str = ""):
-    """Fig 7: mean over users per prompt level at each prior ω, with 95 % bootstrap CIs; one panel per metric."""
-    cols = [m for m in metrics if f"{m} mean" in summary.columns]
-    fig, axes = plt.subplots(1, len(cols), figsize=(5.0 * len(cols), 3.6), squeeze=False)
-    levels = sorted(summary["level"].unique())
+def _level_means(ax, summary, m: str, levels, omegas) -> None:
     width = 0.8 / max(len(levels), 1)
-    omegas = sorted(summary["omega"].unique())
-    for ax, m in zip(axes[0], cols):
-        for i, lev in enumerate(levels):
-            s = summary[summary["level"] == lev].set_index("omega").reindex(omegas)
-            x = np.arange(len(omegas)) + (i - (len(levels) - 1) / 2) * width
-            err = np.vstack([s[f"{m} mean"] - s[f"{m} ci_low"], s[f"{m} ci_high"] - s[f"{m} mean"]])
-            ax.errorbar(x, s[f"{m} mean"], yerr=err, fmt="o", capsize=3, label=f"level {lev}")
-        ax.set_xticks(np.arange(len(omegas)), [f"ω={w:g}" for w in omegas])
-        ax.set_ylabel(f"mean {m} (95 % CI over users)")
-        ax.legend(frameon=False, fontsize=8)
+    for i, lev in enumerate(levels):
+        s = summary[summary["level"] == lev].set_index("omega").reindex(omegas)
+        x = np.arange(len(omegas)) + (i - (len(levels) - 1) / 2) * width
+        err = np.vstack([s[f"{m} mean"] - s[f"{m} ci_low"], s[f"{m} ci_high"] - s[f"{m} mean"]])
+        ax.errorbar(x, s[f"{m} mean"], yerr=err, fmt="o", capsize=3, label=f"level {lev}")
+    ax.set_xticks(np.arange(len(omegas)), [f"ω={w:g}" for w in omegas])
+    ax.set_ylabel(f"mean {m}\n(95 % CI between users)", fontsize=9)
+    ax.legend(frameon=False, fontsize=8)
+
+
+def _level_diffs(ax, tests, m: str, levels, omegas) -> None:
+    """Paired differences (level − reference level, per user) with their bootstrap CIs; Holm-adjusted p per ω."""
+    t = tests[tests["metric"] == m]
+    others = [lev for lev in levels if lev not in set(t["reference"])]
+    width = 0.8 / max(len(others), 1)
+    for i, lev in enumerate(others):
+        s = t[t["level"] == lev].set_index("omega").reindex(omegas)
+        x = np.arange(len(omegas)) + (i - (len(others) - 1) / 2) * width
+        err = np.vstack([s["diff"] - s["ci_low"], s["ci_high"] - s["diff"]])
+        ax.errorbar(x, s["diff"], yerr=err, fmt="s", capsize=3, color=f"C{levels.index(lev)}",
+                    label=f"level {lev} − level {t['reference'].iloc[0]:g}")
+    ax.axhline(0, color="k", lw=0.8, ls=":")
+    p = t.groupby("omega")["p_permutation_holm"].first().reindex(omegas) if "p_permutation_holm" in t else None
+    labels = [f"ω={w:g}" + ("" if p is None else f"\nHolm-adj. p={p[w]:.2g}") for w in omegas]
+    ax.set_xticks(np.arange(len(omegas)), labels, fontsize=8)
+    ax.set_ylabel(f"paired Δ {m}\n(95 % bootstrap CI)", fontsize=9)
+    ax.legend(frameon=False, fontsize=8)
+
+
+def prompt_levels_figure(summary, metrics=("verifier", "LAION aesthetic"), title: str = "", tests=None):
+    """Fig 7: per prompt level and prior ω the mean over users with its between-user 95 % CI (top); with `tests`
+    (ablations.factor_tests, Holm columns) the paired differences to the reference level per user with their
+    bootstrap CIs and the Holm-adjusted permutation p (bottom): the comparison the test is about."""
+    cols = [m for m in metrics if f"{m} mean" in summary.columns]
+    rows = 1 if tests is None or tests.empty else 2
+    fig, axes = plt.subplots(rows, len(cols), figsize=(5.0 * len(cols), 3.6 * rows), squeeze=False)
+    levels, omegas = sorted(summary["level"].unique()), sorted(summary["omega"].unique())
+    for k, m in enumerate(cols):
+        _level_means(axes[0, k], summary, m, levels, omegas)
+        if rows == 2:
+            _level_diffs(axes[1, k], tests, m, levels, omegas)
     fig.suptitle(title)
     fig.tight_layout()
     return fig

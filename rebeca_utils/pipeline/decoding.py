@@ -230,21 +230,29 @@ def _decode_with_retry(pipe, batch: list[WorkItem], cfg: GenerationConfig, rep: 
 
 def adopt_done(items: Sequence[WorkItem], out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike],
                cfg: GenerationConfig, models: ModelsConfig | None = None) -> int:
-    """Link into `out_dir` every item's PNG that another run (`sources`: its output folders) already decoded from
-    the same inputs (same relative path and fingerprint), so decode() skips it; returns how many were adopted."""
-    settings, size, adopted = image_settings(cfg, models), (cfg.width, cfg.height), 0
+    """Copy into `out_dir` every item's PNG that another run (`sources`: its output folders) decoded from the same
+    inputs (same relative path and fingerprint: embedding bits, prompts, seed, LoRA, decoder settings), so decode()
+    skips it; returns how many items' images are a source's (copied now or by an earlier call)."""
+    settings, size, reused = image_settings(cfg, models), (cfg.width, cfg.height), 0
     for it in items:
         fp, dest = item_fingerprint(it, settings), Path(out_dir) / it.relpath
-        if valid_png(dest, size, fp):
+        src = next((p for p in (Path(s) / it.relpath for s in sources) if valid_png(p, size, fp)), None)
+        if src is None:
             continue
-        for src in (Path(s) / it.relpath for s in sources):
-            if valid_png(src, size, fp):
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(dest) as tmp:
-                    tmp.write_bytes(src.read_bytes())
-                adopted += 1
-                break
-    return adopted
+        reused += 1
+        if not (dest.is_file() and dest.read_bytes() == src.read_bytes()):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(dest) as tmp:
+                tmp.write_bytes(src.read_bytes())
+    return reused
+
+
+def pending(items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: GenerationConfig,
+            models: ModelsConfig | None = None, overwrite: bool = False) -> list[WorkItem]:
+    """The items decode() would decode: those without a complete PNG made from their inputs (all with overwrite)."""
+    settings, size = image_settings(cfg, models), (cfg.width, cfg.height)
+    return [it for it in items
+            if overwrite or not valid_png(Path(out_dir) / it.relpath, size, item_fingerprint(it, settings))]
 
 
 def load_images(out_dir: str | os.PathLike, method: str, setting: str, user_id: int, n: int) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import AblationConfig, GenerationConfig
-from ..evaluate.stats import paired_effect
+from ..evaluate.stats import holm, paired_effect
 from ..pipeline.items import WorkItem, make_items
 from ..pipeline.sampling import prior_setting
 
@@ -84,12 +84,50 @@ def level_summary(user_means: pd.DataFrame, metrics: Sequence[str], n_bootstrap:
 
 
 def p_values(tests: pd.DataFrame) -> list[dict]:
-    """One entry per test (metric, factor at a fixed level of the other key): its p-values, for the manifest."""
+    """One entry per test (metric, factor at a fixed level of the other key): its p-values, raw and Holm-adjusted
+    over the table's family, for the manifest."""
     if tests.empty:
         return []
-    first = tests.groupby(["metric", "test"], sort=False).first().reset_index()
+    first = with_holm(tests).groupby(["metric", "test"], sort=False).first().reset_index()
     return [{"metric": r.metric, "test": r.test, "p_permutation": float(r.p_permutation),
-             "p_friedman": float(r.p_friedman), "users": int(r.users)} for r in first.itertuples(index=False)]
+             "p_friedman": float(r.p_friedman), "p_permutation_holm": float(r.p_permutation_holm),
+             "p_friedman_holm": float(r.p_friedman_holm), "users": int(r.users)}
+            for r in first.itertuples(index=False)]
+
+
+def with_holm(tests: pd.DataFrame) -> pd.DataFrame:
+    """`tests` with p_permutation_holm and p_friedman_holm: Holm's adjustment over every (metric, test) of the
+    table (one family: e.g. Fig 7's ω × metric), each test counted once however many levels it has rows for."""
+    if tests.empty:
+        return tests.assign(p_permutation_holm=[], p_friedman_holm=[])
+    first = tests.groupby(["metric", "test"], sort=False)[["p_permutation", "p_friedman"]].first()
+    adj = pd.DataFrame({f"{c}_holm": holm(first[c].to_numpy()) for c in first.columns}, index=first.index)
+    return tests.drop(columns=list(adj.columns), errors="ignore").join(adj, on=["metric", "test"])
+
+
+def main_cell(cfg: AblationConfig, main: GenerationConfig) -> tuple[float, float]:
+    """Fig 6's reference cell (ω, decoder CFG): the grid's first ω at the main decoder CFG (else the grid's first)."""
+    return cfg.omegas[0], main.decoder_cfg if main.decoder_cfg in cfg.decoder_cfgs else cfg.decoder_cfgs[0]
+
+
+def cell_effects(user_means: pd.DataFrame, metrics: Sequence[str], reference: tuple[float, float],
+                 n_bootstrap: int, seed: int = 0) -> pd.DataFrame:
+    """Fig 6's companion: per metric and grid cell (level 0), the mean over users and the paired difference to the
+    reference cell (per user, cell − reference), with a 95 % bootstrap CI over the users present in both."""
+    grid = user_means[user_means["level"] == 0]
+    rows = []
+    for m in metrics:
+        wide = grid.pivot_table(index="user_id", columns=["omega", "decoder_cfg"], values=m)
+        if tuple(reference) not in wide.columns:
+            continue
+        for cell in wide.columns:
+            pair = wide[[cell, tuple(reference)]].dropna()
+            d = (pair[cell] - pair[tuple(reference)]).to_numpy()
+            diff, lo, hi = mean_ci(d, n_bootstrap, seed) if len(d) else (np.nan,) * 3
+            rows.append({"metric": m, "omega": cell[0], "decoder_cfg": cell[1], "mean": float(wide[cell].mean()),
+                         "ref_omega": reference[0], "ref_decoder_cfg": reference[1], "diff": diff,
+                         "ci_low": lo, "ci_high": hi, "users": len(d)})
+    return pd.DataFrame(rows)
 
 
 def per_user(scores: pd.DataFrame, value: str) -> pd.DataFrame:
