@@ -88,10 +88,10 @@ def _fake_04(root, users=(0, 1, 2)):
         Image.fromarray(np.full((8, 8, 3), 40 * u, np.uint8)).save(p)
         rows.append({"method": "rebeca", "setting": "prior_cfg5", "user_id": u, "index": 0, "path": str(p)})
     pd.DataFrame(rows).to_csv(d / "generation_manifest.csv", index=False)
-    gen = {"grid_users": 12, "grid_images": 1, "n_per_user": 1}
+    gen = {"grid_users": 3, "grid_images": 1, "n_per_user": 1}
     (d / "manifest.json").write_text(json.dumps({"config": {"generation": gen}, "metrics": {}}))
-    v = pd.DataFrame({"method": ["REBECA (CFG=5.0)"] * 3 + ["REBECA (CFG=7.0)"] * 3, "user_id": [0, 1, 2] * 2,
-                      "score": [0.6, 0.7, 0.8, 0.1, 0.1, 0.1], "n": 1})
+    v = pd.DataFrame({"method": ["REBECA (CFG=5.0)"] * 4 + ["REBECA (CFG=7.0)"] * 4, "user_id": [0, 1, 2, 3] * 2,
+                      "score": [0.6, 0.7, 0.8, 0.1, 0.1, 0.1, 0.1, 0.5], "n": 1})  # user 4 (id 3) is not shown
     (root / "08_evaluate_methods").mkdir()
     v.to_csv(root / "08_evaluate_methods" / "verifier_per_user.csv", index=False)
     return d
@@ -104,7 +104,7 @@ def test_samples_figure_numbers_users_from_1_and_reports_their_signal(tmp_path):
     labels = [ax.yaxis.label.get_text() for ax in fig.axes if ax.yaxis.label.get_text()]
     assert labels == ["user 1", "user 2", "user 3"]
     assert ours == ("verifier score of own images (eq. 5), users 1-3: mean 0.700 (min 0.600, max 0.800); "
-                    "all 3 users 0.700")
+                    "all 4 users 0.550")
     rows = REP.comparison(tmp_path).set_index("quantity")
     assert rows.loc["Fig 13: verifier score of own images (eq. 5), users 1-3, prior CFG 5", "ours"] == pytest.approx(0.7)
     assert rows.loc["Fig 14: verifier score of own images (eq. 5), users 1-3, prior CFG 7", "ours"] == pytest.approx(0.1)

@@ -110,11 +110,13 @@ def _figure_rows(root: Path) -> list[dict]:
     if not v_path.is_file():
         return rows + [_missing("Figs 13-15 per-user verifier score", "08_evaluate_methods")]
     v = pd.read_csv(v_path)
+    m04 = root / "04_generate_images" / "manifest.json"  # the grid's users: the first grid_users (App M: 12) of 04
+    n_shown = json.loads(m04.read_text())["config"]["generation"]["grid_users"] if m04.is_file() else 12
     for fig, omega in zip((13, 14, 15), (5, 7, 9)):
         s = v[v["method"] == P.rebeca_label(omega)].sort_values("user_id")
         if s.empty:
             continue
-        shown = s["score"].head(12)  # the grid's users: the first 12 of 04 (the App M figures)
+        shown = s["score"].head(n_shown)
         rows.append(_row(f"Fig {fig}: verifier score of own images (eq. 5), users 1-{len(shown)}, prior CFG {omega}",
                          "samples follow each user's taste", float(shown.mean()), "08_evaluate_methods",
                          f"min {shown.min():.3f}, max {shown.max():.3f}; all {len(s)} users {s['score'].mean():.3f}"))
