@@ -2,10 +2,11 @@
 
 The frozen decoder (SD-1.5 in paper, the tiny SD-1.5-shaped pipeline in smoke) gets a peft LoRA on the UNet's
 attention projections (``unet.add_adapter``, as diffusers' ``train_text_to_image_lora.py``), trained with the
-decoder's own objective (ε-prediction MSE, noise from ``DDPMScheduler.from_config`` of the pipeline). Every random
-draw of optimiser step s (data order, crops, noise, timesteps, VAE samples, LoRA dropout) is seeded by
-(seed of the adapter, s), so an adapter depends only on its data, recipe and seed, never on which process or in
-which order it was trained, and a run resumed from a checkpoint continues exactly where it stopped.
+decoder's own objective (ε-prediction MSE, noise from ``DDPMScheduler.from_config`` of the pipeline). The images
+stream from disk (``lora_data``: memory does not grow with their number). Every random draw of optimiser step s
+(data order, crops, noise, timesteps, VAE samples, LoRA dropout) is seeded by (seed of the adapter, s), so an
+adapter depends only on its data, recipe and seed, never on which process, in which order or with how many data
+workers it was trained, and a run resumed from a checkpoint continues exactly where it stopped.
 
 Adapters are saved in diffusers' LoRA format with the peft adapter metadata, so ``pipe.load_lora_weights(dir)``
 reloads α ≠ r exactly; ``import_peft_lora`` converts the reference code's raw PEFT files.
@@ -16,9 +17,8 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -31,8 +31,9 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from ..config import LoraBaselineConfig
-from ..io import atomic_path, write_json
+from ..io import atomic_dir, atomic_path, remove_orphans, write_json
 from ..progress import tqdm
+from . import lora_data as D
 from .lora_recipe import (
     ADAPTER_NAME,
     INFO_NAME,
@@ -78,27 +79,14 @@ def lora_state_dict(unet) -> dict[str, torch.Tensor]:
 def write_adapter(out_dir: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict, info: dict,
                   log: dict | None = None) -> Path:
     """Write an adapter folder atomically (temp folder + rename): weights with metadata, log, then info."""
-
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, unet_lora_adapter_metadata=metadata,
                                                   weight_name=WEIGHTS_NAME, safe_serialization=True)
         if log is not None:
             write_json(tmp / LOG_NAME, log)
         write_json(tmp / INFO_NAME, info)
-        os.chmod(tmp, 0o755)
-        old = None
-        if out.exists():  # a directory rename cannot replace a non-empty one: move the old one aside first
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+    return Path(out_dir)
 
 
 def adapter_done(out_dir: str | os.PathLike, fp: str) -> bool:
@@ -111,6 +99,24 @@ def adapter_done(out_dir: str | os.PathLike, fp: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- objective
+
+
+class CaptionStates:
+    """caption -> (1, 77, d) frozen text encoder states, cached for the few distinct captions of a run."""
+
+    def __init__(self, pipe, max_cached: int = 512):
+        self.pipe, self.max_cached, self.cache = pipe, max_cached, {}
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        out = []
+        for c in captions:
+            if c not in self.cache:
+                state = encode_captions(self.pipe, [c])[c]
+                if len(self.cache) >= self.max_cached:  # e.g. one LLaVA caption per image: do not hold them all
+                    self.cache.clear()
+                self.cache[c] = state
+            out.append(self.cache[c])
+        return torch.cat(out)
 
 
 def encode_captions(pipe, captions: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -148,31 +154,37 @@ def denoising_loss(pipe, noise_scheduler, pixels: torch.Tensor, text: torch.Tens
     return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
-def crop_batch(images: list[torch.Tensor], idx: list[int], res: int, g: torch.Generator) -> torch.Tensor:
-    """Random crops of side `res` of images[idx], one generator for the whole batch."""
-    out = []
-    for i in idx:
-        img = images[i]
-        top = int(torch.randint(0, img.shape[1] - res + 1, (1,), generator=g))
-        left = int(torch.randint(0, img.shape[2] - res + 1, (1,), generator=g))
-        out.append(img[:, top:top + res, left:left + res].float() / 127.5 - 1.0)
-    return torch.stack(out)
-
-
-class _Order:
-    """Sample k of training: an epoch-wise permutation seeded by (seed, epoch), so it needs no saved state."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.perms = n, seed, {}
-
-    def __getitem__(self, k: int) -> int:
-        e = k // self.n
-        if e not in self.perms:
-            self.perms = {e: torch.randperm(self.n, generator=torch.Generator().manual_seed(step_seed(self.seed, -1 - e)))}
-        return int(self.perms[e][k % self.n])
-
-
 # ----------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class _Run:
+    """One adapter's optimisation state: what a checkpoint saves and a resumed run restores."""
+
+    params: list
+    names: list
+    opt: torch.optim.Optimizer
+    sched: object
+    scaler: object
+    amp: bool
+    step: int = 0
+    history: list = field(default_factory=list)
+    resumed_from: int | None = None
+    seconds: float = 0.0
+
+
+def _start(unet, spec: LoraSpec, cfg: LoraBaselineConfig, amp: bool) -> _Run:
+    """Optimiser, schedule and grad scaler of the training adapter just added to `unet` (fp32 LoRA weights)."""
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # fp32 master weights for the LoRA under fp16 autocast
+    if cfg.gradient_checkpointing and unet.device.type == "cuda":
+        unet.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=spec.warmup, num_training_steps=spec.steps)
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    names = [n for n, p in unet.named_parameters() if p.requires_grad]
+    return _Run(params, names, opt, sched, scaler, amp)
 
 
 def _latest_checkpoint(folder: Path | None, fp: str) -> dict | None:
@@ -186,109 +198,117 @@ def _latest_checkpoint(folder: Path | None, fp: str) -> dict | None:
     return None
 
 
-def _save_checkpoint(folder: Path, state: dict, keep: int = 2) -> None:
-    with atomic_path(folder / f"step-{state['step']:06d}.pt") as tmp:
+def _resume(unet, run: _Run, folder: Path | None, fp: str) -> None:
+    """Continue `run` from the latest checkpoint made for fingerprint `fp` in `folder`, if any."""
+    if folder is not None:
+        remove_orphans(folder)  # temporaries of a checkpoint write that was killed (this job owns the folder)
+    state = _latest_checkpoint(folder, fp)
+    if state is None:
+        return
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if n in state["lora"]:
+                p.copy_(state["lora"][n])
+    run.opt.load_state_dict(state["optimizer"])
+    run.sched.load_state_dict(state["scheduler"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.step, run.history, run.resumed_from, run.seconds = state["step"], state["history"], state["step"], \
+        state["seconds"]
+
+
+def _save_checkpoint(unet, run: _Run, folder: Path, fp: str, seconds: float, keep: int = 2) -> None:
+    state = {"fingerprint": fp, "step": run.step, "history": run.history, "seconds": seconds,
+             "lora": {n: p.detach().cpu().clone() for n, p in unet.named_parameters() if n in run.names},
+             "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+             "scaler": run.scaler.state_dict() if run.scaler else None}
+    with atomic_path(folder / f"step-{run.step:06d}.pt") as tmp:
         torch.save(state, tmp)
     for old in sorted(folder.glob("step-*.pt"))[:-keep]:
         old.unlink(missing_ok=True)
 
 
-def train_adapter(pipe, images: list[torch.Tensor], captions: Sequence[str], spec: LoraSpec, cfg: LoraBaselineConfig,
-                  *, seed: int, resolution: int, fp: str = "", checkpoint_dir: str | os.PathLike | None = None,
-                  checkpoint_every: int = 0, progress: bool = True, desc: str = "steps", position: int = 1
-                  ) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """Train one LoRA on (images[i], captions[i]); returns (diffusers state dict, adapter metadata, training log).
+def _optimiser_step(pipe, run: _Run, batches, texts: CaptionStates, noise_scheduler, seed: int,
+                    cfg: LoraBaselineConfig) -> float:
+    """One optimiser step over grad_accum micro-batches; its noise, timesteps, VAE samples and dropout are seeded
+    by (seed, step). Returns the loss (mean over the micro-batches)."""
+    s = step_seed(seed, run.step)
+    g = torch.Generator().manual_seed(s)
+    torch.manual_seed(s)  # this step's LoRA dropout masks (the caller forked the global RNG)
+    total = 0.0
+    for _ in range(cfg.grad_accum):
+        pixels, captions = next(batches)
+        loss = denoising_loss(pipe, noise_scheduler, pixels, texts(captions), g, run.amp) / cfg.grad_accum
+        (run.scaler.scale(loss) if run.scaler else loss).backward()
+        total += float(loss.detach())
+    if run.scaler:
+        run.scaler.unscale_(run.opt)
+    torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    run.scaler.step(run.opt) if run.scaler else run.opt.step()
+    if run.scaler:
+        run.scaler.update()
+    lr = run.sched.get_last_lr()[0]
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.step += 1
+    run.history.append({"step": run.step, "loss": total, "lr": lr})
+    return total
+
+
+def _loop(pipe, run: _Run, data: D.LoraImages, spec: LoraSpec, cfg: LoraBaselineConfig, seed: int, fp: str,
+          ckpt_dir: Path | None, checkpoint_every: int, num_workers: int, bar) -> None:
+    """Optimiser steps from run.step to spec.steps, checkpointing every `checkpoint_every` steps."""
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    texts = CaptionStates(pipe)
+    batches = iter(D.loader(data, cfg.batch_size, run.step * data.per_step, num_workers))
+    t0 = time.perf_counter()
+    while run.step < spec.steps:
+        loss = _optimiser_step(pipe, run, batches, texts, noise_scheduler, seed, cfg)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if ckpt_dir is not None and checkpoint_every > 0 and run.step % checkpoint_every == 0 and run.step < spec.steps:
+            _save_checkpoint(pipe.unet, run, ckpt_dir, fp, run.seconds + time.perf_counter() - t0)
+    run.seconds += time.perf_counter() - t0
+
+
+def train_adapter(pipe, images: Sequence[str | os.PathLike], captions: Sequence[str], spec: LoraSpec,
+                  cfg: LoraBaselineConfig, *, seed: int, resolution: int, fp: str = "",
+                  checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 0, progress: bool = True,
+                  desc: str = "steps", position: int = 1, num_workers: int = 0) -> tuple[dict, dict, dict]:
+    """Train one LoRA on the image files `images` with their `captions`, streamed from disk by `num_workers`
+    DataLoader workers; returns (diffusers state dict, adapter metadata, training log).
 
     The pipeline is left as it was (the training adapter is deleted). With `checkpoint_dir` and `checkpoint_every`,
     the LoRA, optimiser, schedule and loss history are saved every `checkpoint_every` steps and a rerun with the
     same fingerprint `fp` resumes from the latest one."""
-
-    if len(images) != len(captions) or not images:
-        raise ValueError(f"train_adapter: {len(images)} images and {len(captions)} captions (need as many, >= 1)")
-    unet = pipe.unet
-    dev = unet.device
+    D.check_images(images)  # a missing file is named now, not hours into the run
+    per_step = cfg.batch_size * cfg.grad_accum
+    data = D.LoraImages(images, captions, resolution, seed, per_step, spec.steps * per_step)
+    unet, dev = pipe.unet, pipe.unet.device
     amp = dev.type == "cuda" and cfg.mixed_precision in ("auto", "fp16")
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    text = encode_captions(pipe, captions)
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir and checkpoint_every > 0 else None
     for m in (unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False)
-    cuda_devices = [dev] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices):  # dropout and LoRA init draw from the global RNG
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # dropout, LoRA init: global RNG
         torch.manual_seed(seed)
         unet.add_adapter(peft_config(spec), adapter_name=ADAPTER_NAME)
         try:
-            params = [p for p in unet.parameters() if p.requires_grad]
-            for p in params:
-                p.data = p.data.float()  # fp32 master weights for the LoRA under fp16 autocast
-            if cfg.gradient_checkpointing and dev.type == "cuda":
-                unet.enable_gradient_checkpointing()
-            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=spec.warmup, num_training_steps=spec.steps)
-            scaler = torch.amp.GradScaler("cuda") if amp else None
-            names = [n for n, p in unet.named_parameters() if p.requires_grad]
-            step, history, resumed_from, seconds = 0, [], None, 0.0
-            state = _latest_checkpoint(ckpt_dir, fp) if checkpoint_every > 0 else None
-            if state is not None:
-                with torch.no_grad():
-                    for n, p in unet.named_parameters():
-                        if n in state["lora"]:
-                            p.copy_(state["lora"][n])
-                opt.load_state_dict(state["optimizer"])
-                sched.load_state_dict(state["scheduler"])
-                if scaler is not None and state.get("scaler"):
-                    scaler.load_state_dict(state["scaler"])
-                step, history, resumed_from, seconds = state["step"], state["history"], state["step"], state["seconds"]
-            order = _Order(len(images), seed)
-            bs, accum = cfg.batch_size, cfg.grad_accum
-            unet.train()
-            bar = tqdm(total=spec.steps, initial=step, desc=desc, unit="step", leave=False, disable=not progress,
-                       position=position)
-            t0 = time.perf_counter()
-            while step < spec.steps:
-                s = step_seed(seed, step)
-                g = torch.Generator().manual_seed(s)
-                torch.manual_seed(s)  # this step's LoRA dropout masks
-                total = 0.0
-                for micro in range(accum):
-                    idx = [order[(step * accum + micro) * bs + b] for b in range(bs)]
-                    pixels = crop_batch(images, idx, resolution, g)
-                    emb = torch.cat([text[captions[i]] for i in idx])
-                    loss = denoising_loss(pipe, noise_scheduler, pixels, emb, g, amp) / accum
-                    (scaler.scale(loss) if scaler else loss).backward()
-                    total += float(loss.detach())
-                if scaler:
-                    scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                scaler.step(opt) if scaler else opt.step()
-                if scaler:
-                    scaler.update()
-                lr = sched.get_last_lr()[0]
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                history.append({"step": step, "loss": total, "lr": lr})
-                bar.update(1)
-                bar.set_postfix(loss=f"{total:.4f}")
-                if ckpt_dir is not None and checkpoint_every > 0 and step % checkpoint_every == 0 and step < spec.steps:
-                    elapsed = seconds + time.perf_counter() - t0
-                    _save_checkpoint(ckpt_dir, {
-                        "fingerprint": fp, "step": step, "history": history, "seconds": elapsed,
-                        "lora": {n: p.detach().cpu().clone() for n, p in unet.named_parameters() if n in names},
-                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "scaler": scaler.state_dict() if scaler else None})
-            bar.close()
-            seconds += time.perf_counter() - t0
+            run = _start(unet, spec, cfg, amp)
+            _resume(unet, run, ckpt_dir, fp)
+            unet.train()  # the LoRA dropout of training; the frozen weights have no dropout of their own
+            with tqdm(total=spec.steps, initial=run.step, desc=desc, unit="step", leave=False, disable=not progress,
+                      position=position) as bar:
+                _loop(pipe, run, data, spec, cfg, seed, fp, ckpt_dir, checkpoint_every, num_workers, bar)
             state_dict, metadata = lora_state_dict(unet), _lora_metadata(unet)
         finally:
             unet.eval()
             if cfg.gradient_checkpointing and dev.type == "cuda":
                 unet.disable_gradient_checkpointing()
             unet.delete_adapters(ADAPTER_NAME)
-    log = {"spec": dataclasses.asdict(spec), "steps": step, "resumed_from": resumed_from, "seconds": seconds,
-           "steps_per_s": step / max(seconds, 1e-9),
-           "n_images": len(images), "device": str(dev), "mixed_precision": "fp16" if amp else "fp32",
-           "history": history}
+    log = {"spec": dataclasses.asdict(spec), "steps": run.step, "resumed_from": run.resumed_from,
+           "seconds": run.seconds, "steps_per_s": run.step / max(run.seconds, 1e-9),
+           "n_images": len(data.paths), "device": str(dev), "mixed_precision": "fp16" if amp else "fp32",
+           "num_workers": num_workers, "history": run.history}
     return state_dict, metadata, log
 
 

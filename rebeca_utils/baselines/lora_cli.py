@@ -5,13 +5,15 @@ Layout under the notebook's folder (``outputs/<profile>/06_lora_baselines``)::
     adapters/plan.json                       the training jobs (read by the CLI)
     adapters/per_user/u{user:03d}/           pytorch_lora_weights.safetensors (diffusers format + metadata),
                                              training_log.json, adapter.json (fingerprint; written last)
-    adapters/shared/                         the shared adapter; adapters/shared.checkpoints/ while it trains
-    adapters/_train_logs/*.jsonl             one append-only log per process (ok / skipped / failed + error)
+    adapters/shared/                         the shared adapter
+    adapters/<job>.checkpoints/              an adapter's resumable checkpoints while it trains
+    adapters/_train_logs/*.jsonl             one append-only log per process (started / ok / skipped / failed + error)
+    adapters/_done/<job>.json                the current CLI run's outcome of each job (read by process 0)
     lora/{per_user,shared}/u{user:03d}/{j:02d}.png, generation_manifest.csv    the decoded images (as notebook 04)
 
 Several GPUs: ``accelerate launch --multi_gpu --num_processes N -m rebeca_utils.baselines.lora_cli --out-dir <folder>``
-trains the plan a notebook saved there; job i (users in order, then the shared adapter) belongs to process i mod N,
-and every adapter is seeded by (seed, user_id) alone, so the adapters do not depend on N.
+trains the plan a notebook saved there; the jobs still to train are dealt by their steps (``lora_shard``), and every
+adapter is seeded by (seed, user_id) alone, so the adapters do not depend on N.
 """
 from __future__ import annotations
 
@@ -34,13 +36,15 @@ import torch
 from PIL import Image
 
 from ..config import GenerationConfig, LoraBaselineConfig, ModelsConfig
-from ..io import write_json
+from ..io import ORPHAN_AGE_S, remove_orphans, write_json
 from ..models.decoder import build_sd_pipeline
 from ..pipeline.items import WorkItem, make_items
 from ..progress import tqdm
 from ..runtime import process_share
 from . import lora as L
+from . import lora_data as D
 from . import lora_recipe as R
+from . import lora_shard as S
 
 ADAPTERS = "adapters"
 PLAN_NAME = "plan.json"
@@ -126,6 +130,12 @@ def adapter_dir(out_dir: str | os.PathLike, job: Job) -> Path:
     return Path(out_dir) / ADAPTERS / job.name
 
 
+def checkpoint_dir(out_dir: str | os.PathLike, job: Job) -> Path:
+    """Where a job's resumable checkpoints live while it trains."""
+    out = adapter_dir(out_dir, job)
+    return out.parent / f"{out.name}.checkpoints"
+
+
 def build_training_pipeline(models: ModelsConfig, device: str, cfg: LoraBaselineConfig):
     """The frozen decoder without IP-Adapter: fp16 weights on CUDA under mixed precision, else fp32."""
     fp16 = device.startswith("cuda") and cfg.mixed_precision in ("auto", "fp16")
@@ -154,45 +164,61 @@ def _log(out_dir: Path, rec: dict) -> None:
         os.fsync(f.fileno())
 
 
+def pending(jobs: Sequence[Job], out_dir: str | os.PathLike, overwrite: bool = False) -> list[Job]:
+    """The jobs without a finished adapter of their fingerprint (all of them with `overwrite`)."""
+    return [j for j in jobs if overwrite or not L.adapter_done(adapter_dir(out_dir, j), j.fingerprint)]
+
+
+def train_one(pipe, job: Job, out_dir: Path, cfg: LoraBaselineConfig, image_root: str | os.PathLike,
+              resolution: int, num_workers: int, progress: bool) -> dict:
+    """Train one job (resuming from its checkpoints), write its adapter folder; returns the training log."""
+    out, ckpt = adapter_dir(out_dir, job), checkpoint_dir(out_dir, job)
+    state, meta, log = L.train_adapter(
+        pipe, [Path(image_root) / n for n in job.images], list(job.captions), job.spec, cfg, seed=job.seed,
+        resolution=resolution, fp=job.fingerprint, checkpoint_dir=ckpt, checkpoint_every=cfg.checkpoint_every,
+        progress=progress, desc=job.name, num_workers=num_workers)
+    info = {"fingerprint": job.fingerprint, "job": job.name, "user_id": job.user_id, "n_images": len(job.images),
+            "spec": asdict(job.spec), "seed": job.seed}
+    L.write_adapter(out, state, meta, info, {**log, "job": job.name, "user_id": job.user_id})
+    shutil.rmtree(ckpt, ignore_errors=True)  # the finished adapter supersedes its checkpoints
+    return log
+
+
 def train_jobs(jobs: Sequence[Job], out_dir: str | os.PathLike, cfg: LoraBaselineConfig, models: ModelsConfig,
                image_root: str | os.PathLike, resolution: int, *, device: str = "cpu", rank: int = 0,
-               world_size: int = 1, overwrite: bool = False, progress: bool = True, pipe=None) -> TrainReport:
-    """Train this process's jobs (i ≡ rank mod world_size); adapters whose fingerprint matches are skipped, and a
-    failing job (e.g. out of memory) is recorded while the others go on."""
-
+               world_size: int = 1, overwrite: bool = False, progress: bool = True, pipe=None,
+               num_workers: int | None = None, todo: Sequence[Job] | None = None) -> TrainReport:
+    """Train this process's share of the jobs still to do (`todo`, default: those without a finished adapter),
+    dealt by steps (lora_shard.deal_jobs); a failing job (e.g. out of memory) is recorded while the others go on.
+    Every job's outcome also lands in its done file for process 0."""
     out_dir = Path(out_dir)
-    mine = list(jobs)[rank::world_size]
+    todo = pending(jobs, out_dir, overwrite) if todo is None else list(todo)
+    mine = S.deal_jobs(todo, world_size)[rank]
+    workers = D.DEFAULT_WORKERS if num_workers is None else num_workers
     rep, t0 = TrainReport(), time.perf_counter()
-    todo = [j for j in mine if overwrite or not L.adapter_done(adapter_dir(out_dir, j), j.fingerprint)]
-    rep.skipped = [j.name for j in mine if j not in todo]
-    for name in rep.skipped:
-        _log(out_dir, {"job": name, "status": "skipped"})
-    if todo and pipe is None:
+    rep.skipped = [j.name for j in jobs if j not in todo] if rank == 0 else []  # one process reports them
+    for job in (j for j in jobs if j.name in rep.skipped):
+        _log(out_dir, {"job": job.name, "status": "skipped"})
+        shutil.rmtree(checkpoint_dir(out_dir, job), ignore_errors=True)  # killed after its adapter was written
+    for sub in ("per_user", ""):  # adapter temporaries of a killed run; other processes' fresh ones are spared
+        remove_orphans(out_dir / ADAPTERS / sub, min_age_s=ORPHAN_AGE_S if world_size > 1 else 0.0)
+    if mine and pipe is None:
         pipe = build_training_pipeline(models, device, cfg)
-    bar = tqdm(todo, desc=f"adapters [{rank}/{world_size}]" if world_size > 1 else "adapters", unit="adapter",
+    bar = tqdm(mine, desc=f"adapters [{rank}/{world_size}]" if world_size > 1 else "adapters", unit="adapter",
                disable=not progress, position=0)
     for job in bar:
         bar.set_postfix(job=job.name)
-        out = adapter_dir(out_dir, job)
+        _log(out_dir, {"job": job.name, "status": "started", "rank": rank})
         try:
-            images = R.load_images([Path(image_root) / n for n in job.images], resolution)
-            ckpt = out.parent / f"{out.name}.checkpoints" if job.user_id is None else None
-            state, meta, log = L.train_adapter(
-                pipe, images, list(job.captions), job.spec, cfg, seed=job.seed, resolution=resolution,
-                fp=job.fingerprint, checkpoint_dir=ckpt, checkpoint_every=cfg.checkpoint_every if ckpt else 0,
-                progress=progress, desc=job.name)
-            info = {"fingerprint": job.fingerprint, "job": job.name, "user_id": job.user_id,
-                    "n_images": len(job.images), "spec": asdict(job.spec), "seed": job.seed}
-            L.write_adapter(out, state, meta, info, {**log, "job": job.name, "user_id": job.user_id})
-            if ckpt is not None:
-
-                shutil.rmtree(ckpt, ignore_errors=True)  # the finished adapter supersedes its checkpoints
+            log = train_one(pipe, job, out_dir, cfg, image_root, resolution, workers, progress)
             rep.trained.append(job.name)
             _log(out_dir, {"job": job.name, "status": "ok", "seconds": log["seconds"], "steps": log["steps"]})
+            S.write_done(out_dir / ADAPTERS, job.name, "ok", rank=rank)
         except Exception as exc:  # noqa: BLE001 - e.g. CUDA out of memory: this adapter fails, the others go on
             err = f"{type(exc).__name__}: {exc}".splitlines()[0]
             rep.failed.append({"job": job.name, "error": err})
             _log(out_dir, {"job": job.name, "status": "failed", "error": err})
+            S.write_done(out_dir / ADAPTERS, job.name, "failed", err, rank=rank)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     bar.close()
@@ -288,8 +314,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--only", choices=("per_user", "shared"), help="train only these jobs of the plan")
     p.add_argument("--overwrite", action="store_true", help="retrain adapters that already exist")
+    p.add_argument("--num-workers", type=int, default=D.DEFAULT_WORKERS,
+                   help="DataLoader workers decoding training images (0: in the training process)")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _finish(share, rep: TrainReport, adapters: Path, todo: Sequence[Job]) -> int:
+    """Report; process 0 waits for the other processes' done files and names the run's first failure (exit 1).
+    The other processes leave at once with 0: a non-zero exit would make the launcher stop process 0."""
+    share.report({"rank": share.rank, "world_size": share.world_size, "trained": rep.trained,
+                  "skipped": rep.skipped, "failed": len(rep.failed), "seconds": round(rep.seconds, 3)})
+    failed = rep.failed
+    if share.rank == 0:
+        shares = S.deal_jobs(todo, share.world_size)
+        rank_of = {j.name: r for r, js in enumerate(shares) for j in js}
+        done = S.wait_for_done(adapters, [j.name for j in todo], who=lambda n: rank_of.get(n, -1))
+        failed = [{"job": n, "error": d["error"]} for n, d in done.items() if d["status"] == "failed"]
+    S.leave(share)
+    _log(adapters.parent, {"status": "exit", "rank": share.rank})
+    if failed:
+        print(f"{len(failed)} adapter(s) failed, e.g. {failed[0]['job']}: {failed[0]['error']}; rerun to retry them",
+              file=sys.stderr)
+    return 1 if failed and share.rank == 0 else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -303,11 +350,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.only:
         jobs = [j for j in jobs if j.setting == args.only]
     share = process_share(args.device)
+    adapters = Path(args.out_dir) / ADAPTERS
+    todo = pending(jobs, args.out_dir, args.overwrite)  # before any process writes: every process sees the same
+    if share.rank == 0:
+        S.clear_done(adapters)
+    share.wait()  # the only collective, at the start: the stale done files are gone before anyone trains
     rep = train_jobs(jobs, args.out_dir, cfg, models, image_root, resolution, device=share.device, rank=share.rank,
-                     world_size=share.world_size, overwrite=args.overwrite, progress=not args.no_progress)
-    return share.finish({"rank": share.rank, "world_size": share.world_size, "trained": rep.trained,
-                         "skipped": rep.skipped, "failed": len(rep.failed), "seconds": round(rep.seconds, 3)},
-                        rep.failed, what="adapter", key="job")
+                     world_size=share.world_size, overwrite=args.overwrite, progress=not args.no_progress,
+                     num_workers=args.num_workers, todo=todo)
+    return _finish(share, rep, adapters, todo)
 
 
 if __name__ == "__main__":

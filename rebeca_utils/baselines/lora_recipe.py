@@ -11,8 +11,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-from PIL import Image
 
 from ..config import LoraBaselineConfig, ModelsConfig, Profile, get_profile
 
@@ -23,7 +21,7 @@ INFO_NAME = "adapter.json"  # fingerprint, spec, data size: written last inside 
 LOG_NAME = "training_log.json"
 CAPTION_MODES = ("empty", "user_token", "llava")
 TABLE3_MODES = ("paper", "reference")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: crops seeded per sample (streamed data), not per step
 
 
 @dataclass(frozen=True)
@@ -171,6 +169,11 @@ def step_seed(seed: int, step: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{step}".encode()).digest()[:7], "big")
 
 
+def sample_seed(seed: int, step: int, k: int) -> int:
+    """Seed of the crop of training sample k (in optimiser step `step`): the same in any DataLoader worker."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}:crop:{k}".encode()).digest()[:7], "big")
+
+
 def models_id(models: ModelsConfig) -> dict:
     """The base model's identity in fingerprints (the tiny builder's seed fixes its weights)."""
     return {"builder": models.builder, "sd_id": models.sd_id, **({"seed": models.seed} if models.builder == "tiny" else {})}
@@ -185,19 +188,3 @@ def fingerprint(images: Sequence[str], captions: Sequence[str], spec: LoraSpec, 
                "recipe": recipe, "resolution": resolution, "targets": TARGET_MODULES, "models": models_id(models),
                "seed": int(seed)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def load_images(paths: Sequence[str | os.PathLike], resolution: int) -> list[torch.Tensor]:
-    """uint8 (3, H, W) tensors, the shorter side resized to `resolution` (bilinear); the crop is drawn per step."""
-
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            s = resolution / min(w, h)
-            im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BILINEAR)
-            out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous())
-    return out
-
-

@@ -8,6 +8,14 @@ from ..models.weights import quiet_libraries
 from .items import WorkItem
 
 
+def frozen_eval(pipe) -> None:
+    """Every module of the decoding pipeline in eval mode (after adapters are loaded: theirs start in train mode)."""
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae", "image_encoder"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.eval()
+
+
 class Adapters:
     """LoRA adapters resident in the pipeline by name: loaded once, switched with set_adapters, deleted after the
     last batch of this process that uses them (at most `max_resident` at a time), so none outlives decode()."""
@@ -39,6 +47,7 @@ class Adapters:
             self.pipe.enable_lora()
             self.enabled = True
         self.pipe.set_adapters([self.loaded[wanted]])
+        frozen_eval(self.pipe)  # peft made the new lora_dropout modules in training mode: images would vary
 
     def done(self, i: int) -> None:
         """After batch i: delete the adapters no later batch of this process needs."""
