@@ -205,7 +205,12 @@ class LoraBaselineConfig:
     gradient_checkpointing: bool = False  # CUDA only: trades compute for memory at 512²
     max_steps: int = 0  # > 0 caps every per-user adapter's steps (warmup scaled alike): quick looks, smoke
     shared_max_steps: int = 0  # the same cap for the shared adapter
-    checkpoint_every: int = 500  # shared adapter: optimiser steps between resumable checkpoints
+    checkpoint_every: int = 500  # every adapter (per-user and shared): optimiser steps between resumable checkpoints
+    num_workers: int = 2  # DataLoader workers decoding training images from disk (the data is streamed, never held)
+    # the LoRA rows' decoder prompt: "" is the paper's empty prompt (with the empty negative prompt both CFG branches
+    # are equal, so the rows are unguided at decoder CFG 5; README deviations); a fixed text, e.g. eval.hps_prompt,
+    # gives every user's adapter the same guided prompt
+    generation_prompt: str = ""
     n_users: int = 0  # per-user adapters for the first n users (0 = every non-hold-out user)
 
 

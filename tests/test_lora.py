@@ -318,6 +318,12 @@ def test_lora_items_layout_and_seeds(tmp_path):
     from rebeca_utils.evaluate.paper import method_label
 
     assert {method_label(it.method, it.setting) for it in items} == {"Per-user LoRA", "Shared LoRA"}
+    # lora.generation_prompt: one guided prompt for every user's adapter, in the items' fingerprints
+    guided = LC.lora_items(jobs, tmp_path, [3, 5], replace(CFG, n_per_user=2), prompt="a photo")
+    assert {it.prompt for it in guided} == {"a photo"} and {it.negative_prompt for it in guided} == {""}
+    from rebeca_utils.pipeline.items import item_fingerprint
+
+    assert all(item_fingerprint(g, {}) != item_fingerprint(i, {}) for g, i in zip(guided, items))
 
 
 # ----------------------------------------------------------------------------------------------- runner + CLI

@@ -42,7 +42,6 @@ from ..pipeline.items import WorkItem, make_items
 from ..progress import tqdm
 from ..runtime import process_share
 from . import lora as L
-from . import lora_data as D
 from . import lora_recipe as R
 from . import lora_shard as S
 
@@ -194,7 +193,7 @@ def train_jobs(jobs: Sequence[Job], out_dir: str | os.PathLike, cfg: LoraBaselin
     out_dir = Path(out_dir)
     todo = pending(jobs, out_dir, overwrite) if todo is None else list(todo)
     mine = S.deal_jobs(todo, world_size)[rank]
-    workers = D.DEFAULT_WORKERS if num_workers is None else num_workers
+    workers = cfg.num_workers if num_workers is None else num_workers
     rep, t0 = TrainReport(), time.perf_counter()
     rep.skipped = [j.name for j in jobs if j not in todo] if rank == 0 else []  # one process reports them
     for job in (j for j in jobs if j.name in rep.skipped):
@@ -248,15 +247,15 @@ def user_adapters(out_dir: str | os.PathLike, users: Sequence[int]) -> dict[int,
 
 
 def lora_items(jobs: Sequence[Job], out_dir: str | os.PathLike, users: Sequence[int], cfg: GenerationConfig,
-               caption: str = "empty") -> list[WorkItem]:
+               caption: str = "empty", prompt: str = "") -> list[WorkItem]:
     """Decoder work items: n_per_user images of every user with each planned adapter (no IP-Adapter embedding),
-    App G.3 seeds, the empty prompt (the user token with caption='user_token')."""
+    App G.3 seeds, the empty prompt (the user token with caption='user_token'; `prompt` for every user if given)."""
     items = []
     for job in jobs:
         who = [job.user_id] if job.user_id is not None else list(users)
         us = [int(u) for u in who for _ in range(cfg.n_per_user)]
         js = [j for _ in who for j in range(cfg.n_per_user)]
-        items += make_items(METHOD, job.setting, us, js, cfg, prompts=[R.generation_prompt(u, caption) for u in us],
+        items += make_items(METHOD, job.setting, us, js, cfg, prompts=[prompt or R.generation_prompt(u, caption) for u in us],
                             loras=[str(adapter_dir(out_dir, job).resolve())] * len(us))
     return items
 
@@ -314,8 +313,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--only", choices=("per_user", "shared"), help="train only these jobs of the plan")
     p.add_argument("--overwrite", action="store_true", help="retrain adapters that already exist")
-    p.add_argument("--num-workers", type=int, default=D.DEFAULT_WORKERS,
-                   help="DataLoader workers decoding training images (0: in the training process)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers decoding training images (0: in the training process; default: the "
+                        "plan's lora.num_workers)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
