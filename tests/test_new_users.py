@@ -97,7 +97,11 @@ def test_seed_ids_give_two_users_the_same_noise(trained):
     assert not torch.equal(own[:2], own[2:])  # by default each user has its own noise
     shared = sample_prior(twin, sched, users, ones, j, seed_ids=torch.full((4,), 7), **kw)
     assert torch.equal(shared[:2], shared[2:])  # same row, same seed ids: the same samples
-    assert torch.equal(shared[:2], sample_prior(twin, sched, users[:2], ones[:2], j[:2], seed_ids=[7, 7], **kw))
+    # the same samples in a batch of two: bit for bit with fixed-shape batches (pad=True; unpadded, 2 and 4 rows may
+    # take other matmul kernels and differ in the last bits)
+    padded = dict(kw, batch_size=8, pad=True)
+    assert torch.equal(sample_prior(twin, sched, users, ones, j, seed_ids=torch.full((4,), 7), **padded)[:2],
+                       sample_prior(twin, sched, users[:2], ones[:2], j[:2], seed_ids=[7, 7], **padded))
     with pytest.raises(ValueError, match="same length"):
         sample_prior(twin, sched, users, ones, j, seed_ids=[7], **kw)
 
