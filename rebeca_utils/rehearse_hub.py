@@ -186,7 +186,7 @@ def write_llava(cache, models: ModelsConfig, size: str) -> None:
     with seeded(0):
         model = LlavaForConditionalGeneration(config)
     # several shards named by an index, as the real repo (3 shards of ~5 GB)
-    model.save_pretrained(snap, max_shard_size="20MB" if size == "ci" else "5GB")
+    model.save_pretrained(snap, max_shard_size="20MB" if size == "ci" else "2GB")  # always an index, as the repo
     images = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
                    chat_template=LLAVA_CHAT_TEMPLATE, num_additional_image_tokens=1).save_pretrained(snap)
