@@ -89,25 +89,33 @@ def rehearse(work: Path, size: str = "ci", only: list[str] | None = None, log=pr
     """Run the selected notebooks in the paper profile on the rehearsal cache and data; returns the runner's rows."""
     work.mkdir(parents=True, exist_ok=True)
     env = prepare(work, size)
-    os.environ.update(env)  # the kernels the runner starts inherit them
-    nbs = select(discover(notebooks_dir()), only)
-    declared = set().union(*(parameter_types(nb) for nb in nbs))
-    rows = run_notebooks("paper", nbs, params(work, declared), work / "outputs", log=log)
-    return rows
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the kernels the runner starts inherit them; restored afterwards
+    try:
+        nbs = select(discover(notebooks_dir()), only)
+        declared = set().union(*(parameter_types(nb) for nb in nbs))
+        return run_notebooks("paper", nbs, params(work, declared), work / "outputs", log=log)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def check(work: Path, rows: list[dict], models: ModelsConfig | None = None) -> dict:
     """What the rehearsal asserts: every manifest names the paper ids and its peak RSS, Table 2 has every method's
     row, report.html exists. Returns the per-notebook table (seconds, peak RSS, CPU time)."""
     models = models or ModelsConfig()
-    ids = [models.sd_id, models.ip_adapter_id, models.vlm_id, "/".join(models.verifier_clip)]
+    want = {"builder": "hub", **{k: getattr(models, k) for k in ("sd_id", "ip_adapter_id", "vlm_id", "hps_id")},
+            **{k: list(getattr(models, k)) for k in ("verifier_clip", "aesthetic_clip", "decoder_clip")}}
     table = {}
     for row in rows:
         manifest = json.loads(Path(row["manifest"]).read_text())
-        text = json.dumps(manifest)
-        missing = [i for i in ids[:2] if i not in text]
-        if missing:
-            raise AssertionError(f"{row['notebook']}: manifest names none of {missing}")
+        named = (manifest.get("config") or {}).get("models") or {}
+        wrong = sorted(k for k, v in want.items() if named.get(k) != v)
+        if wrong:
+            raise AssertionError(f"{row['notebook']}: its manifest's config does not name the paper's {wrong}")
         if not manifest.get("peak_rss_mb"):
             raise AssertionError(f"{row['notebook']}: manifest has no peak RSS")
         table[row["notebook"]] = {"seconds": round(row["seconds"], 1), "peak_rss_mb": manifest["peak_rss_mb"],
