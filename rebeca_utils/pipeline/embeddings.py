@@ -1,69 +1,44 @@
 """Embedding store: images embedded in chunks, atomic and resumable, shardable across processes, merged into one table."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from PIL import Image
 
+from .. import jobs as J
 from ..config import ModelsConfig
-from ..io import (
-    ORPHAN_AGE_S,
-    CorruptFileError,
-    list_images,
-    read_safetensors,
-    remove_orphans,
-    save_safetensors,
-    write_json,
-)
-from ..models.encoders import (
-    EmbeddingError,
-    Encoder,
-    build_encoder,
-    check_space,
-    expected_dim,
-    fingerprint,
-)
+from ..io import CorruptFileError, list_images, read_safetensors, save_safetensors, write_json
+from ..models.encoders import EmbeddingError, Encoder, build_encoder, check_space, expected_dim, fingerprint
 from ..progress import tqdm
 from ..runtime import resolve_device, resolve_dtype
+from .embed_chunks import (  # space_dir, chunk_path and check_embeddings are this module's API too
+    PLAN_NAME,
+    Chunk,
+    check_embeddings,
+    chunk_path,
+    make_plan,
+    read_chunk,
+    some_names,
+    space_dir,
+    write_chunk,
+)
 
 log = logging.getLogger(__name__)
 
 
 ON_ERROR = ("skip", "raise")
 
-CHUNK_FORMAT = "rebeca-embeddings-chunk/1"
-
 MERGED_FORMAT = "rebeca-embeddings/1"
 
 MERGED_NAME = "embeddings.safetensors"
 
 INDEX_NAME = "index.json"
-
-PLAN_NAME = "plan.json"
-
-
-def check_embeddings(emb: torch.Tensor, names: Sequence[str], space: str, dim: int) -> None:
-    """Refuse a (len(names), dim) batch that has another shape or non-finite values; the error names the images."""
-    shape = tuple(emb.shape)
-    if emb.ndim != 2 or shape[0] != len(names) or shape[1] != dim:
-        raise EmbeddingError(f"{space} space: {_some(names)}: embedding has shape {shape}, expected "
-                             f"({len(names)}, {dim}) (wrong dim for this space?)")
-    bad = ~torch.isfinite(emb).all(dim=1)
-    if bad.any():
-        which = [n for n, b in zip(names, bad.tolist()) if b]
-        raise EmbeddingError(f"{space} space: {_some(which)}: embedding has NaN/inf values")
-
-
-def _some(names: Sequence[str], k: int = 3) -> str:
-    names = list(names)
-    return ", ".join(names[:k]) + (f" (and {len(names) - k} more)" if len(names) > k else "")
 
 
 class _Images(torch.utils.data.Dataset):
@@ -91,86 +66,6 @@ def _collate(batch):
     ok = [(i, px) for i, px, err in batch if err is None]
     pixels = torch.stack([px for _, px in ok]) if ok else None
     return [i for i, _ in ok], pixels, [(i, err) for i, _, err in batch if err is not None], len(batch)
-
-
-def space_dir(out_dir: str | os.PathLike, space: str) -> Path:
-    """`<out_dir>/<space>`: the store folder of one space."""
-    check_space(space)
-    return Path(out_dir) / space
-
-
-def chunk_path(out_dir: str | os.PathLike, space: str, i: int) -> Path:
-    """Path of chunk i of a space."""
-    return space_dir(out_dir, space) / f"chunk_{i:05d}.safetensors"
-
-
-@dataclass
-class _Chunk:
-    rows: list[str]  # names with an embedding, in order
-    failures: list[dict[str, str]]  # {"name", "error"}
-    emb: torch.Tensor  # (len(rows), dim) float32
-    dtype: str = ""
-
-
-def sources_digest(image_dir: Path, names: Sequence[str]) -> str:
-    """sha256 over (name, size, mtime) of the images: a chunk is recomputed when one of its images is replaced."""
-    h = hashlib.sha256()
-    for n in names:
-        try:
-            st = (image_dir / n).stat()
-            h.update(f"{n}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(f"{n}\0missing\n".encode())
-    return h.hexdigest()
-
-
-def _write_chunk(path: Path, names: list[str], chunk: _Chunk, fp: dict, device: str, sources: str) -> None:
-
-    meta = {"format": CHUNK_FORMAT, "space": fp["space"], "dim": str(fp["dim"]),
-            "fingerprint": json.dumps(fp, sort_keys=True), "names": json.dumps(names),
-            "rows": json.dumps(chunk.rows), "failures": json.dumps(chunk.failures),
-            "dtype": chunk.dtype, "device": device, "sources": sources}
-    save_safetensors({"embeddings": chunk.emb.float().contiguous()}, path, meta)
-
-
-def _read_chunk(path: Path, names: list[str], fp: dict, sources: str) -> tuple[_Chunk | None, str]:
-    """The chunk at `path` if it is whole and matches (names, images, fingerprint, dim, finite); else (None, why)."""
-
-    if not path.is_file():
-        return None, "missing"
-    try:
-        tensors, meta = read_safetensors(path, "rerun")
-        emb = tensors["embeddings"]
-        if meta.get("format") != CHUNK_FORMAT:
-            return None, f"unknown format {meta.get('format')!r}"
-        if json.loads(meta["fingerprint"]) != fp:
-            return None, f"made by another encoder ({meta['fingerprint']})"
-        if json.loads(meta["names"]) != names:
-            return None, "holds other names (image list or chunk size changed)"
-        if meta.get("sources") != sources:
-            return None, "its images changed on disk (size or modification time)"
-        rows, failures = json.loads(meta["rows"]), json.loads(meta["failures"])
-        failed = [f_["name"] for f_ in failures]
-        if sorted(rows + failed) != names or len(set(rows)) != len(rows):
-            return None, "rows and failures do not cover the names"
-        check_embeddings(emb, rows, fp["space"], fp["dim"])
-    except (EmbeddingError, CorruptFileError) as exc:
-        return None, str(exc)
-    except Exception as exc:  # noqa: BLE001 - truncated / foreign file: recompute
-        return None, f"unreadable ({type(exc).__name__}: {exc})"
-    return _Chunk(rows, failures, emb.float(), meta.get("dtype", "")), ""
-
-
-def _plan(names: list[str], chunk_size: int, fp: dict, image_dir: Path) -> dict[str, Any]:
-    n_chunks = (len(names) + chunk_size - 1) // chunk_size
-    sources = [sources_digest(image_dir, names[i * chunk_size:(i + 1) * chunk_size]) for i in range(n_chunks)]
-    return {"format": CHUNK_FORMAT, "space": fp["space"], "dim": fp["dim"], "fingerprint": fp,
-            "chunk_size": chunk_size, "n_chunks": n_chunks, "names": names, "sources": sources}
-
-
-def _chunk_names(plan: dict, i: int) -> list[str]:
-    c = plan["chunk_size"]
-    return plan["names"][i * c:(i + 1) * c]
 
 
 @dataclass
@@ -213,107 +108,177 @@ class EmbeddingStore:
         return _take(self._table[1], self._table[2], names, self.index_path)
 
 
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How an embedding run goes, not what it embeds: device and precision, batch and chunk sizes, what an unreadable
+    image does (ON_ERROR), this process's share (rank of world_size), progress bar, data loader workers."""
+
+    device: str = "auto"
+    dtype: str | torch.dtype = "auto"
+    batch_size: int = 64
+    chunk_size: int = 1024
+    on_error: str = "skip"
+    rank: int = 0
+    world_size: int = 1
+    progress: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self):
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error={self.on_error!r}: valid values are {', '.join(ON_ERROR)}")
+        if self.batch_size < 1 or self.chunk_size < 1:
+            raise ValueError(f"batch_size and chunk_size must be >= 1 (got {self.batch_size}, {self.chunk_size})")
+        J.check_rank(self.rank, self.world_size)
+
+
+@dataclass
+class _Job:
+    """One process's embedding run: where the images and the store are, the plan and its chunks, the options."""
+
+    image_dir: Path
+    out_dir: Path
+    space: str
+    dim: int
+    plan: dict
+    opts: EmbedOptions
+    device: str
+    dtype: torch.dtype
+    chunks: list[list[str]] = field(init=False)  # the names of each chunk
+
+    def __post_init__(self):
+        self.chunks = J.chunks(self.plan["names"], self.plan["chunk_size"])
+
+    def read(self, i: int) -> Chunk | J.NotDone:
+        """Chunk i when it is done (whole and made for this plan), else why not."""
+        return read_chunk(chunk_path(self.out_dir, self.space, i), self.chunks[i], self.plan["fingerprint"],
+                          self.plan["sources"][i])
+
+
 def embed_images(image_dir: str | os.PathLike, names: Sequence[str] | None, space: str, models: ModelsConfig,
-                 out_dir: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype = "auto",
-                 batch_size: int = 64, chunk_size: int = 1024, on_error: str = "skip", rank: int = 0,
-                 world_size: int = 1, progress: bool = True, num_workers: int = 0,
-                 encoder: Encoder | None = None) -> EmbeddingStore:
+                 out_dir: str | os.PathLike, options: EmbedOptions | None = None, *, encoder: Encoder | None = None,
+                 **option_values) -> EmbeddingStore:
     """Embed `names` (files in `image_dir`; None = every image there) in `space` into `<out_dir>/<space>/`.
 
-    Names are sorted and cut into chunks of `chunk_size`; this process (`rank` of `world_size`) handles chunks
-    rank, rank + world_size, ...; each is written atomically when done. Valid chunks already on disk are reused
-    (no model is built when nothing is left to do). Unreadable images: on_error="skip" records them (name + error)
-    in the chunk and goes on; "raise" raises EmbeddingError("<path>: cannot read image: ..."). A wrong-dim or
-    non-finite embedding always raises. `encoder` overrides the one built from `models` (reuse a loaded model).
-    Call `merge` (or `.merge()`) once every process is done.
+    `options` (or its fields as keywords: device, dtype, batch_size, chunk_size, on_error, rank, world_size,
+    progress, num_workers) say how. Names are sorted and cut into chunks of `chunk_size`; this process (`rank` of
+    `world_size`) handles chunks rank, rank + world_size, ...; each is written atomically when done. Valid chunks
+    already on disk are reused (no model is built when nothing is left to do). Unreadable images: on_error="skip"
+    records them (name + error) in the chunk and goes on; "raise" raises EmbeddingError("<path>: cannot read image:
+    ..."). A wrong-dim or non-finite embedding always raises. `encoder` overrides the one built from `models` (reuse
+    a loaded model). Call `merge` (or `.merge()`) once every process is done.
     """
-
     check_space(space)
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error={on_error!r}: valid values are {', '.join(ON_ERROR)}")
-    if batch_size < 1 or chunk_size < 1:
-        raise ValueError(f"batch_size and chunk_size must be >= 1 (got {batch_size}, {chunk_size})")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} must be in 0..world_size-1 (world_size={world_size})")
-    image_dir = Path(image_dir)
+    opts = replace(options or EmbedOptions(), **option_values)
+    job = _prepare(Path(image_dir), names, space, models, Path(out_dir), opts, encoder)
+    store = EmbeddingStore(job.out_dir, space, job.dim, len(job.chunks), opts.rank, opts.world_size)
+    todo = _reuse_done(job, store)
+    if todo:
+        _embed_chunks(job, todo, store, encoder if encoder is not None else
+                      build_encoder(space, models, job.device, job.dtype))
+    return store
+
+
+def _prepare(image_dir: Path, names: Sequence[str] | None, space: str, models: ModelsConfig, out_dir: Path,
+             opts: EmbedOptions, encoder: Encoder | None) -> _Job:
+    """Sort and check the names, resolve device, dtype and encoder identity; clear a killed run's temporaries and
+    write the plan."""
     names = sorted(list_images(image_dir) if names is None else names)
     dups = sorted({n for a, n in zip(names, names[1:]) if a == n})
     if dups:
-        raise ValueError(f"duplicate image names: {_some(dups)}")
-    device = resolve_device(device)
-    if not isinstance(dtype, torch.dtype):
-        dtype = resolve_dtype(device, dtype)
+        raise ValueError(f"duplicate image names: {some_names(dups)}")
+    device = resolve_device(opts.device)
+    dtype = opts.dtype if isinstance(opts.dtype, torch.dtype) else resolve_dtype(device, opts.dtype)
     fp = encoder.fingerprint if encoder is not None else fingerprint(space, models)
     dim = encoder.dim if encoder is not None else expected_dim(space, models)
     if fp.get("space") != space:
         raise ValueError(f"encoder of space {fp.get('space')!r} passed for space {space!r}")
-
-    plan = _plan(names, chunk_size, fp, image_dir)
-    # temporaries of a killed run; with several processes, spare the fresh ones of the others
-    remove_orphans(space_dir(out_dir, space), min_age_s=0 if world_size == 1 else ORPHAN_AGE_S)
+    plan = make_plan(names, opts.chunk_size, fp, image_dir)
+    J.clear_orphans(space_dir(out_dir, space), opts.world_size)
     write_json(space_dir(out_dir, space) / PLAN_NAME, plan)  # identical from every process
-    store = EmbeddingStore(Path(out_dir), space, dim, plan["n_chunks"], rank, world_size)
+    return _Job(image_dir, out_dir, space, dim, plan, opts, device, dtype)
 
-    todo: list[int] = []
-    for i in range(rank, plan["n_chunks"], world_size):
-        chunk, why = _read_chunk(chunk_path(out_dir, space, i), _chunk_names(plan, i), fp, plan["sources"][i])
-        if chunk is None:
-            if why != "missing":
-                log.warning("%s: recomputing: %s", chunk_path(out_dir, space, i), why)
-            todo.append(i)
-            continue
-        if chunk.failures and on_error == "raise":
+
+def _reuse_done(job: _Job, store: EmbeddingStore) -> list[int]:
+    """This process's chunks still to embed; the done ones are reused (a recorded failure raises under "raise")."""
+    mine = J.share(range(len(job.chunks)), job.opts.rank, job.opts.world_size)
+    todo, done = J.split_done(mine, job.read)
+    for i, chunk in done:
+        if chunk.failures and job.opts.on_error == "raise":
             f0 = chunk.failures[0]
-            raise EmbeddingError(f"{image_dir / f0['name']}: cannot read image: {f0['error']} (recorded in "
-                                 f"{chunk_path(out_dir, space, i)}; delete it to retry)")
+            raise EmbeddingError(f"{job.image_dir / f0['name']}: cannot read image: {f0['error']} (recorded in "
+                                 f"{chunk_path(job.out_dir, job.space, i)}; delete it to retry)")
         store.reused.append(i)
         store.failures += chunk.failures
-    if not todo:
-        return store
+    return todo
 
-    if encoder is None:
-        encoder = build_encoder(space, models, device, dtype)
+
+def _batches(chunk_rows: list[list[int]], todo: list[int], batch_size: int) -> tuple[list[list[int]], list[int | None]]:
+    """Batches of name indices of the chunks `todo` (none spans two chunks); per batch, the chunk it completes."""
     batches: list[list[int]] = []
     ends: list[int | None] = []  # chunk id when the batch is that chunk's last
     for i in todo:
-        lo, hi = i * chunk_size, min((i + 1) * chunk_size, len(names))
-        for s in range(lo, hi, batch_size):
-            batches.append(list(range(s, min(s + batch_size, hi))))
-            ends.append(i if s + batch_size >= hi else None)
+        parts = J.chunks(chunk_rows[i], batch_size)
+        batches += parts
+        ends += [None] * (len(parts) - 1) + [i]
+    return batches, ends
+
+
+@dataclass
+class _Filling:
+    """The chunk being embedded: its rows so far, their embeddings batch by batch, its unreadable images."""
+
+    rows: list[str] = field(default_factory=list)
+    embs: list[torch.Tensor] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+
+def _embed_chunks(job: _Job, todo: list[int], store: EmbeddingStore, encoder: Encoder) -> None:
+    """Embed the chunks `todo` batch by batch (DataLoader workers read the images); each chunk is written as soon
+    as its last batch is done."""
+    o, names = job.opts, job.plan["names"]
+    batches, ends = _batches(J.chunks(range(len(names)), o.chunk_size), todo, o.batch_size)
     loader = torch.utils.data.DataLoader(
-        _Images(image_dir, names, encoder.transform), batch_sampler=batches, collate_fn=_collate,
-        num_workers=num_workers, pin_memory=device.startswith("cuda"))
-    total = sum(len(b) for b in batches)
-    tag = f" [{rank}/{world_size}]" if world_size > 1 else ""
-    bar = tqdm(total=total, desc=f"{space} embeddings{tag}", unit="img", disable=not progress, position=rank)
-    rows: list[str] = []
-    embs: list[torch.Tensor] = []
-    failures: list[dict[str, str]] = []
+        _Images(job.image_dir, names, encoder.transform), batch_sampler=batches, collate_fn=_collate,
+        num_workers=o.num_workers, pin_memory=job.device.startswith("cuda"))
+    tag = f" [{o.rank}/{o.world_size}]" if o.world_size > 1 else ""
+    bar = tqdm(total=sum(len(b) for b in batches), desc=f"{job.space} embeddings{tag}", unit="img",
+               disable=not o.progress, position=o.rank)
+    filling = _Filling()
     try:
         for (ok, pixels, errors, n), end in zip(loader, ends):
-            for j, err in errors:
-                if on_error == "raise":
-                    raise EmbeddingError(f"{image_dir / names[j]}: cannot read image: {err}")
-                log.warning("%s: cannot read image, skipped: %s", image_dir / names[j], err)
-                failures.append({"name": names[j], "error": err})
-            if ok:
-                batch_names = [names[j] for j in ok]
-                emb = encoder.encode(pixels)
-                check_embeddings(emb, batch_names, space, dim)
-                rows += batch_names
-                embs.append(emb.float())
+            _add_batch(job, encoder, filling, ok, pixels, errors)
             bar.update(n)
             if end is not None:
-                chunk = _Chunk(rows, failures, torch.cat(embs) if embs else torch.zeros(0, dim),
-                               str(encoder.dtype).replace("torch.", ""))
-                _write_chunk(chunk_path(out_dir, space, end), _chunk_names(plan, end), chunk, fp, device,
-                             plan["sources"][end])
-                store.computed.append(end)
-                store.failures += failures
-                rows, embs, failures = [], [], []
+                _finish_chunk(job, end, filling, str(encoder.dtype).replace("torch.", ""), store)
+                filling = _Filling()
     finally:
         bar.close()
-    return store
+
+
+def _add_batch(job: _Job, encoder: Encoder, filling: _Filling, ok: list[int], pixels, errors) -> None:
+    """Record a batch's unreadable images (or raise, under "raise") and embed the others into `filling`."""
+    names = job.plan["names"]
+    for j, err in errors:
+        if job.opts.on_error == "raise":
+            raise EmbeddingError(f"{job.image_dir / names[j]}: cannot read image: {err}")
+        log.warning("%s: cannot read image, skipped: %s", job.image_dir / names[j], err)
+        filling.failures.append({"name": names[j], "error": err})
+    if ok:
+        batch_names = [names[j] for j in ok]
+        emb = encoder.encode(pixels)
+        check_embeddings(emb, batch_names, job.space, job.dim)
+        filling.rows += batch_names
+        filling.embs.append(emb.float())
+
+
+def _finish_chunk(job: _Job, i: int, filling: _Filling, dtype: str, store: EmbeddingStore) -> None:
+    """Write chunk i atomically from what `filling` holds and count it as computed."""
+    emb = torch.cat(filling.embs) if filling.embs else torch.zeros(0, job.dim)
+    chunk = Chunk(filling.rows, filling.failures, emb, dtype)
+    write_chunk(chunk_path(job.out_dir, job.space, i), job.chunks[i], chunk, job.plan["fingerprint"], job.device,
+                job.plan["sources"][i])
+    store.computed.append(i)
+    store.failures += filling.failures
 
 
 def merge(out_dir: str | os.PathLike, space: str) -> Path:
@@ -326,30 +291,22 @@ def merge(out_dir: str | os.PathLike, space: str) -> Path:
     except OSError as exc:
         raise EmbeddingError(f"{d / PLAN_NAME}: no embedding run found; run embed_images first") from exc
     fp, dim = plan["fingerprint"], plan["dim"]
-    rows: list[str] = []
-    embs: list[torch.Tensor] = []
-    failures: list[dict[str, str]] = []
-    dtypes: set[str] = set()
-    bad = []
-    for i in range(plan["n_chunks"]):
-        chunk, why = _read_chunk(chunk_path(out_dir, space, i), _chunk_names(plan, i), fp, plan["sources"][i])
-        if chunk is None:
-            bad.append(f"{chunk_path(out_dir, space, i).name} ({why})")
-            continue
-        rows += chunk.rows
-        embs.append(chunk.emb)
-        failures += chunk.failures
-        dtypes.add(chunk.dtype)
-    if bad:
+    chunked = J.chunks(plan["names"], plan["chunk_size"])
+    done, missing = J.collect(range(plan["n_chunks"]), lambda i: read_chunk(
+        chunk_path(out_dir, space, i), chunked[i], fp, plan["sources"][i]))
+    if missing:
+        bad = [f"{Path(nd.where).name} ({nd.why})" for _, nd in missing]
         raise EmbeddingError(f"{d}: cannot merge, {len(bad)} of {plan['n_chunks']} chunks not done: "
-                             f"{_some(bad)}; run embed_images (every rank) first")
-    emb = torch.cat(embs) if embs else torch.zeros(0, dim)
+                             f"{some_names(bad)}; run embed_images (every rank) first")
+    rows = [r for c in done for r in c.rows]
+    emb = torch.cat([c.emb for c in done]) if done else torch.zeros(0, dim)
     check_embeddings(emb, rows, space, dim)
     meta = {"format": MERGED_FORMAT, "space": space, "dim": str(dim), "fingerprint": json.dumps(fp, sort_keys=True),
             "names": json.dumps(rows)}
     path = save_safetensors({"embeddings": emb.contiguous()}, d / MERGED_NAME, meta)
     write_json(d / INDEX_NAME, {"format": MERGED_FORMAT, "space": space, "dim": dim, "fingerprint": fp,
-                                "n": len(rows), "dtypes": sorted(dtypes), "failures": failures,
+                                "n": len(rows), "dtypes": sorted({c.dtype for c in done}),
+                                "failures": [f for c in done for f in c.failures],
                                 "rows": {n: r for r, n in enumerate(rows)}})
     return path
 
@@ -390,7 +347,7 @@ def failures(out_dir: str | os.PathLike, space: str) -> list[dict[str, str]]:
 def _take(emb: torch.Tensor, rows: dict[str, int], names: Sequence[str], where: Path) -> torch.Tensor:
     missing = [n for n in names if n not in rows]
     if missing:
-        raise KeyError(f"{where}: no embedding for {_some(missing)}")
+        raise KeyError(f"{where}: no embedding for {some_names(missing)}")
     return emb[torch.tensor([rows[n] for n in names], dtype=torch.long)]
 
 
