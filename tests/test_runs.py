@@ -1,5 +1,7 @@
 """Run folders: prerequisites checked at the top of a notebook, inputs and digests in the manifest, the closing line."""
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -78,3 +80,11 @@ def test_manifest_records_peak_rss_and_cpu_time(tmp_path):
     assert isinstance(m["peak_rss_mb"], float) and m["peak_rss_mb"] > 96 and len(ballast) == 96 << 20
     # this process's CPU time, user + system, as time.process_time() counts it (getrusage may count in ticks)
     assert isinstance(m["cpu_time_s"], float) and 0 < cpu - 0.05 <= m["cpu_time_s"] <= time.process_time() + 0.05
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork + exec keeps ru_maxrss on Linux")
+def test_a_kernel_started_by_a_big_process_reports_its_own_peak():
+    ballast = b"\x01" * (1200 << 20)  # the parent (a runner that built a cache in-process) holds 1.2 GB
+    code = "from rebeca_utils.notebook.runs import resource_usage; print(resource_usage()['peak_rss_mb'])"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert len(ballast) == 1200 << 20 and child < 1000, child  # ru_maxrss alone reports >= 1200 (the import: ~500)

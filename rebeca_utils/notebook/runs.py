@@ -37,7 +37,19 @@ def resource_usage() -> dict[str, float]:
     (the runner starts one per notebook; in Lab, everything since the kernel's last restart)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     kib = r.ru_maxrss / 1024 if sys.platform == "darwin" else r.ru_maxrss  # macOS counts bytes, Linux KiB
-    return {"peak_rss_mb": round(kib / 1024, 1), "cpu_time_s": round(r.ru_utime + r.ru_stime, 3)}
+    return {"peak_rss_mb": round((own_peak_kib() or kib) / 1024, 1), "cpu_time_s": round(r.ru_utime + r.ru_stime, 3)}
+
+
+def own_peak_kib(status: str = "/proc/self/status") -> float | None:
+    """Linux: this process's own peak RSS (VmHWM, KiB). ru_maxrss is not enough there: a process started by
+    fork + exec keeps its parent's peak (a runner that held 10 GB makes every kernel report 10 GB)."""
+    try:
+        for line in Path(status).read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 NOTEBOOKS_ENV = "REBECA_NOTEBOOKS"
