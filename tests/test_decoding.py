@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from rebeca_utils import io as KIO
+from rebeca_utils import jobs as J
 from rebeca_utils import runtime as RT
 from rebeca_utils.config import get_profile
 from rebeca_utils.models import decoder as DEC
@@ -170,9 +171,12 @@ def test_images_from_other_inputs_are_stale_and_redone(pipe, tmp_path):
 
 def test_shards_cover_every_batch_once():
     batches = ITEMS.make_batches(_items(5, 5), 3)
-    shards = [ITEMS.shard(batches, r, 3) for r in range(3)]
+    shards = [J.share(batches, r, 3) for r in range(3)]
     keys = [it.key for s in shards for b in s for it in b]
     assert len(keys) == len(set(keys)) == 25
+    assert shards[1] == batches[1::3]  # round robin: batch b in process b mod 3
+    with pytest.raises(ValueError, match=r"rank=3 must be in 0..world_size-1 \(world_size=3\)"):
+        J.share(batches, 3, 3)
     with pytest.raises(ValueError, match="duplicate work items"):
         ITEMS.make_batches(_items(1, 2) + _items(1, 2), 2)
     mixed = _items(1, 2) + ITEMS.make_items("lora", "u", [0], [0], CFG, loras=["/a"])

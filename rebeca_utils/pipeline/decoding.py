@@ -8,9 +8,9 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,18 +18,12 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..config import GenerationConfig, ModelsConfig
-from ..io import ORPHAN_AGE_S, atomic_path, remove_orphans, sha256, write_json
+from .. import jobs as J
+from ..io import atomic_path, sha256, write_json
 from ..models.decoder import ip_adapter_embeds
 from ..progress import tqdm
 from .adapters import Adapters
-from .items import (
-    WorkItem,
-    check_ip_embeddings,
-    image_settings,
-    item_fingerprint,
-    make_batches,
-    shard,
-)
+from .items import WorkItem, check_ip_embeddings, image_settings, item_fingerprint, make_batches
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +136,28 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+@dataclass
+class _Run:
+    """One decode() call: the pipeline, where and how images are made, what it did so far."""
+
+    pipe: Any
+    out_dir: Path
+    cfg: GenerationConfig
+    settings: dict
+    overwrite: bool
+    adapters: Adapters
+    logger: _Log
+    rep: DecodeReport = field(default_factory=DecodeReport)
+
+    def done(self, it: WorkItem) -> bool:
+        """The item's PNG exists, decodes and carries its fingerprint."""
+        return valid_png(self.out_dir / it.relpath, (self.cfg.width, self.cfg.height), self.fp(it))
+
+    def fp(self, it: WorkItem) -> str:
+        """The item's fingerprint under this run's settings."""
+        return item_fingerprint(it, self.settings)
+
+
 def decode(pipe, items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: GenerationConfig, *,
            batch_size: int | None = None, overwrite: bool = False, rank: int = 0, world_size: int = 1,
            models: ModelsConfig | None = None, progress: bool = True) -> DecodeReport:
@@ -151,81 +167,99 @@ def decode(pipe, items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: Gen
     from other inputs (embedding, prompt, seed, LoRA, settings) are redone. A batch that fails (e.g. out of
     memory) is retried once item by item; items that still fail are logged with their error and the rest go on.
     """
-
     out_dir = Path(out_dir)
     check_ip_embeddings(items)  # before any work: plans and hand-made items are checked too
-    remove_orphans(out_dir, recursive=True, min_age_s=0 if world_size == 1 else ORPHAN_AGE_S)  # a killed run's
-    batches = shard(make_batches(items, batch_size or cfg.batch_size), rank, world_size)
-    settings = image_settings(cfg, models)
-    size = (cfg.width, cfg.height)
-    rep, logger, adapters, t0 = DecodeReport(), _Log(out_dir), Adapters(pipe, batches), time.perf_counter()
+    J.clear_orphans(out_dir, world_size, recursive=True)
+    batches = J.share(make_batches(items, batch_size or cfg.batch_size), rank, world_size)
+    run = _Run(pipe, out_dir, cfg, image_settings(cfg, models), overwrite, Adapters(pipe, batches), _Log(out_dir))
     bar = tqdm(total=sum(len(b) for b in batches), desc=f"decode [{rank}/{world_size}]" if world_size > 1 else "decode",
                unit="img", disable=not progress, position=rank)
-    try:
-        for b, batch in enumerate(batches):
-            fps = {it.key: item_fingerprint(it, settings) for it in batch}
-            todo = [it for it in batch if overwrite or not valid_png(out_dir / it.relpath, size, fps[it.key])]
-            if not todo:
-                rep.skipped += len(batch)
-                bar.update(len(batch))
-                adapters.done(b)
-                continue
-            rep.batches += 1
-            _record_settings(out_dir, batch[0], settings, pipe)
-            try:
-                adapters.use(batch[0].lora)
-                results = _decode_with_retry(pipe, batch, cfg, rep)
-            except Exception as exc:  # noqa: BLE001 - e.g. an unreadable LoRA: these items fail, the rest go on
-                err = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                results = iter([(batch, None, 0.0, err)])
-            # the whole batch is decoded even if some PNGs exist: same batch -> same bytes as an uninterrupted run
-            for group, images, secs, error in results:
-                for it, img in zip(group, images if images is not None else [None] * len(group)):
-                    if it not in todo:
-                        continue
-                    if img is not None and (bad := blank_image(img)):
-                        img, error = None, bad
-                    if img is None:
-                        rep.failed.append({"key": list(it.key), "error": error})
-                        logger.write({"key": list(it.key), "status": "failed", "error": error})
-                        continue
-                    path = out_dir / it.relpath
-                    with atomic_path(path) as tmp:
-                        tmp.write_bytes(_png_bytes(img, fps[it.key]))
-                    rep.written += 1
-                    logger.write({"key": list(it.key), "status": "ok", "seconds": secs / len(group),
-                                  "sha256": sha256(path)})
-            rep.skipped += len(batch) - len(todo)
-            bar.update(len(batch))
-            adapters.done(b)
-    finally:
-        bar.close()
-        adapters.close()
-        rep.seconds = time.perf_counter() - t0
-    return rep
-
-
-def _decode_with_retry(pipe, batch: list[WorkItem], cfg: GenerationConfig, rep: DecodeReport):
-    """Yield (items, images | None, seconds, error): the batch, or on failure each item alone (one retry)."""
     t0 = time.perf_counter()
     try:
-        images = run_batch(pipe, batch, cfg)
-        yield batch, images, time.perf_counter() - t0, ""
+        for b, batch in enumerate(batches):
+            _decode_batch(run, batch)
+            bar.update(len(batch))
+            run.adapters.done(b)
+    finally:
+        bar.close()
+        run.adapters.close()
+        run.rep.seconds = time.perf_counter() - t0
+    return run.rep
+
+
+def _decode_batch(run: _Run, batch: list[WorkItem]) -> None:
+    """Decode a batch whose items are not all done and save the images of those that are not."""
+    todo, _ = J.split_done(batch, run.done, redo=run.overwrite)
+    run.rep.skipped += len(batch) - len(todo)
+    if not todo:
         return
-    except Exception as exc:  # noqa: BLE001 - any per-batch failure is retried item by item, then logged
-        first = f"{type(exc).__name__}: {exc}"
-        log.warning("batch of %d failed (%s); retrying at batch size 1", len(batch), first)
+    run.rep.batches += 1
+    _record_settings(run.out_dir, batch[0], run.settings, run.pipe)
+    # the whole batch is decoded even if some PNGs exist: same batch -> same bytes as an uninterrupted run
+    for res in _decoded(run, batch):
+        run.rep.retried += len(res.items) if res.retry else 0
+        images = res.images if res.images is not None else [None] * len(res.items)
+        for it, img in zip(res.items, images):
+            if it in todo:
+                _save(run, it, img, res.error, res.seconds / len(res.items))
+
+
+def _save(run: _Run, it: WorkItem, img: np.ndarray | None, error: str, seconds: float) -> None:
+    """Write an item's PNG atomically (with its fingerprint) and log it; a missing or blank image is a failure."""
+    if img is not None and (bad := blank_image(img)):
+        img, error = None, bad
+    if img is None:
+        run.rep.failed.append({"key": list(it.key), "error": error})
+        run.logger.write({"key": list(it.key), "status": "failed", "error": error})
+        return
+    path = run.out_dir / it.relpath
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(_png_bytes(img, run.fp(it)))
+    run.rep.written += 1
+    run.logger.write({"key": list(it.key), "status": "ok", "seconds": seconds, "sha256": sha256(path)})
+
+
+@dataclass
+class _Decoded:
+    """Images of some items of a batch (None when they failed, with the error), and whether this was a retry."""
+
+    items: list[WorkItem]
+    images: np.ndarray | None
+    seconds: float = 0.0
+    error: str = ""
+    retry: bool = False
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _decoded(run: _Run, batch: list[WorkItem]) -> Iterator[_Decoded]:
+    """The batch decoded in one call, or, when that fails, each item alone (one retry); yields as it goes, so
+    each image is saved as soon as it exists. An adapter that cannot be loaded fails the whole batch."""
+    try:
+        run.adapters.use(batch[0].lora)
+    except Exception as exc:  # noqa: BLE001 - e.g. an unreadable LoRA: these items fail, the rest go on
+        yield _Decoded(batch, None, error=_one_line(exc))
+        return
+    first = _attempt(run.pipe, batch, run.cfg)
+    if first.images is not None:
+        yield first
+        return
+    log.warning("batch of %d failed (%s); retrying at batch size 1", len(batch), first.error)
+    for it in batch:
+        yield replace(_attempt(run.pipe, [it], run.cfg), retry=True)
+
+
+def _attempt(pipe, items: list[WorkItem], cfg: GenerationConfig) -> _Decoded:
+    """One pipeline call on `items`: their images and seconds, or the error (CUDA memory freed after an OOM)."""
+    t0 = time.perf_counter()
+    try:
+        return _Decoded(items, run_batch(pipe, items, cfg), time.perf_counter() - t0)
+    except Exception as exc:  # noqa: BLE001 - any failure is reported with the items; the caller retries or logs
         if _is_oom(exc) and torch.cuda.is_available():
             torch.cuda.empty_cache()
-    rep.retried += len(batch)
-    for it in batch:
-        t0 = time.perf_counter()
-        try:
-            yield [it], run_batch(pipe, [it], cfg), time.perf_counter() - t0, ""
-        except Exception as exc:  # noqa: BLE001
-            if _is_oom(exc) and torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            yield [it], None, 0.0, f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return _Decoded(items, None, error=_one_line(exc))
 
 
 def adopt_done(items: Sequence[WorkItem], out_dir: str | os.PathLike, sources: Sequence[str | os.PathLike],
@@ -251,8 +285,8 @@ def pending(items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: Generati
             models: ModelsConfig | None = None, overwrite: bool = False) -> list[WorkItem]:
     """The items decode() would decode: those without a complete PNG made from their inputs (all with overwrite)."""
     settings, size = image_settings(cfg, models), (cfg.width, cfg.height)
-    return [it for it in items
-            if overwrite or not valid_png(Path(out_dir) / it.relpath, size, item_fingerprint(it, settings))]
+    return J.split_done(items, lambda it: valid_png(Path(out_dir) / it.relpath, size, item_fingerprint(it, settings)),
+                        redo=overwrite)[0]
 
 
 def load_images(out_dir: str | os.PathLike, method: str, setting: str, user_id: int, n: int) -> np.ndarray:

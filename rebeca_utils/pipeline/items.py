@@ -1,17 +1,17 @@
-"""Decoder work items: App G.3 seeds, fingerprints of what determines an image, fixed batches, shards."""
+"""Decoder work items: App G.3 seeds, fingerprints of what determines an image, fixed batches."""
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 
+from .. import jobs as J
 from ..config import GenerationConfig, ModelsConfig
 from ..io import sha256
-from ..models.world import weights_tag
+from ..models.tiny_weights import weights_tag
 
 
 def decoder_seed(user_id: int, index: int, base: int = 42) -> int:
@@ -106,11 +106,10 @@ def lora_digest(lora: str | None) -> str | None:
 
 def item_fingerprint(item: WorkItem, settings: dict[str, Any]) -> str:
     """Hash of everything that determines the item's image: a PNG made from other inputs is stale."""
-    h = hashlib.sha256(json.dumps({"seed": item.seed, "prompt": item.prompt, "negative_prompt": item.negative_prompt,
-                                   "lora": lora_digest(item.lora), "settings": settings}, sort_keys=True).encode())
-    if item.ip_embedding is not None:
-        h.update(item.ip_embedding.float().contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
+    payload = {"seed": item.seed, "prompt": item.prompt, "negative_prompt": item.negative_prompt,
+               "lora": lora_digest(item.lora), "settings": settings}
+    emb = () if item.ip_embedding is None else (item.ip_embedding.float().contiguous().numpy().tobytes(),)
+    return J.fingerprint(payload, *emb)
 
 
 def make_batches(items: Iterable[WorkItem], batch_size: int) -> list[list[WorkItem]]:
@@ -127,11 +126,4 @@ def make_batches(items: Iterable[WorkItem], batch_size: int) -> list[list[WorkIt
         # on which other users or settings are in the run (its bytes would change with the batch)
         groups.setdefault((it.method, it.setting, it.user_id, it.lora or "", it.ip_embedding is not None),
                           []).append(it)
-    return [g[s:s + batch_size] for _, g in sorted(groups.items()) for s in range(0, len(g), batch_size)]
-
-
-def shard(batches: Sequence[Any], rank: int, world_size: int) -> list[Any]:
-    """Batches of process `rank`: b, b + world_size, ... (no overlap, nothing left out)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} must be in 0..world_size-1 (world_size={world_size})")
-    return list(batches[rank::world_size])
+    return [b for _, g in sorted(groups.items()) for b in J.chunks(g, batch_size)]
