@@ -65,13 +65,17 @@ def test_batch_size_and_dtype_key_the_chunks(tiny_vlm, fixture_data, tmp_path):
         .__len__() == 4
 
 
-def test_a_killed_writes_temp_file_goes_when_its_chunk_is_redone(tiny_vlm, fixture_data, tmp_path):
+def test_a_killed_writes_temp_file_goes_when_the_next_run_starts(tiny_vlm, fixture_data, tmp_path):
     _, root = fixture_data
     TG.save_tag_plan(tmp_path, _names(root, 4), root, TINY, CFG)
     stale = tmp_path / TG.TAGS_DIR / ".chunk-00000.parquet.k1ll3d.tmp.parquet"  # atomic_path's temp, never renamed
     stale.write_bytes(b"PAR1 half a parquet")
     assert TG.tag_images(*tiny_vlm, tmp_path, progress=False).computed == 1
     assert sorted(p.name for p in stale.parent.iterdir()) == ["chunk-00000.parquet", TG.PLAN_NAME]
+    # several processes share the folder: a fresh temp file may be another process's write in flight
+    stale.write_bytes(b"PAR1 in flight")
+    assert TG.tag_images(*tiny_vlm, tmp_path, rank=1, world_size=2, progress=False).reused == 0
+    assert stale.exists()
 
 
 def test_tag_limit_selects_a_seeded_subset_into_the_plan_and_the_personas(tiny_vlm, fixture_data, tmp_path):

@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import time
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -33,10 +32,11 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessorList
 
+from .. import jobs as J
 from ..config import ModelsConfig, VlmConfig
 from ..io import atomic_path, write_json
 from ..models.vlm import LazyVlm, build_vlm, dtype_name, named_dtype
-from ..models.world import weights_tag
+from ..models.tiny_weights import weights_tag
 from ..progress import tqdm
 from ..runtime import process_share
 from .constrained import SchemaConstraint
@@ -58,7 +58,7 @@ def fingerprint(models: ModelsConfig, cfg: VlmConfig, dtype: str = "float32", se
     payload = {"version": FORMAT_VERSION, "model": model, "instruction": INSTRUCTION, "decoding": "greedy",
                "max_new_tokens": cfg.max_new_tokens, "constrained": cfg.constrained, "batch_size": cfg.batch_size,
                "dtype": dtype, "selection": selection or {"limit": 0}}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+    return J.fingerprint(payload)
 
 
 def select_images(names: Sequence[str], limit: int = 0, seed: int = 0) -> list[str]:
@@ -137,30 +137,37 @@ def load_tag_plan(out_dir: str | os.PathLike) -> dict:
 
 
 def _chunks(plan: dict) -> list[list[str]]:
-    n, cs = plan["names"], plan["chunk_size"]
-    return [n[i:i + cs] for i in range(0, len(n), cs)]
+    return J.chunks(plan["names"], plan["chunk_size"])
 
 
 def _chunk_path(out_dir: Path, i: int) -> Path:
     return out_dir / TAGS_DIR / f"chunk-{i:05d}.parquet"
 
 
-def _read_chunk(path: Path, names: list[str], fp: str) -> tuple[pd.DataFrame, dict] | None:
-    """(replies, metadata) of a finished chunk made for `names` and fingerprint `fp`, else None."""
+def _read_chunk(path: Path, names: list[str], fp: str) -> tuple[pd.DataFrame, dict] | J.NotDone:
+    """(replies, metadata) of a finished chunk made for `names` and fingerprint `fp`, else why not."""
+    if not path.is_file():
+        return J.NotDone(path)
     try:
         table = pq.read_table(path)
         meta = json.loads(table.schema.metadata[b"rebeca"])
-    except Exception:  # noqa: BLE001 - missing, truncated or foreign: redo the chunk
-        return None
+    except Exception as exc:  # noqa: BLE001 - truncated or foreign: redo the chunk
+        return J.NotDone(path, f"unreadable ({type(exc).__name__}: {exc})".splitlines()[0])
     df = table.to_pandas()
-    return (df, meta) if meta.get("fingerprint") == fp and df["image"].tolist() == names else None
+    if meta.get("fingerprint") != fp:
+        return J.NotDone(path, "made for another plan (model, decoding, batch size, dtype or selection)")
+    return (df, meta) if df["image"].tolist() == names else J.NotDone(path, "holds other images")
+
+
+def _reader(out_dir: Path, plan: dict):
+    """read((i, names)): chunk i of the plan when it is finished, else why not."""
+    return lambda chunk: _read_chunk(_chunk_path(out_dir, chunk[0]), chunk[1], plan["fingerprint"])
 
 
 def missing_chunks(out_dir: str | os.PathLike) -> list[int]:
     """Indices of the plan's chunks that are not finished for its fingerprint (missing, truncated or stale)."""
     plan = load_tag_plan(out_dir)
-    return [i for i, names in enumerate(_chunks(plan))
-            if _read_chunk(_chunk_path(Path(out_dir), i), names, plan["fingerprint"]) is None]
+    return [i for (i, _), _ in J.collect(enumerate(_chunks(plan)), _reader(Path(out_dir), plan))[1]]
 
 
 def tag_command(out_dir: str | os.PathLike, n_gpus: int) -> str:
@@ -217,29 +224,23 @@ def tag_images(model, processor, out_dir: str | os.PathLike, *, rank: int = 0, w
     plan's fingerprint are kept. Each chunk is written atomically with its seconds and token counts."""
     out_dir = Path(out_dir)
     plan = load_tag_plan(out_dir)
-    cfg, fp, root = plan["vlm"], plan["fingerprint"], Path(plan["image_root"])
     if dtype_name(model.dtype) != plan["dtype"]:  # the fingerprint says the plan's dtype: the chunks must hold it
         raise ValueError(f"{out_dir / TAGS_DIR / PLAN_NAME} was planned in {plan['dtype']}, the model is "
                          f"{dtype_name(model.dtype)}: build it in {plan['dtype']} or save the plan again")
-    prompt = chat_prompt(processor)
-    rep, chunks = TagReport(), list(enumerate(_chunks(plan)))[rank::world_size]
-    bar = tqdm(total=sum(len(c) for _, c in chunks), desc=f"tag [{rank}/{world_size}]" if world_size > 1 else "tag",
+    J.clear_orphans(out_dir / TAGS_DIR, world_size)  # a killed write's temp files
+    mine = J.share(list(enumerate(_chunks(plan))), rank, world_size)
+    todo, done = J.split_done(mine, _reader(out_dir, plan))
+    rep, prompt = TagReport(reused=len(done)), chat_prompt(processor)
+    bar = tqdm(total=sum(len(c) for _, c in mine), desc=f"tag [{rank}/{world_size}]" if world_size > 1 else "tag",
                unit="img", disable=not progress)
-    for i, names in chunks:
-        path = _chunk_path(out_dir, i)
-        if _read_chunk(path, names, fp) is not None:
-            rep.reused += 1
-            bar.update(len(names))
-            continue
-        for stale in path.parent.glob(f".{path.name}.*"):  # a killed write's temp file (chunk i is only ours)
-            with suppress(FileNotFoundError):
-                stale.unlink()
+    bar.update(sum(len(c) for (_, c), _ in done))
+    for i, names in todo:
         t0 = time.perf_counter()
-        table = _tag_chunk(model, processor, prompt, root, names, cfg, bar)
+        table = _tag_chunk(model, processor, prompt, Path(plan["image_root"]), names, plan["vlm"], bar)
         secs, n_new = time.perf_counter() - t0, sum(table.column("new_tokens").to_pylist())
-        meta = {"fingerprint": fp, "seconds": secs, "device": str(model.device), "batch_size": cfg.batch_size,
-                "dtype": plan["dtype"]}
-        with atomic_path(path) as tmp:
+        meta = {"fingerprint": plan["fingerprint"], "seconds": secs, "device": str(model.device),
+                "batch_size": plan["vlm"].batch_size, "dtype": plan["dtype"]}
+        with atomic_path(_chunk_path(out_dir, i)) as tmp:
             pq.write_table(table.replace_schema_metadata({"rebeca": json.dumps(meta)}), tmp)
         rep.computed, rep.images, rep.new_tokens = rep.computed + 1, rep.images + len(names), rep.new_tokens + n_new
         rep.seconds += secs
@@ -254,12 +255,12 @@ def collect(out_dir: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
     Raises naming the first chunk that is missing or made for another fingerprint."""
     out_dir = Path(out_dir)
     plan = load_tag_plan(out_dir)
+    done, missing = J.collect(enumerate(_chunks(plan)), _reader(out_dir, plan))
+    if missing:
+        (i, _), _ = missing[0]
+        raise FileNotFoundError(f"{_chunk_path(out_dir, i)}: chunk {i} is missing or stale; tag the plan first")
     rows, secs, toks, n = [], 0.0, 0, 0
-    for i, names in enumerate(_chunks(plan)):
-        done = _read_chunk(_chunk_path(out_dir, i), names, plan["fingerprint"])
-        if done is None:
-            raise FileNotFoundError(f"{_chunk_path(out_dir, i)}: chunk {i} is missing or stale; tag the plan first")
-        df, meta = done
+    for df, meta in done:
         secs, toks, n = secs + meta["seconds"], toks + int(df["new_tokens"].sum()), n + len(df)
         for r in df.itertuples(index=False):
             p = parse_reply(r.reply) if not r.error else None
