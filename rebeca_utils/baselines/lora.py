@@ -13,6 +13,7 @@ reloads α ≠ r exactly; ``import_peft_lora`` converts the reference code's raw
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -31,7 +32,8 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from ..config import LoraBaselineConfig
-from ..io import atomic_dir, atomic_path, remove_orphans, write_json
+from .. import jobs as J
+from ..io import atomic_dir, atomic_path, write_json
 from ..progress import tqdm
 from . import lora_data as D
 from .lora_recipe import (
@@ -49,14 +51,12 @@ from .lora_recipe import (
 
 def peft_config(spec: LoraSpec):
     """peft LoraConfig of a spec on the attention projections."""
-
     return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, init_lora_weights="gaussian",
                       target_modules=list(TARGET_MODULES))
 
 
 def lora_parameter_count(unet_config: dict, r: int) -> int:
     """Trainable LoRA parameters of rank r on a UNet built from `unet_config` on the meta device (no weights)."""
-
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_config)
         unet.add_adapter(peft_config(LoraSpec(r, r, 0.0, 1, 0)))
@@ -71,7 +71,6 @@ def _lora_metadata(unet) -> dict:
 
 def lora_state_dict(unet) -> dict[str, torch.Tensor]:
     """The training adapter's weights in diffusers' key format (fp32, CPU)."""
-
     sd = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME))
     return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
 
@@ -187,45 +186,60 @@ def _start(unet, spec: LoraSpec, cfg: LoraBaselineConfig, amp: bool) -> _Run:
     return _Run(params, names, opt, sched, scaler, amp)
 
 
-def _latest_checkpoint(folder: Path | None, fp: str) -> dict | None:
-    for path in sorted(folder.glob("step-*.pt"), reverse=True) if folder and folder.is_dir() else []:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception:  # noqa: BLE001 - a truncated checkpoint: try the one before
-            continue
-        if state.get("fingerprint") == fp:
-            return state
-    return None
+@dataclass
+class _Checkpoints:
+    """An adapter's resumable training state: the folder (None: no checkpoints), how often (optimiser steps) and the
+    fingerprint a checkpoint must carry to be resumed from."""
 
+    folder: Path | None
+    every: int
+    fp: str
+    keep: int = 2
 
-def _resume(unet, run: _Run, folder: Path | None, fp: str) -> None:
-    """Continue `run` from the latest checkpoint made for fingerprint `fp` in `folder`, if any."""
-    if folder is not None:
-        remove_orphans(folder)  # temporaries of a checkpoint write that was killed (this job owns the folder)
-    state = _latest_checkpoint(folder, fp)
-    if state is None:
-        return
-    with torch.no_grad():
-        for n, p in unet.named_parameters():
-            if n in state["lora"]:
-                p.copy_(state["lora"][n])
-    run.opt.load_state_dict(state["optimizer"])
-    run.sched.load_state_dict(state["scheduler"])
-    if run.scaler is not None and state.get("scaler"):
-        run.scaler.load_state_dict(state["scaler"])
-    run.step, run.history, run.resumed_from, run.seconds = state["step"], state["history"], state["step"], \
-        state["seconds"]
+    def due(self, run: _Run, steps: int) -> bool:
+        """A checkpoint after this step (never after the last one: the adapter itself is written then)."""
+        return self.folder is not None and run.step % self.every == 0 and run.step < steps
 
+    def save(self, unet, run: _Run, seconds: float) -> None:
+        """LoRA weights, optimiser, schedule, scaler and loss history, written atomically; the last `keep` kept."""
+        state = {"fingerprint": self.fp, "step": run.step, "history": run.history, "seconds": seconds,
+                 "lora": {n: p.detach().cpu().clone() for n, p in unet.named_parameters() if n in run.names},
+                 "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
+                 "scaler": run.scaler.state_dict() if run.scaler else None}
+        with atomic_path(self.folder / f"step-{run.step:06d}.pt") as tmp:
+            torch.save(state, tmp)
+        for old in sorted(self.folder.glob("step-*.pt"))[:-self.keep]:
+            old.unlink(missing_ok=True)
 
-def _save_checkpoint(unet, run: _Run, folder: Path, fp: str, seconds: float, keep: int = 2) -> None:
-    state = {"fingerprint": fp, "step": run.step, "history": run.history, "seconds": seconds,
-             "lora": {n: p.detach().cpu().clone() for n, p in unet.named_parameters() if n in run.names},
-             "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-             "scaler": run.scaler.state_dict() if run.scaler else None}
-    with atomic_path(folder / f"step-{run.step:06d}.pt") as tmp:
-        torch.save(state, tmp)
-    for old in sorted(folder.glob("step-*.pt"))[:-keep]:
-        old.unlink(missing_ok=True)
+    def latest(self) -> dict | None:
+        """The newest whole checkpoint made for this fingerprint, if any."""
+        for path in sorted(self.folder.glob("step-*.pt"), reverse=True) if self.folder.is_dir() else []:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception:  # noqa: BLE001 - a truncated checkpoint: try the one before
+                continue
+            if state.get("fingerprint") == self.fp:
+                return state
+        return None
+
+    def resume(self, unet, run: _Run) -> None:
+        """Continue `run` from the latest checkpoint, if any."""
+        if self.folder is None:
+            return
+        J.clear_orphans(self.folder, world_size=1)  # a killed checkpoint write's temp file (this job alone writes here)
+        state = self.latest()
+        if state is None:
+            return
+        with torch.no_grad():
+            for n, p in unet.named_parameters():
+                if n in state["lora"]:
+                    p.copy_(state["lora"][n])
+        run.opt.load_state_dict(state["optimizer"])
+        run.sched.load_state_dict(state["scheduler"])
+        if run.scaler is not None and state.get("scaler"):
+            run.scaler.load_state_dict(state["scaler"])
+        run.step, run.history, run.resumed_from = state["step"], state["history"], state["step"]
+        run.seconds = state["seconds"]
 
 
 def _optimiser_step(pipe, run: _Run, batches, texts: CaptionStates, noise_scheduler, seed: int,
@@ -255,9 +269,9 @@ def _optimiser_step(pipe, run: _Run, batches, texts: CaptionStates, noise_schedu
     return total
 
 
-def _loop(pipe, run: _Run, data: D.LoraImages, spec: LoraSpec, cfg: LoraBaselineConfig, seed: int, fp: str,
-          ckpt_dir: Path | None, checkpoint_every: int, num_workers: int, bar) -> None:
-    """Optimiser steps from run.step to spec.steps, checkpointing every `checkpoint_every` steps."""
+def _loop(pipe, run: _Run, data: D.LoraImages, spec: LoraSpec, cfg: LoraBaselineConfig, seed: int,
+          ckpts: _Checkpoints, num_workers: int, bar) -> None:
+    """Optimiser steps from run.step to spec.steps, with a checkpoint whenever one is due."""
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     texts = CaptionStates(pipe)
     batches = iter(D.loader(data, cfg.batch_size, run.step * data.per_step, num_workers))
@@ -266,9 +280,33 @@ def _loop(pipe, run: _Run, data: D.LoraImages, spec: LoraSpec, cfg: LoraBaseline
         loss = _optimiser_step(pipe, run, batches, texts, noise_scheduler, seed, cfg)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
-        if ckpt_dir is not None and checkpoint_every > 0 and run.step % checkpoint_every == 0 and run.step < spec.steps:
-            _save_checkpoint(pipe.unet, run, ckpt_dir, fp, run.seconds + time.perf_counter() - t0)
+        if ckpts.due(run, spec.steps):
+            ckpts.save(pipe.unet, run, run.seconds + time.perf_counter() - t0)
     run.seconds += time.perf_counter() - t0
+
+
+def _mixed_precision(pipe, cfg: LoraBaselineConfig) -> bool:
+    """fp16 autocast (fp32 LoRA master weights) on CUDA unless lora.mixed_precision says fp32."""
+    return pipe.unet.device.type == "cuda" and cfg.mixed_precision in ("auto", "fp16")
+
+
+@contextlib.contextmanager
+def _training_adapter(pipe, spec: LoraSpec, cfg: LoraBaselineConfig, seed: int) -> Iterator:
+    """The frozen pipeline's UNet with a new training LoRA, its init and dropout drawn from a global RNG forked and
+    seeded by `seed`; afterwards the adapter is deleted and the pipeline is as it was."""
+    unet, dev = pipe.unet, pipe.unet.device
+    for m in (unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        unet.add_adapter(peft_config(spec), adapter_name=ADAPTER_NAME)
+        try:
+            yield unet
+        finally:
+            unet.eval()
+            if cfg.gradient_checkpointing and dev.type == "cuda":
+                unet.disable_gradient_checkpointing()
+            unet.delete_adapters(ADAPTER_NAME)
 
 
 def train_adapter(pipe, images: Sequence[str | os.PathLike], captions: Sequence[str], spec: LoraSpec,
@@ -284,30 +322,20 @@ def train_adapter(pipe, images: Sequence[str | os.PathLike], captions: Sequence[
     D.check_images(images)  # a missing file is named now, not hours into the run
     per_step = cfg.batch_size * cfg.grad_accum
     data = D.LoraImages(images, captions, resolution, seed, per_step, spec.steps * per_step)
-    unet, dev = pipe.unet, pipe.unet.device
-    amp = dev.type == "cuda" and cfg.mixed_precision in ("auto", "fp16")
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir and checkpoint_every > 0 else None
-    for m in (unet, pipe.vae, pipe.text_encoder):
-        m.requires_grad_(False)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # dropout, LoRA init: global RNG
-        torch.manual_seed(seed)
-        unet.add_adapter(peft_config(spec), adapter_name=ADAPTER_NAME)
-        try:
-            run = _start(unet, spec, cfg, amp)
-            _resume(unet, run, ckpt_dir, fp)
-            unet.train()  # the LoRA dropout of training; the frozen weights have no dropout of their own
-            with tqdm(total=spec.steps, initial=run.step, desc=desc, unit="step", leave=False, disable=not progress,
-                      position=position) as bar:
-                _loop(pipe, run, data, spec, cfg, seed, fp, ckpt_dir, checkpoint_every, num_workers, bar)
-            state_dict, metadata = lora_state_dict(unet), _lora_metadata(unet)
-        finally:
-            unet.eval()
-            if cfg.gradient_checkpointing and dev.type == "cuda":
-                unet.disable_gradient_checkpointing()
-            unet.delete_adapters(ADAPTER_NAME)
+    amp = _mixed_precision(pipe, cfg)
+    folder = Path(checkpoint_dir) if checkpoint_dir and checkpoint_every > 0 else None
+    ckpts = _Checkpoints(folder, checkpoint_every, fp)
+    with _training_adapter(pipe, spec, cfg, seed) as unet:
+        run = _start(unet, spec, cfg, amp)
+        ckpts.resume(unet, run)
+        unet.train()  # the LoRA dropout of training; the frozen weights have no dropout of their own
+        with tqdm(total=spec.steps, initial=run.step, desc=desc, unit="step", leave=False, disable=not progress,
+                  position=position) as bar:
+            _loop(pipe, run, data, spec, cfg, seed, ckpts, num_workers, bar)
+        state_dict, metadata = lora_state_dict(unet), _lora_metadata(unet)
     log = {"spec": dataclasses.asdict(spec), "steps": run.step, "resumed_from": run.resumed_from,
            "seconds": run.seconds, "steps_per_s": run.step / max(run.seconds, 1e-9),
-           "n_images": len(data.paths), "device": str(dev), "mixed_precision": "fp16" if amp else "fp32",
+           "n_images": len(data.paths), "device": str(pipe.unet.device), "mixed_precision": "fp16" if amp else "fp32",
            "num_workers": num_workers, "history": run.history}
     return state_dict, metadata, log
 

@@ -35,8 +35,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from .. import jobs as J
 from ..config import GenerationConfig, LoraBaselineConfig, ModelsConfig
-from ..io import ORPHAN_AGE_S, remove_orphans, write_json
+from ..io import write_json
 from ..models.decoder import build_sd_pipeline
 from ..pipeline.items import WorkItem, make_items
 from ..progress import tqdm
@@ -165,7 +166,7 @@ def _log(out_dir: Path, rec: dict) -> None:
 
 def pending(jobs: Sequence[Job], out_dir: str | os.PathLike, overwrite: bool = False) -> list[Job]:
     """The jobs without a finished adapter of their fingerprint (all of them with `overwrite`)."""
-    return [j for j in jobs if overwrite or not L.adapter_done(adapter_dir(out_dir, j), j.fingerprint)]
+    return J.split_done(jobs, lambda j: L.adapter_done(adapter_dir(out_dir, j), j.fingerprint), redo=overwrite)[0]
 
 
 def train_one(pipe, job: Job, out_dir: Path, cfg: LoraBaselineConfig, image_root: str | os.PathLike,
@@ -199,8 +200,8 @@ def train_jobs(jobs: Sequence[Job], out_dir: str | os.PathLike, cfg: LoraBaselin
     for job in (j for j in jobs if j.name in rep.skipped):
         _log(out_dir, {"job": job.name, "status": "skipped"})
         shutil.rmtree(checkpoint_dir(out_dir, job), ignore_errors=True)  # killed after its adapter was written
-    for sub in ("per_user", ""):  # adapter temporaries of a killed run; other processes' fresh ones are spared
-        remove_orphans(out_dir / ADAPTERS / sub, min_age_s=ORPHAN_AGE_S if world_size > 1 else 0.0)
+    for sub in ("per_user", ""):  # adapter temporaries of a killed run
+        J.clear_orphans(out_dir / ADAPTERS / sub, world_size)
     if mine and pipe is None:
         pipe = build_training_pipeline(models, device, cfg)
     bar = tqdm(mine, desc=f"adapters [{rank}/{world_size}]" if world_size > 1 else "adapters", unit="adapter",

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from .. import jobs as J
 from ..config import LoraBaselineConfig, ModelsConfig, Profile, get_profile
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA script
@@ -187,4 +187,4 @@ def fingerprint(images: Sequence[str], captions: Sequence[str], spec: LoraSpec, 
     payload = {"version": FORMAT_VERSION, "rows": sorted(zip(images, captions)), "spec": dataclasses.asdict(spec),
                "recipe": recipe, "resolution": resolution, "targets": TARGET_MODULES, "models": models_id(models),
                "seed": int(seed)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+    return J.fingerprint(payload)

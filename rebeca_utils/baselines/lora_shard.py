@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .. import jobs as J
 from ..io import write_json
 
 DONE_DIR = "_done"
@@ -28,12 +29,7 @@ SAY_EVERY_S = 300.0  # how often process 0 says what it still waits for
 def deal_jobs(jobs: Sequence, world_size: int) -> list[list]:
     """Each process's jobs: longest (most optimiser steps) first, each to the least-loaded process (ties: the lower
     rank, the earlier job), so the split depends only on the jobs; each process keeps the plan's order."""
-    loads, shares = [0] * world_size, [[] for _ in range(world_size)]
-    for i in sorted(range(len(jobs)), key=lambda i: (-jobs[i].spec.steps, i)):
-        r = min(range(world_size), key=lambda r: (loads[r], r))
-        shares[r].append(i)
-        loads[r] += jobs[i].spec.steps
-    return [[jobs[i] for i in sorted(s)] for s in shares]
+    return [[jobs[i] for i in share] for share in J.deal([j.spec.steps for j in jobs], world_size)]
 
 
 def done_dir(adapters: str | os.PathLike) -> Path:
@@ -57,15 +53,12 @@ def write_done(adapters: str | os.PathLike, name: str, status: str, error: str =
                                            "time": time.time()})
 
 
-def read_done(adapters: str | os.PathLike, names: Sequence[str]) -> dict[str, dict]:
-    """job name -> its done record, for the jobs that have one."""
-    out = {}
-    for n in names:
-        try:
-            out[n] = json.loads(done_path(adapters, n).read_text())
-        except (OSError, ValueError):  # not there yet
-            continue
-    return out
+def _read_done(adapters: str | os.PathLike, name: str) -> dict | J.NotDone:
+    """Job `name`'s done record, or why there is none yet."""
+    try:
+        return json.loads(done_path(adapters, name).read_text())
+    except (OSError, ValueError):  # not there yet (written atomically: never half)
+        return J.NotDone(done_path(adapters, name))
 
 
 def wait_for_done(adapters: str | os.PathLike, names: Sequence[str], who: Callable[[str], int] = lambda n: -1,
@@ -73,11 +66,11 @@ def wait_for_done(adapters: str | os.PathLike, names: Sequence[str], who: Callab
     """Poll until every job in `names` has a done file; every `say_every_s` name on stderr what is still missing."""
     said = -float("inf")
     while True:
-        got = read_done(adapters, names)
-        missing = [n for n in names if n not in got]
-        if not missing:
-            return got
+        got, waiting = J.collect(names, lambda n: _read_done(adapters, n))
+        if not waiting:
+            return dict(zip(names, got))
         if time.monotonic() - said >= say_every_s:
+            missing = [n for n, _ in waiting]
             head = ", ".join(f"{n} (process {who(n)})" if who(n) >= 0 else n for n in missing[:4])
             more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
             print(f"process 0: waiting for {len(missing)} adapter(s) of other processes: {head}{more} "
