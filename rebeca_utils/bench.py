@@ -23,21 +23,15 @@ from .data.synthetic import write_synthetic_flickr
 from .evaluate.retrieval import precision_recall_at_k, retrieval_metrics
 from .evaluate.stats import matching_test, permutation_test, r2_bootstrap
 from .io import atomic_write
-from .models.decoder import (
-    SD15_TEXT_CONFIG,
-    SD15_UNET_CONFIG,
-    SD15_VAE_CONFIG,
-    RebecaDecoderPipeline,
-    build_decoder,
-    tiny_ip_adapter_state_dict,
-)
+from .models.architectures import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
+from .models.decoder import RebecaDecoderPipeline, build_decoder, tiny_ip_adapter_state_dict
 from .models.encoders import SPACES, build_tokenizer
 from .models.prior import RebecaPrior, count_parameters
 from .pipeline.decoding import run_batch
 from .pipeline.embeddings import embed_images
 from .pipeline.items import make_items
 from .pipeline.sampling import sample_prior
-from .studies.new_users import fit_user
+from .train.inversion import fit_user
 from .train.diffusion import Triplets, diffusion_loss, epoch_indices, make_scheduler
 
 

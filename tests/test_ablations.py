@@ -129,6 +129,7 @@ def test_09_takes_04s_samples_so_last_bit_differences_do_not_redo_its_images(pip
     it takes 04's stored samples, so its work items are 04's and every image is adopted, none decoded again."""
     from rebeca_utils.models.prior import RebecaPrior
     from rebeca_utils.pipeline import sampling as SAMPLE
+    from rebeca_utils.pipeline.rebeca import RebecaPipeline
     from rebeca_utils.train.diffusion import make_scheduler
 
     torch.manual_seed(0)
@@ -136,27 +137,27 @@ def test_09_takes_04s_samples_so_last_bit_differences_do_not_redo_its_images(pip
     with torch.no_grad():  # away from the zero init (its samples are all zero)
         for p in prior.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    sched = make_scheduler(PROF.diffusion)
-    kw = dict(cfg_scale=9.0, seed=0, sampler="dpmsolver", steps=4, progress=False)
+    rebeca = RebecaPipeline(prior, make_scheduler(PROF.diffusion), sampler="dpmsolver", steps=4,
+                            users={u: {} for u in range(4)})
+    kw = dict(cfg_scale=9.0, seed=0, progress=False)
     src = tmp_path / "04" / "rebeca" / "prior_cfg9" / "embeddings.safetensors"
-    first = SAMPLE.prior_embeddings(prior, sched, [0, 2], 4, path=src, **kw)
+    first = rebeca.embeddings([0, 2], 4, path=src, **kw)
     tensors, meta = KIO.read_safetensors(src, "x")
     bumped = torch.nextafter(first["img_emb"], torch.full_like(first["img_emb"], np.inf))  # one ulp each
     KIO.save_safetensors({**tensors, "img_emb": bumped}, src, meta)
-    s04 = SAMPLE.prior_embeddings(prior, sched, [0, 2], 4, path=src, **kw)
+    s04 = rebeca.embeddings([0, 2], 4, path=src, **kw)
     assert torch.equal(s04["img_emb"], bumped)  # 04's own cache, as stored
     items04 = SAMPLE.rebeca_items(s04, "prior_cfg9", MAIN)
     assert D.decode(pipe, items04, tmp_path / "04", MAIN, models=PROF.models, progress=False).written == 8
-    fresh = SAMPLE.prior_embeddings(prior, sched, [0, 2], 2, path=tmp_path / "fresh.safetensors", **kw)
-    s09 = SAMPLE.prior_embeddings(prior, sched, [0, 2], 2, path=tmp_path / "09" / "e.safetensors", reuse=[src], **kw)
+    fresh = rebeca.embeddings([0, 2], 2, path=tmp_path / "fresh.safetensors", **kw)
+    s09 = rebeca.embeddings([0, 2], 2, path=tmp_path / "09" / "e.safetensors", reuse=[src], **kw)
     assert not torch.equal(fresh["img_emb"], bumped[[0, 1, 4, 5]])  # a redraw differs in the last bits
     assert torch.equal(s09["img_emb"], bumped[[0, 1, 4, 5]])
     gen, items = A.cell_items(A.Cell(9.0, MAIN.decoder_cfg, 0), s09, MAIN)
     assert D.adopt_done(items, tmp_path / "09", [tmp_path / "04"], gen, PROF.models) == 4
     assert D.pending(items, tmp_path / "09", gen, PROF.models) == []
     # another ω, another prior or another seed is another sample: nothing taken from 04
-    other = SAMPLE.prior_embeddings(prior, sched, [0, 2], 2, path=tmp_path / "09" / "o.safetensors", reuse=[src],
-                                    **{**kw, "seed": 1})
+    other = rebeca.embeddings([0, 2], 2, path=tmp_path / "09" / "o.safetensors", reuse=[src], **{**kw, "seed": 1})
     assert not torch.equal(other["img_emb"], bumped[[0, 1, 4, 5]])
 
 

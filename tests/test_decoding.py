@@ -25,6 +25,7 @@ from rebeca_utils.models import decoder as DEC
 from rebeca_utils.pipeline import decoding as DECODE
 from rebeca_utils.pipeline import items as ITEMS
 from rebeca_utils.pipeline import plan as PLAN
+from rebeca_utils.pipeline import rebeca as REBECA
 from rebeca_utils.pipeline import sampling as SAMPLE
 
 SMOKE = get_profile("smoke")
@@ -294,22 +295,25 @@ def test_prior_embeddings_cached_and_tied_to_weights(tmp_path, monkeypatch):
     prior = RebecaPrior.from_config(replace(SMOKE.prior, n_users=4))
     sched = make_scheduler(SMOKE.diffusion)
     calls = []
-    sample = SAMPLE.sample_prior
-    monkeypatch.setattr(SAMPLE, "sample_prior", lambda *a, **k: calls.append(k["cfg_scale"]) or sample(*a, **k))
-    kw = dict(cfg_scale=5.0, path=tmp_path / "e.safetensors", sampler="ddim", steps=3, progress=False)
-    a = SAMPLE.prior_embeddings(prior, sched, [0, 2], 3, **kw)
+    sample = REBECA.sample_prior
+    monkeypatch.setattr(REBECA, "sample_prior", lambda *a, **k: calls.append(k["cfg_scale"]) or sample(*a, **k))
+    pipe = REBECA.RebecaPipeline(prior, sched, sampler="ddim", steps=3, users={u: {} for u in range(4)})
+    kw = dict(cfg_scale=5.0, path=tmp_path / "e.safetensors", progress=False)
+    a = pipe.embeddings([0, 2], 3, **kw)
     assert a["img_emb"].shape == (6, 32) and a["user_id"].tolist() == [0, 0, 0, 2, 2, 2] and a["index"].tolist() == [0, 1, 2] * 2
-    b = SAMPLE.prior_embeddings(prior, sched, [0, 2], 3, **kw)
+    b = pipe.embeddings([0, 2], 3, **kw)
     assert calls == [5.0] and torch.equal(a["img_emb"], b["img_emb"])  # reused
-    SAMPLE.prior_embeddings(prior, sched, [0, 2], 3, **{**kw, "cfg_scale": 7.0})
+    pipe.embeddings([0, 2], 3, **{**kw, "cfg_scale": 7.0})
     with torch.no_grad():
         next(prior.parameters()).add_(1.0)  # other weights: resampled
-    SAMPLE.prior_embeddings(prior, sched, [0, 2], 3, **{**kw, "cfg_scale": 7.0})
+    pipe.embeddings([0, 2], 3, **{**kw, "cfg_scale": 7.0})
     assert calls == [5.0, 7.0, 7.0]
+    pipe.with_sampler("dpmsolver").embeddings([0, 2], 3, **{**kw, "cfg_scale": 7.0})  # another sampler: resampled
+    assert calls == [5.0, 7.0, 7.0, 7.0]
     cache = kw["path"]
     cache.write_bytes(cache.read_bytes()[:-5])  # a truncated cache: resampled, not fatal
-    SAMPLE.prior_embeddings(prior, sched, [0, 2], 3, **{**kw, "cfg_scale": 7.0})
-    assert calls == [5.0, 7.0, 7.0, 7.0]
+    pipe.embeddings([0, 2], 3, **{**kw, "cfg_scale": 7.0})
+    assert calls == [5.0, 7.0, 7.0, 7.0, 7.0]
     items = SAMPLE.rebeca_items(a, "prior_cfg5", CFG)
     assert [it.seed for it in items] == [42, 43, 44, 20_042, 20_043, 20_044]
     assert torch.equal(items[4].ip_embedding, a["img_emb"][4])
@@ -344,9 +348,10 @@ def test_a_sample_is_the_same_bits_alone_or_in_a_batch_of_25(sampler, tmp_path):
     assert torch.equal(alone[0], batch[7]) and torch.equal(ten, batch[:10]) and torch.equal(mixed[1], batch[7])
     assert not torch.equal(mixed[0], batch[4])  # another user: another sample
     if sampler == "dpmsolver":  # notebooks 04 and 09 draw through this cache: 25 vs 10 per user, other users
-        kw = dict(cfg_scale=5.0, seed=3, sampler=sampler, steps=8, progress=False)
-        a = SAMPLE.prior_embeddings(prior, sched, [0, 2], 25, path=tmp_path / "04.safetensors", **kw)
-        b = SAMPLE.prior_embeddings(prior, sched, [2], 10, path=tmp_path / "09.safetensors", **kw)
+        pipe = REBECA.RebecaPipeline(prior, sched, sampler=sampler, steps=8, users={u: {} for u in range(4)})
+        kw = dict(cfg_scale=5.0, seed=3, progress=False)
+        a = pipe.embeddings([0, 2], 25, path=tmp_path / "04.safetensors", **kw)
+        b = pipe.embeddings([2], 10, path=tmp_path / "09.safetensors", **kw)
         assert torch.equal(a["img_emb"][25:35], b["img_emb"])
 
 

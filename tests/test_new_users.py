@@ -8,10 +8,11 @@ import torch
 from rebeca_utils.config import DiffusionConfig, NewUserConfig, TrainConfig
 from rebeca_utils.models.prior import RebecaPrior, load_prior, save_prior
 from rebeca_utils.pipeline import sampling
+from rebeca_utils.pipeline.rebeca import RebecaPipeline
 from rebeca_utils.pipeline.sampling import sample_prior
 from rebeca_utils.studies import cold_start as CS
 from rebeca_utils.studies import explorer as EX
-from rebeca_utils.studies import new_users as NU
+from rebeca_utils.train import inversion as NU
 from rebeca_utils.train.diffusion import Triplets, make_scheduler, train_prior
 
 CENTERS = torch.eye(8)[:4] * 3  # four planted tastes: user u likes images near CENTERS[u % 4]
@@ -138,22 +139,25 @@ def test_nearest_user_separates_likes_from_dislikes(monkeypatch):
     assert CS.nearest_user(None, [10, 11, 12], None, np.array([1, 1, 1, 1])) == 10  # likes only: the top scorer
 
 
+def _pipe(prior, sched):
+    return RebecaPipeline(prior, sched, sampler="dpmsolver", steps=10, users={u: {"source": "trained"} for u in range(4)})
+
+
 def test_appended_rows_sample_like_rows_in_their_slot(trained):
-    prior, sched = trained
+    pipe = _pipe(*trained)
     new = _data([2], 20, 3)
     hist = [CS.History(4, 0, 0, tuple(range(20)))]  # user 4: the never-trained slot
     cfg = NewUserConfig(steps=20, n_samples=6, cfg_scale=3.0)
-    fits = CS.fit_rows(prior, sched, hist, new.img_emb, new.rating.numpy().astype(bool), [0, 1, 2, 3], cfg)
+    fits = CS.fit_rows(pipe, hist, new.img_emb, new.rating.numpy().astype(bool), cfg)
     assert set(fits["method"]) == set(CS.INVERSIONS)
-    got = CS.method_samples("inversion_null", prior, sched, hist, cfg=cfg, fits=fits, steps=10)
+    got = CS.method_samples("inversion_null", pipe, hist, cfg=cfg, fits=fits)
     row = fits.loc[fits["method"] == "inversion_null", "row"].iloc[0]
-    in_slot = sample_prior(NU.with_rows(prior, {4: row}), sched, [4] * 6, [1] * 6, range(6), cfg_scale=3.0,
-                           sampler="dpmsolver", steps=10, progress=False)
+    in_slot = pipe.with_rows({4: row}).sample([4] * 6, [1] * 6, range(6), cfg_scale=3.0)
     assert torch.equal(got[0], in_slot)  # appended for the study = the same user in its own slot
-    null = CS.method_samples("null_user", prior, sched, hist, cfg=cfg, steps=10)
+    null = CS.method_samples("null_user", pipe, hist, cfg=cfg)
     assert not torch.equal(null, got)
     with pytest.raises(ValueError, match="valid methods are null_user, mean"):
-        CS.method_samples("oracle", prior, sched, hist, cfg=cfg)
+        CS.method_samples("oracle", pipe, hist, cfg=cfg)
 
 
 def test_summarise_averages_draws_before_users():
@@ -166,29 +170,29 @@ def test_summarise_averages_draws_before_users():
 def test_saved_user_reloads_only_on_its_prior(trained, tmp_path):
     prior, _ = trained
     ex = EX.Explorer.__new__(EX.Explorer)  # the save/load half of the explorer, without a decoder
-    ex.prior, ex.names, ex.likes = NU.with_rows(prior, {}), {}, {}
+    ex.rebeca, ex.names, ex.likes = _pipe(*trained).with_rows({}), {}, {}
     ex.base_fingerprint = sampling.state_fingerprint(prior)
     uid = ex.add(torch.randn(32, generator=torch.Generator().manual_seed(0)), "me")
     path = ex.save_user(uid, tmp_path / "me.safetensors")
     again = ex.load_user(path)
-    assert ex.names[again] == "me" and torch.equal(ex.prior.user_emb.weight[again], ex.prior.user_emb.weight[uid])
+    w = ex.rebeca.prior.user_emb.weight
+    assert ex.names[again] == "me" and torch.equal(w[again], w[uid]) and again == uid + 1
     ex.base_fingerprint = "0" * 64
     with pytest.raises(ValueError, match=r"me.safetensors: this user was fitted on another prior"):
         ex.load_user(path)
 
 
 def test_methods_share_noise_and_mean_is_the_liked_history(trained):
-    prior, sched = trained
+    pipe = _pipe(*trained)
     hist = [CS.History(4, 0, 0, (0, 1, 2)), CS.History(4, 5, 0, (3, 4))]
     cfg = NewUserConfig(n_samples=3, cfg_scale=3.0)
-    null = CS.method_samples("null_user", prior, sched, hist, cfg=cfg, steps=10)
-    near = CS.method_samples("nearest", prior, sched, hist, cfg=cfg, steps=10,
-                             nearest={h: prior.null_user for h in hist})
+    null = CS.method_samples("null_user", pipe, hist, cfg=cfg)
+    near = CS.method_samples("nearest", pipe, hist, cfg=cfg, nearest={h: pipe.null_user for h in hist})
     assert torch.equal(null, near)  # same condition, same noise: the methods differ only in who they condition on
     emb = torch.arange(50.0).view(5, 10)
     like = np.array([True, False, True, False, False])
-    mean = CS.method_samples("mean", prior, sched, hist, cfg=cfg, dec_emb=emb, like=like)
+    mean = CS.method_samples("mean", pipe, hist, cfg=cfg, dec_emb=emb, like=like)
     assert mean.shape == (2, 3, 10) and torch.equal(mean[0, 2], emb[[0, 2]].mean(0))  # the history's likes only
     assert torch.equal(mean[1, 0], emb.mean(0))  # a history without likes: the mean of every image
     with pytest.raises(ValueError, match=r"method_samples\(method='mean'\) needs dec_emb, like"):
-        CS.method_samples("mean", prior, sched, hist, cfg=cfg)
+        CS.method_samples("mean", pipe, hist, cfg=cfg)

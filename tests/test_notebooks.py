@@ -72,6 +72,8 @@ def test_committed_notebook_is_clean(nb):
     assert [p.name for p in PythonTranslator.inspect(params[0])] == parameter_names(nb), nb.name
     long = [line for line in src.splitlines() if len(line) > 100]
     assert not long, f"{nb.name}: parameters-cell lines over 100 characters: {long}"
+    dense = [i for i, c in enumerate(node.cells) if c.cell_type == "code" and len(c.source.splitlines()) > 20]
+    assert not dense, f"{nb.name}: code cells {dense} have more than 20 lines (short cells tell the story)"
 
 
 def _outputs(path) -> list[str]:
@@ -178,13 +180,17 @@ def test_02_flickr_ratings_and_embeddings(smoke_run):
 
 @pytest.mark.slow  # executes notebooks
 def test_03_prior_trained_with_signal(smoke_run):
-    from rebeca_utils.models.prior import RebecaPrior
+    from rebeca_utils.pipeline.rebeca import RebecaPipeline
 
     d = smoke_run / "03_train_prior"
     m = manifest(smoke_run, "03_train_prior")["metrics"]
     log = json.loads((d / "training_log.json").read_text())
     assert log["epochs"] == len(log["history"]) and log["best_val_loss"] == min(h["val_loss"] for h in log["history"])
-    assert RebecaPrior.from_pretrained(d / "prior").n_users == 24
+    pipe = RebecaPipeline.from_pretrained(d / "pipeline")
+    assert pipe.prior.n_users == 24 and len(pipe.trained_users) == 20 and pipe.users[pipe.trained_users[0]] == {
+        "source": "trained"}  # the 4 hold-out workers keep untrained rows and are not users
+    card = (d / "pipeline/README.md").read_text()
+    assert f"- signal_precision: {m['signal_precision']}" in card and "- flickr_splits.parquet: `" in card
     # planted tastes: samples' nearest held-out item is liked more often than for random training embeddings
     assert m["signal_precision"] > m["signal_random_precision"] + 0.05, m
     assert (d / "loss_curves.png").exists() and (d / "loss_curves.pdf").exists()
@@ -511,7 +517,7 @@ def test_08_picks_up_any_method_folder(smoke_run, tmp_path):
 
 @pytest.mark.slow  # executes notebooks
 def test_12_inversion_beats_the_null_user_and_leaves_the_prior(smoke_run):
-    from rebeca_utils.models.prior import load_prior
+    from rebeca_utils.pipeline.rebeca import RebecaPipeline
 
     d = smoke_run / "12_fit_new_users"
     m = manifest(smoke_run, "12_fit_new_users")["metrics"]
@@ -522,8 +528,9 @@ def test_12_inversion_beats_the_null_user_and_leaves_the_prior(smoke_run):
         assert at["P@1 embedding (paper)", inv] >= at["P@1 embedding (paper)", "null_user"] + MIN_NEW_USER_P1_MARGIN, at
         assert at["verifier score", inv] >= at["verifier score", "null_user"] + MIN_NEW_USER_VERIFIER_MARGIN, at
     # the saved prior: the new workers' rows are fitted, every other weight is 03's bit for bit
-    old, new = load_prior(smoke_run / "03_train_prior/prior"), load_prior(d / "prior")
+    old, new = (RebecaPipeline.from_pretrained(p).prior for p in (smoke_run / "03_train_prior/pipeline", d / "pipeline"))
     ids = json.loads((d / "new_users.json").read_text())["user_ids"]
+    assert RebecaPipeline.from_pretrained(d / "pipeline").users[ids[0]] == {"source": "inversion"}
     for k, v in old.state_dict().items():
         w = new.state_dict()[k]
         if k == "user_emb.weight":

@@ -4,11 +4,11 @@ import torch
 
 from rebeca_utils.config import DiffusionConfig, PriorConfig, TrainConfig
 from rebeca_utils.models.prior import RebecaPrior, count_parameters
+from rebeca_utils.pipeline.rebeca import RebecaPipeline
 from rebeca_utils.pipeline.sampling import (
     make_sampler,
     sample_prior,
     sample_seed,
-    sample_users,
 )
 from rebeca_utils.train.diffusion import (
     Triplets,
@@ -130,7 +130,8 @@ def test_training_learns_user_conditional_means_and_restores_best_state():
     assert res.best_val_loss == min(losses)
     from rebeca_utils.train.diffusion import validation_loss
     assert abs(validation_loss(m, sched, val.to("cpu")) - res.best_val_loss) < 1e-6  # best state restored
-    x = sample_users(m, sched, [0, 1, 2, 3], 16, rating=1, sampler="ddim", steps=25, cfg_scale=1.0, progress=False)
+    pipe = RebecaPipeline(m, sched, sampler="ddim", steps=25, users={u: {} for u in range(4)})
+    x = pipe([0, 1, 2, 3], 16, rating=1, cfg_scale=1.0)
     # each user's samples are nearest to its own planted liked centre
     d = torch.cdist(x.mean(1), centers[:, 1])
     assert d.argmin(1).tolist() == [0, 1, 2, 3]

@@ -6,7 +6,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..pipeline.sampling import sample_users
 from ..runtime import seed_sequence
 
 DEFINITIONS = ("paper", "reference", "reference_exact")
@@ -143,18 +142,16 @@ def retrieval_metrics(gen_emb, gen_user, pool_emb, pool_user, pool_liked, ks=(1,
     return pd.concat(rows, ignore_index=True), pd.DataFrame(summary)
 
 
-def personalization_score(prior, sched, splits: pd.DataFrame, pool_emb: torch.Tensor, train_emb: torch.Tensor,
-                          users, n_samples: int = 10, pool_split=("val",), cfg_scale: float = 3.0,
-                          normalizer=None, seed: int = 0, **sample_kw) -> dict:
+def personalization_score(pipe, splits: pd.DataFrame, pool_emb: torch.Tensor, train_emb: torch.Tensor,
+                          users, n_samples: int = 10, pool_split=("val",), cfg_scale: float = 3.0, seed: int = 0
+                          ) -> dict:
     """Precision@1-style signal: how often a sample's nearest held-out item is one the user liked, vs random draws.
 
     Comparable across objectives (unlike validation losses). `pool_emb` is indexed like `splits` (any space in
     which samples live); random draws come from `train_emb`.
     """
     users = [int(u) for u in users]
-    x = sample_users(prior, sched, users, n_samples, rating=1, cfg_scale=cfg_scale, seed=seed, **sample_kw)
-    if normalizer is not None:
-        x = normalizer.inverse(x)
+    x = pipe(users, n_samples, rating=1, cfg_scale=cfg_scale, seed=seed)  # a RebecaPipeline: decoder space
     rng = np.random.default_rng(seed_sequence(seed, "random_draws"))
     rand = train_emb[rng.integers(0, len(train_emb), size=(len(users), n_samples))]
     prec, prec_rand, n_pool = [], [], []

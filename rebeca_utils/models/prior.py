@@ -103,6 +103,7 @@ class RebecaPrior(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", re
             raise ValueError(f"hidden_dim={hidden_dim} must be divisible by n_heads={n_heads}")
         self.emb_dim, self.n_tokens, self.hidden_dim = emb_dim, n_tokens, hidden_dim
         self.n_users, self.n_ratings = n_users, n_ratings
+        self.n_heads, self.n_layers, self.mlp_ratio, self.zero_init_attn = n_heads, n_layers, mlp_ratio, zero_init_attn
         self.token_dim = emb_dim // n_tokens
 
         self.tokenizer = nn.Linear(emb_dim, emb_dim)  # learned tokenizer: mixes before splitting into T tokens
@@ -142,9 +143,18 @@ class RebecaPrior(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", re
             table.weight.copy_(torch.cat([old[: self.n_users], rows, old[self.n_users:]]))
         ids = list(range(self.n_users, self.n_users + len(rows)))
         self.user_emb, self.n_users = table, self.n_users + len(rows)
-        if getattr(self, "_hub_mixin_config", None) is not None:
-            self._hub_mixin_config["n_users"] = self.n_users  # what save_pretrained writes to config.json
         return ids
+
+    def init_config(self) -> dict:
+        """The constructor arguments that rebuild this prior as it is now (n_users counts added users)."""
+        return {"emb_dim": self.emb_dim, "n_tokens": self.n_tokens, "hidden_dim": self.hidden_dim,
+                "n_heads": self.n_heads, "n_layers": self.n_layers,
+                "n_users": self.n_users, "n_ratings": self.n_ratings, "mlp_ratio": self.mlp_ratio,
+                "zero_init_attn": self.zero_init_attn}
+
+    def save_pretrained(self, save_directory, *, config: dict | None = None, **kwargs):
+        """The hub mixin's save, with config.json written from `init_config()` (users added since construction)."""
+        return super().save_pretrained(save_directory, config=config or self.init_config(), **kwargs)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, user_id: torch.Tensor, rating: torch.Tensor) -> torch.Tensor:
         """Predict the diffusion target for noisy embeddings x_t (B, d) at timesteps t (B,)."""

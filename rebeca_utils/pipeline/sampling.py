@@ -73,10 +73,11 @@ def _sample_batch(model, sched, user_id, rating, gens, cfg_scale):
 
 
 @torch.no_grad()
-def sample_prior(model, train_sched: DDPMScheduler, user_ids, ratings, indices, *, cfg_scale: float = 1.0,
-                 sampler: str = "ddim", steps: int = 50, seed: int = 0, batch_size: int = 512,
+def sample_prior(model, train_sched: DDPMScheduler, user_ids, ratings, indices, *, cfg_scale: float, sampler: str,
+                 steps: int, seed: int = 0, batch_size: int = 512,
                  device: str = "cpu", progress: bool = True, seed_ids=None, pad: bool = False) -> torch.Tensor:
     """Sample embeddings for items (user_ids[i], ratings[i], indices[i]); each item has its own generator.
+    RebecaPipeline.sample is the way in (its sampler, steps and normaliser come from one place, config.diffusion).
 
     Item i's noise is seeded by (seed, seed_ids[i], indices[i]), seed_ids defaulting to user_ids: pass other ids
     to give several conditions the same noise (a new user's methods, two users compared side by side).
@@ -104,15 +105,6 @@ def sample_prior(model, train_sched: DDPMScheduler, user_ids, ratings, indices, 
     return torch.cat(out) if out else torch.empty(0, model.emb_dim)
 
 
-def sample_users(model, train_sched, users, n_per_user: int, rating: int = 1, **kw) -> torch.Tensor:
-    """(len(users), n_per_user, d) samples with R = rating, sample j of user u seeded by (seed, u, j)."""
-    users = torch.as_tensor(users).long()
-    u = users.repeat_interleave(n_per_user)
-    j = torch.arange(n_per_user).repeat(len(users))
-    x = sample_prior(model, train_sched, u, torch.full_like(u, rating), j, **kw)
-    return x.view(len(users), n_per_user, -1)
-
-
 METHOD = "rebeca"
 
 
@@ -133,7 +125,7 @@ def state_fingerprint(model: torch.nn.Module) -> str:
 SAMPLE_KEYS = ("cfg_scale", "rating", "seed", "sampler", "steps", "prior", "normalizer")  # with (u, j): one sample
 
 
-def _read_cache(path: Path) -> tuple[dict, dict] | None:
+def read_cache(path: Path) -> tuple[dict, dict] | None:
     """(tensors, meta) of an embeddings cache, None if absent; a truncated one (killed run) is noted and ignored."""
     if not path.is_file():
         return None
@@ -145,53 +137,19 @@ def _read_cache(path: Path) -> tuple[dict, dict] | None:
     return tensors, json.loads(saved.get("rebeca", "null")) or {}
 
 
-def _known_samples(paths: Sequence[Path], meta: dict) -> dict[tuple[int, int], torch.Tensor]:
+def known_samples(paths: Sequence[Path], meta: dict) -> dict[tuple[int, int], torch.Tensor]:
     """(user, j) -> embedding from the caches in `paths` sampled with the same SAMPLE_KEYS as `meta` (first wins):
     the same prior sample, whatever the batch it was drawn in."""
     key = {k: meta[k] for k in SAMPLE_KEYS}
     known: dict[tuple[int, int], torch.Tensor] = {}
     for path in paths:
-        cache = _read_cache(Path(path))
+        cache = read_cache(Path(path))
         if cache is None or {k: cache[1].get(k) for k in SAMPLE_KEYS} != key:
             continue
         t = cache[0]
         for u, j, e in zip(t["user_id"].tolist(), t["index"].tolist(), t["img_emb"]):
             known.setdefault((int(u), int(j)), e)
     return known
-
-
-def prior_embeddings(prior, sched, users: Sequence[int], n_per_user: int, *, cfg_scale: float, path: str | os.PathLike,
-                     rating: int = 1, seed: int = 0, sampler: str = "dpmsolver", steps: int = 20, normalizer=None,
-                     device: str = "cpu", progress: bool = True, reuse: Sequence[str | os.PathLike] = ()
-                     ) -> dict[str, torch.Tensor]:
-    """{"user_id", "index", "img_emb"} for every (user, j < n_per_user), sample j of user u seeded by (seed, u, j);
-    cached in `path` (safetensors). A sample is what (u, j) and SAMPLE_KEYS (ω, rating, seed, sampler, steps, prior
-    weights, normaliser) determine: one found in a `reuse` cache (e.g. notebook 04's, for 09) or in `path` is
-    taken as stored, bit for bit, and only the others are drawn."""
-    users = [int(u) for u in users]
-    meta = {"users": users, "n_per_user": n_per_user, "cfg_scale": cfg_scale, "rating": rating, "seed": seed,
-            "sampler": sampler, "steps": steps if sampler != "ddpm" else sched.config.num_train_timesteps,
-            "prior": state_fingerprint(prior), "normalizer": None if normalizer is None else normalizer.kind}
-    meta = json.loads(json.dumps(meta))  # as stored: tuples -> lists
-    path = Path(path)
-    keys = [(u, j) for u in users for j in range(n_per_user)]
-    known = _known_samples([*reuse, path], meta)
-    own = _read_cache(path)
-    if own is not None and own[1] == meta and all(torch.equal(known[k], e) for k, e in zip(keys, own[0]["img_emb"])):
-        return {k: own[0][k] for k in ("user_id", "index", "img_emb")}
-    todo = [k for k in keys if k not in known]
-    if todo:
-        u, j = (torch.tensor(c) for c in zip(*todo))
-        x = sample_prior(prior, sched, u, torch.full_like(u, rating), j, cfg_scale=cfg_scale, sampler=sampler,
-                         steps=steps, seed=seed, device=device, progress=progress, pad=True)
-        if normalizer is not None:
-            x = normalizer.inverse(x)  # back to the decoder's raw embedding space
-        known.update(zip(todo, x.float()))
-    out = {"user_id": torch.tensor(users).repeat_interleave(n_per_user),
-           "index": torch.arange(n_per_user).repeat(len(users)),
-           "img_emb": torch.stack([known[k] for k in keys]).float().contiguous()}
-    save_safetensors(out, path, {"rebeca": json.dumps(meta)})
-    return out
 
 
 def rebeca_items(samples: dict[str, torch.Tensor], setting: str, cfg: GenerationConfig) -> list[WorkItem]:

@@ -18,12 +18,11 @@ from ..data import splits as split_table
 from ..evaluate import retrieval, scores
 from ..models.prior import RebecaPrior
 from ..pipeline.items import make_items
-from ..pipeline.sampling import sample_prior, sample_users
 from ..progress import tqdm
 from ..runtime import seed_sequence
 from ..train.diffusion import flickr_triplets, train_prior
 from .ablations import mean_ci
-from .new_users import fit_user, with_rows
+from ..train.inversion import fit_user
 
 METHODS = {"null_user": "null user (R = 1)", "mean": "Mean (liked history)", "nearest": "nearest seen user",
            "inversion_null": "inversion (null init)", "inversion_mean": "inversion (mean init)",
@@ -68,28 +67,29 @@ def nearest_user(verifier, trained_users, ver_emb: torch.Tensor, like: np.ndarra
     return int(np.asarray(trained_users)[int(np.argmax(agree))])
 
 
-def fit_rows(prior, sched, hists, z: torch.Tensor, like: np.ndarray, trained_users, cfg: NewUserConfig,
-             seed: int = 0, device: str = "cpu") -> pd.DataFrame:
-    """One fitted row per (history, init): columns user_id, history, draw, method, row, seconds, loss_first/last."""
-    recs = []
-    prior.to(device)
+def fit_rows(pipe, hists, dec_emb: torch.Tensor, like: np.ndarray, cfg: NewUserConfig, seed: int = 0
+             ) -> pd.DataFrame:
+    """One fitted row per (history, init): columns user_id, history, draw, method, row, seconds, loss_first/last.
+    The rows are fitted on the pipeline's prior and returned, not added to it."""
+    recs, z = [], pipe.normalizer.forward(dec_emb)
     jobs = [(h, m) for h in hists for m in INVERSIONS]
     for h, method in tqdm(jobs, desc="fit new users"):
         rows = list(h.rows)
         fit_seed = int(seed_sequence(seed, "new_user_fit", h.user_id, h.size, h.draw).generate_state(1)[0])
-        res = fit_user(prior, sched, z[rows], torch.as_tensor(like[rows]).long(), init=INVERSIONS[method],
-                       trained_users=trained_users, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                       seed=fit_seed)
+        res = fit_user(pipe.prior, pipe.scheduler, z[rows], torch.as_tensor(like[rows]).long(),
+                       init=INVERSIONS[method], trained_users=pipe.trained_users, steps=cfg.steps, lr=cfg.lr,
+                       batch_size=cfg.batch_size, seed=fit_seed)
         recs.append(dict(user_id=h.user_id, history=h.size, draw=h.draw, method=method, row=res.row.cpu(),
                          seconds=res.seconds, loss_first=float(np.mean(res.losses[:5])),
                          loss_last=float(np.mean(res.losses[-5:]))))
     return pd.DataFrame(recs)
 
 
-def method_samples(method: str, prior, sched, hists, *, cfg: NewUserConfig, fits: pd.DataFrame | None = None,
-                   nearest: dict | None = None, dec_emb: torch.Tensor | None = None, like=None, normalizer=None,
-                   seed: int = 0, sampler: str = "dpmsolver", steps: int = 20, device: str = "cpu") -> torch.Tensor:
-    """(len(hists), n_samples, d) decoder-space embeddings of `method` for each history (see METHODS)."""
+def method_samples(method: str, pipe, hists, *, cfg: NewUserConfig, fits: pd.DataFrame | None = None,
+                   nearest: dict | None = None, dec_emb: torch.Tensor | None = None, like=None, seed: int = 0
+                   ) -> torch.Tensor:
+    """(len(hists), n_samples, d) decoder-space embeddings of `method` for each history (see METHODS); `pipe` is
+    the RebecaPipeline (for "retrain", the retrained one)."""
     n = cfg.n_samples
     needs = {"mean": ("dec_emb", "like"), "nearest": ("nearest",), **{m: ("fits",) for m in INVERSIONS}}
     given = {"dec_emb": dec_emb, "like": like, "nearest": nearest, "fits": fits}
@@ -100,32 +100,24 @@ def method_samples(method: str, prior, sched, hists, *, cfg: NewUserConfig, fits
         means = [dec_emb[np.asarray(h.rows)[like[list(h.rows)]]].mean(0) if like[list(h.rows)].any()
                  else dec_emb.mean(0) for h in hists]
         return torch.stack(means)[:, None].expand(-1, n, -1).contiguous()
-    model = prior
+    model = pipe
     if method == "null_user":
-        ids = [prior.null_user] * len(hists)
+        ids = [pipe.null_user] * len(hists)
     elif method == "nearest":
         ids = [nearest[h] for h in hists]
     elif method == "retrain":
         ids = [h.user_id for h in hists]
     elif method in INVERSIONS:
         key = fits.set_index(["user_id", "history", "draw", "method"])["row"]
-        model = copy_with_rows(prior, torch.stack([key[(h.user_id, h.size, h.draw, method)] for h in hists]))
-        ids = list(range(prior.n_users, prior.n_users + len(hists)))  # the appended rows (null row stays last)
+        model = pipe.with_rows({})  # a copy with the fitted rows appended (the null row stays last)
+        ids = model.add_users(torch.stack([key[(h.user_id, h.size, h.draw, method)] for h in hists]), source=method)
     else:
         raise ValueError(f"method={method!r}: valid methods are {', '.join(METHODS)}")
     u = torch.as_tensor(ids).repeat_interleave(n)
     seed_ids = torch.as_tensor([h.user_id for h in hists]).repeat_interleave(n)  # paired noise across methods
-    x = sample_prior(model, sched, u, torch.ones_like(u), torch.arange(n).repeat(len(hists)), cfg_scale=cfg.cfg_scale,
-                     sampler=sampler, steps=steps, seed=seed, device=device, progress=False, seed_ids=seed_ids)
-    x = normalizer.inverse(x) if normalizer is not None else x
+    x = model.sample(u, torch.ones_like(u), torch.arange(n).repeat(len(hists)), cfg_scale=cfg.cfg_scale, seed=seed,
+                     seed_ids=seed_ids)
     return x.view(len(hists), n, -1)
-
-
-def copy_with_rows(prior, rows: torch.Tensor):
-    """A copy of the prior with `rows` appended as new users (ids n_users, n_users + 1, ...)."""
-    out = with_rows(prior, {})
-    out.add_users(rows)
-    return out
 
 
 def rated_embeddings(splits: pd.DataFrame, *stores) -> tuple[pd.DataFrame, list[torch.Tensor]]:
@@ -206,24 +198,21 @@ class Update:
     samples: dict
 
 
-def update_user(prior, sched, user_id: int, donor_id: int, ratings: pd.DataFrame, z: torch.Tensor, pool: dict,
-                cfg: NewUserConfig, normalizer=None, seed: int = 0, sampler: str = "dpmsolver", steps: int = 20,
-                device: str = "cpu") -> Update:
-    """Refit `user_id`'s row on `donor_id`'s training ratings (a moved taste) from the old row, pulled towards it."""
+def update_user(pipe, user_id: int, donor_id: int, ratings: pd.DataFrame, dec_emb: torch.Tensor, pool: dict,
+                cfg: NewUserConfig, seed: int = 0) -> Update:
+    """Refit `user_id`'s row on `donor_id`'s training ratings (a moved taste) from the old row, pulled towards it;
+    `pipe` itself is left as it was (the update is made on a copy)."""
     rows = np.flatnonzero(((ratings["user_id"] == donor_id) & (ratings["split"] == "train")).to_numpy())
     like = torch.as_tensor(ratings["like"].to_numpy()[rows]).long()
-    old = prior.user_emb.weight[user_id].detach().clone()
-    prior.to(device)
-    fit = fit_user(prior, sched, z[rows], like, init=old, anchor=old, l2=cfg.update_l2, steps=cfg.steps, lr=cfg.lr,
-                   batch_size=cfg.batch_size, seed=seed)
+    after = pipe.with_rows({})
+    fit = after.update_user(user_id, dec_emb[rows], like, l2=cfg.update_l2, steps=cfg.steps, lr=cfg.lr,
+                            batch_size=cfg.batch_size, seed=seed)
     fit.row = fit.row.cpu()  # the caller compares it with the old row wherever the prior lives
-    models = {"before": (prior, user_id), "after": (with_rows(prior, {user_id: fit.row}), user_id),
-              "donor": (prior, donor_id)}
+    models = {"before": (pipe, user_id), "after": (after, user_id), "donor": (pipe, donor_id)}
     n, samples, table = cfg.n_samples, {}, []
     for name, (model, u) in models.items():
-        x = sample_prior(model, sched, [u] * n, [1] * n, range(n), cfg_scale=cfg.cfg_scale, sampler=sampler,
-                         steps=steps, seed=seed, device=device, progress=False, seed_ids=[user_id] * n)
-        samples[name] = normalizer.inverse(x) if normalizer is not None else x
+        samples[name] = model.sample([u] * n, [1] * n, range(n), cfg_scale=cfg.cfg_scale, seed=seed,
+                                     seed_ids=[user_id] * n)
         row = {"samples": name}
         for who, target in (("own pool", user_id), ("donor's pool", donor_id)):
             _, summ = retrieval.retrieval_metrics(samples[name].numpy(), [target] * n, pool["img_emb"].numpy(),
@@ -244,10 +233,10 @@ def test_pool(ratings: pd.DataFrame, emb: torch.Tensor, split: str = "test") -> 
             "img_emb": emb[torch.as_tensor(np.flatnonzero(m))]}
 
 
-def distant_pair(prior, sched, users, n: int = 8, **sample_kw) -> tuple[int, int]:
+def distant_pair(pipe, users, n: int = 8, cfg_scale: float | None = None, seed: int = 0) -> tuple[int, int]:
     """(users[0], the user whose mean prior sample is least like users[0]'s): a taste that moved, and one the prior
     tells apart from the first."""
-    x = sample_users(prior, sched, users, n, progress=False, **sample_kw).mean(1)
+    x = pipe(users, n, cfg_scale=cfg_scale, seed=seed).mean(1)
     return int(users[0]), int(users[int(torch.nn.functional.cosine_similarity(x[:1], x).argmin())])
 
 

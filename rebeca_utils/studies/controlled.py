@@ -16,7 +16,6 @@ from ..evaluate.paper import section33_pr, table1
 from ..evaluate.retrieval import cosine_nn
 from ..io import atomic_path, write_json
 from ..models.vae import ConvVAE, freeze, load_vae, save_vae, train_vae
-from ..pipeline.sampling import sample_users
 from ..runtime import seed_sequence
 from ..train.diffusion import Triplets
 
@@ -87,11 +86,9 @@ def landing_pairs(samples, pool, pool_pair, n_pairs: int = 4) -> np.ndarray:
                      for u in range(pairs.shape[1])])
 
 
-def rebeca_samples(prior, sched, n_users: int, reps: int, k: int, normalizer=None, **kw) -> np.ndarray:
-    """(reps, U, k, d) latents with R = 1; repetition r uses sample indices r*k .. r*k + k - 1."""
-    x = sample_users(prior, sched, list(range(n_users)), reps * k, rating=1, **kw)  # (U, reps*k, d)
-    if normalizer is not None:
-        x = normalizer.inverse(x)  # back from the prior's space to VAE latents
+def rebeca_samples(pipe, n_users: int, reps: int, k: int, cfg_scale: float, seed: int = 0) -> np.ndarray:
+    """(reps, U, k, d) VAE latents with R = 1 from a RebecaPipeline; repetition r uses sample indices r*k .. r*k + k - 1."""
+    x = pipe(list(range(n_users)), reps * k, rating=1, cfg_scale=cfg_scale, seed=seed)  # (U, reps*k, d)
     return x.view(n_users, reps, k, -1).permute(1, 0, 2, 3).contiguous().numpy()
 
 

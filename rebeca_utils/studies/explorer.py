@@ -25,14 +25,11 @@ from ..data.flickr import IMAGE_DIR
 from ..evaluate import scores
 from ..io import read_safetensors, save_safetensors
 from ..models import decoder, encoders, nmf
-from ..models.prior import load_prior
 from ..pipeline import embeddings
 from ..pipeline.decoding import run_batch
 from ..pipeline.items import make_items
-from ..pipeline.sampling import sample_prior, state_fingerprint
-from ..train.diffusion import make_scheduler
-from ..train.normalize import Normalizer
-from .new_users import fit_user
+from ..pipeline.rebeca import PIPELINE_DIR, RebecaPipeline
+from ..pipeline.sampling import state_fingerprint
 
 SEED_ID = 0  # every user's prior noise is seeded by (seed, SEED_ID, j): the same seeds for every user
 
@@ -58,16 +55,14 @@ class Explorer:
         self.splits, _ = split_table.load_splits(src02 / "flickr_splits.parquet")
         self.image_dir = split_table.dataset_root(cfg.flickr, src02, data_dir) / IMAGE_DIR  # the gallery's images
         self.store = embeddings.load_embeddings(src02 / "embeddings", "decoder", cfg.models)
-        self.prior = load_prior(src03 / "prior", device)
-        self.norm = Normalizer.load(src03 / "normalizer.json")
-        self.sched = make_scheduler(cfg.diffusion)
-        self.trained_users = json.loads((src03 / "trained_users.json").read_text())["user_ids"]
+        self.rebeca = RebecaPipeline.from_pretrained(src03 / PIPELINE_DIR, device=device)
+        self.rebeca.set_decoder(decoder.build_decoder(cfg.models, self.gen_cfg, device), self.gen_cfg)
+        self.trained_users = self.rebeca.trained_users
         self.verifier = nmf.load_verifier(root / "05_train_verifier" / "verifier", device)
         self.encoder = encoders.build_encoder("verifier", cfg.models, device)
-        self.pipe = decoder.build_decoder(cfg.models, self.gen_cfg, device)
         self.names: dict[int, str] = {u: f"user {u + 1}" for u in self.trained_users}
         self.likes: dict[int, list[str]] = {}  # a fitted user's liked images (their strip)
-        self.base_fingerprint = state_fingerprint(self.prior)
+        self.base_fingerprint = state_fingerprint(self.rebeca.prior)
 
     def liked(self, user_id: int, n: int = 8) -> list[Path]:
         """Up to n images the user liked in the training split, or when fitting (the strip under the dropdown)."""
@@ -87,17 +82,15 @@ class Explorer:
         """n images for `user_id` at prior ω = cfg_scale and this decoder CFG; sample j seeded by (seed, j)."""
         t0, j = time.perf_counter(), torch.arange(n)
         u = torch.full((n,), int(user_id))
-        x = sample_prior(self.prior, self.sched, u, torch.ones_like(u), j, cfg_scale=cfg_scale,
-                         sampler=self.cfg.diffusion.sampler, steps=self.cfg.diffusion.sampler_steps, seed=seed,
-                         device=self.device, progress=False, seed_ids=torch.full_like(u, SEED_ID))
-        emb = self.norm.inverse(x)
+        emb = self.rebeca.sample(u, torch.ones_like(u), j, cfg_scale=cfg_scale, seed=seed,
+                                 seed_ids=torch.full_like(u, SEED_ID))
         gen_cfg = dataclasses.replace(self.gen_cfg, decoder_cfg=float(decoder_cfg))
         # decoder seed of image j: App G.3's formula with the seed in the user's place, the same for every user
         items = [dataclasses.replace(it, user_id=int(user_id))
                  for it in make_items("explorer", "grid", [seed] * n, range(n), gen_cfg, ip_embeddings=emb)]
         images, bs = [], max(1, gen_cfg.batch_size)
         for s in range(0, n, bs):
-            images.append(run_batch(self.pipe, items[s : s + bs], gen_cfg))
+            images.append(run_batch(self.rebeca.decoder, items[s : s + bs], gen_cfg))
             if progress is not None:
                 progress(min(s + bs, n), n)
         images = np.concatenate(images)
@@ -112,16 +105,15 @@ class Explorer:
         if not liked:
             raise ValueError("fit: like at least one image")
         images = list(liked) + list(disliked)
-        x = self.norm.forward(self.store_lookup(images))
         rating = torch.tensor([1] * len(liked) + [0] * len(disliked))
-        nu = self.cfg.new_users
-        res = fit_user(self.prior, self.sched, x, rating, init="null", steps=steps or nu.steps, lr=nu.lr,
-                       batch_size=nu.batch_size, seed=seed, progress=progress)
-        return self.add(res.row, name, list(liked)), res.seconds
+        uid = self.rebeca.fit_user(self.store_lookup(images), rating, init="null", seed=seed, progress=progress,
+                                   **({"steps": steps} if steps else {}))
+        self.names[uid], self.likes[uid] = name, list(liked)
+        return uid, self.rebeca.last_fit.seconds
 
     def add(self, row: torch.Tensor, name: str, likes: Sequence[str] = ()) -> int:
         """Append a fitted row to the explorer's prior (the trained users keep their rows)."""
-        uid = self.prior.add_users(row[None])[0]
+        [uid] = self.rebeca.add_users(row[None], source="explorer", name=name)
         self.names[uid], self.likes[uid] = name, list(likes)
         return uid
 
@@ -136,7 +128,7 @@ class Explorer:
 
     def save_user(self, user_id: int, path: str | os.PathLike) -> Path:
         """One fitted user as a safetensors file: its row, name and the fingerprint of the prior it belongs to."""
-        row = self.prior.user_emb.weight[int(user_id)].detach().cpu()[None]
+        row = self.rebeca.prior.user_emb.weight[int(user_id)].detach().cpu()[None]
         meta = {"name": self.names[int(user_id)], "prior": self.base_fingerprint,
                 "likes": self.likes.get(int(user_id), [])}
         return save_safetensors({"row": row}, path, {"rebeca_user": json.dumps(meta)})  # atomic

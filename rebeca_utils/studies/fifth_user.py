@@ -16,9 +16,7 @@ import torch
 from ..config import NewUserConfig
 from ..data.dsprites import DSpritesStudy
 from ..evaluate.retrieval import precision_recall_at_k
-from ..pipeline.sampling import sample_prior
 from ..runtime import seed_sequence
-from .new_users import fit_user, with_rows
 
 FIFTH_P_LIKE = (0.95, 0.05)  # P(like) of a red, of a blue sprite
 FIFTH_USER = 4  # its id in the retrained five-user prior
@@ -35,18 +33,18 @@ def with_fifth_user(study: DSpritesStudy, likes: np.ndarray) -> DSpritesStudy:
     return dataclasses.replace(study, likes=np.vstack([study.likes, likes[None]]))
 
 
-def fifth_user_table(prior, sched, study: DSpritesStudy, latents: torch.Tensor, z: torch.Tensor, likes: np.ndarray,
-                     ks, draws: int, cfg: NewUserConfig, n_samples: int, retrained=None, normalizer=None,
-                     seed: int = 0, **sample_kw) -> pd.DataFrame:
-    """P@n_samples (one neighbour each, §3.3) on the test pool per method, history size k and draw."""
+def fifth_user_table(pipe, study: DSpritesStudy, latents: torch.Tensor, likes: np.ndarray, ks, draws: int,
+                     cfg: NewUserConfig, n_samples: int, retrained=None, seed: int = 0, cfg_scale: float = 1.0
+                     ) -> pd.DataFrame:
+    """P@n_samples (one neighbour each, §3.3) on the test pool per method, history size k and draw; `pipe` (and
+    `retrained`, the five-user upper bound) are RebecaPipelines over the four-user prior."""
     pool, pool_likes = latents[study.test_idx].numpy(), likes[study.test_idx]
     train = study.train_idx
     n = n_samples
 
-    def sample(model, user):  # every method's j-th sample shares its noise (seed id = the fifth user's)
-        x = sample_prior(model, sched, [user] * n, [1] * n, range(n), seed=seed, seed_ids=[FIFTH_USER] * n,
-                         progress=False, **sample_kw)
-        return (normalizer.inverse(x) if normalizer is not None else x).numpy()
+    def sample(p, user):  # every method's j-th sample shares its noise (seed id = the fifth user's)
+        return p.sample([user] * n, [1] * n, range(n), cfg_scale=cfg_scale, seed=seed,
+                        seed_ids=[FIFTH_USER] * n).numpy()
 
     rows, oracle_rng = [], np.random.default_rng(seed_sequence(seed, "dsprites_fifth_history", 0))
     liked_train = train[likes[train]]
@@ -57,20 +55,19 @@ def fifth_user_table(prior, sched, study: DSpritesStudy, latents: torch.Tensor, 
             rng = np.random.default_rng(seed_sequence(seed, "dsprites_fifth_history", k, d))
             hist = train if k == 0 else np.sort(rng.choice(train, k, replace=False))
             like_h = likes[hist]
-            fit = fit_user(prior, sched, z[hist], torch.as_tensor(like_h).long(), init="null", steps=cfg.steps,
-                           lr=cfg.lr, batch_size=cfg.batch_size, seed=int(rng.integers(2**31)))
-            ext = with_rows(prior, {})
-            new_id = ext.add_users(fit.row[None])[0]
+            ext = pipe.with_rows({})  # a copy: the new row is added to it, not to `pipe`
+            new_id = ext.fit_user(latents[hist], torch.as_tensor(like_h).long(), init="null", steps=cfg.steps,
+                                  lr=cfg.lr, batch_size=cfg.batch_size, seed=int(rng.integers(2**31)))
             nearest = int(np.argmax([(study.likes[u, hist] == like_h).mean() for u in range(study.n_users)]))
             mean = latents[hist[like_h] if like_h.any() else hist].mean(0).numpy()
-            got = {"inversion": sample(ext, new_id), "null user": sample(prior, prior.null_user),
-                   "nearest of the four": sample(prior, nearest), "Mean": np.repeat(mean[None], n, 0)}
+            got = {"inversion": sample(ext, new_id), "null user": sample(pipe, pipe.null_user),
+                   "nearest of the four": sample(pipe, nearest), "Mean": np.repeat(mean[None], n, 0)}
             if retrained is not None and k == 0:
                 got["retrained (5 users)"] = sample(retrained, FIFTH_USER)
             for method, x in got.items():
                 rows.append(dict(method=method, k=k, draw=d, precision=precision_recall_at_k(x, pool, pool_likes,
                                                                                              1)[0],
-                                 seconds=fit.seconds if method == "inversion" else np.nan))
+                                 seconds=ext.last_fit.seconds if method == "inversion" else np.nan))
     return pd.DataFrame(rows)
 
 

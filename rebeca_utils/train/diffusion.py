@@ -164,5 +164,5 @@ def flickr_triplets(splits: pd.DataFrame, img_emb: torch.Tensor, split: str, inc
 
 def training_log(result, model, extra: dict | None = None) -> dict:
     """What notebook 03 records about a run: epochs, wall time, best val loss, params, learning-rate drops."""
-    return {**result.summary(), "params": count_parameters(model), "config": getattr(model, "_hub_mixin_config", None),
+    return {**result.summary(), "params": count_parameters(model), "config": model.init_config(),
             **(extra or {})}

@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from ..models.prior import RebecaPrior
 from ..progress import tqdm
-from ..train.diffusion import diffusion_loss
+from .diffusion import diffusion_loss
 
 INITS = ("null", "mean")
 
