@@ -30,7 +30,7 @@ from .models.prior import RebecaPrior, count_parameters
 from .pipeline.decoding import run_batch
 from .pipeline.embeddings import embed_images
 from .pipeline.items import make_items
-from .pipeline.sampling import sample_prior
+from .pipeline.rebeca import RebecaPipeline
 from .train.inversion import fit_user
 from .train.diffusion import Triplets, diffusion_loss, epoch_indices, make_scheduler
 
@@ -81,17 +81,12 @@ def bench_training(model, sched, data: Triplets, batch_size: int, steps: int) ->
 def bench_sampling(model, sched, n_users: int, per_user: int, sampler: str, fast_steps: int, cfg_scale: float,
                    ddpm_users: int) -> dict:
     """Time for n_users x per_user embeddings: fast sampler (all users) vs 1000-step DDPM (subset, extrapolated)."""
-    users = torch.arange(n_users).repeat_interleave(per_user)
-    j = torch.arange(per_user).repeat(n_users)
-    ones = torch.ones_like(users)
+    pipe = RebecaPipeline(model, sched, sampler=sampler, steps=fast_steps, users={u: {} for u in range(n_users)})
     t0 = time.perf_counter()
-    sample_prior(model, sched, users, ones, j, cfg_scale=cfg_scale, sampler=sampler, steps=fast_steps,
-                 batch_size=1024, progress=True)
+    pipe(range(n_users), per_user, cfg_scale=cfg_scale, progress=True)
     fast = time.perf_counter() - t0
-    m = ddpm_users * per_user
     t0 = time.perf_counter()
-    sample_prior(model, sched, users[:m], ones[:m], j[:m], cfg_scale=cfg_scale, sampler="ddpm",
-                 batch_size=1024, progress=True)
+    pipe.with_sampler("ddpm")(range(ddpm_users), per_user, cfg_scale=cfg_scale, progress=True)
     ddpm_subset = time.perf_counter() - t0
     ddpm = ddpm_subset * n_users / ddpm_users
     return {"fast_s": fast, "ddpm_subset_s": ddpm_subset, "ddpm_extrapolated_s": ddpm, "ratio": ddpm / fast}

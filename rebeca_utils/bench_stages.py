@@ -35,10 +35,11 @@ from .models.vlm import build_vlm, vlm_dtype
 from .models.weights import quiet_libraries
 from .pipeline.decoding import run_batch
 from .pipeline.items import make_items
-from .pipeline.sampling import sample_prior
+from .pipeline.rebeca import RebecaPipeline
 from .progress import tqdm
 from .runtime import resolve_dtype
 from .train.diffusion import Triplets, make_scheduler, train_prior
+from .train.normalize import Normalizer
 from .train.verifier import Interactions, train_verifier
 
 @dataclass(frozen=True)
@@ -145,12 +146,10 @@ def bench_prior(prof: Profile, shape: Shape, device: str) -> dict:
     res = train_prior(model, sched, train, val, cfg, device=device, progress=False)
     n_train = res.epochs * users * cfg.samples_per_user
     n = shape.sampling_users * prof.generation.n_per_user
-    who = torch.arange(shape.sampling_users).repeat_interleave(prof.generation.n_per_user)
-    j = torch.arange(prof.generation.n_per_user).repeat(shape.sampling_users)
-    sampler = f"{prof.diffusion.sampler}-{prof.diffusion.sampler_steps}"
-    s = timed(lambda: sample_prior(model, sched, who, torch.ones_like(who), j, cfg_scale=5.0,
-                                   sampler=prof.diffusion.sampler, steps=prof.diffusion.sampler_steps,
-                                   batch_size=1024, device=device, progress=False), device)
+    pipe = RebecaPipeline.from_config(model, prof.diffusion, Normalizer("none"), trained_users=range(users),
+                                      scheduler=sched)  # notebook 04's sampler, as 03 saves it
+    sampler = f"{pipe.sampler}-{pipe.steps}"
+    s = timed(lambda: pipe(range(shape.sampling_users), prof.generation.n_per_user, cfg_scale=5.0), device)
     _free(device)
     return {"prior_sample": {"unit_s": res.wall_time_s / n_train,
                              "line": f"{res.epochs} epoch(s) of {users} users × {cfg.samples_per_user} samples "
