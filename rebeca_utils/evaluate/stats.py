@@ -170,6 +170,15 @@ def _percentile_ci(stat, data, n_bootstrap: int, seed: int, level: float, batch:
     return dict(ci_low=float(lo), ci_high=float(hi), se=float(samples.std(ddof=1)), samples=samples)
 
 
+def mean_ci(x, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of x (e.g. one value per user) with a seeded percentile-bootstrap CI."""
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    if len(x) == 0:
+        return (np.nan,) * 3
+    boot = _percentile_ci(lambda xs, axis=-1: xs.mean(axis), (x,), n_bootstrap, seed, level)
+    return float(x.mean()), boot["ci_low"], boot["ci_high"]
+
+
 def r2_bootstrap(x, y, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """R² of the least-squares line y ≈ slope·x + intercept, with a seeded percentile-bootstrap CI (Figure 8b).
 
@@ -263,13 +272,8 @@ def paired_effect(matrix, levels, reference=None, n_permutations: int = 1000, n_
         fp = (friedmanchisquare(*x.T).pvalue if x.shape[1] >= 3 else wilcoxon(x[:, 0], x[:, 1]).pvalue) \
             if x.shape[0] >= 2 and np.ptp(x) > 0 else 1.0
     ref = list(levels).index(reference) if reference is not None else 0
-    rng = np.random.default_rng([seed, 7])
-    boot = rng.integers(0, len(x), (n_bootstrap, len(x)))
-    diffs = {}
-    for i, lev in enumerate(levels):
-        d = x[:, i] - x[:, ref]
-        lo, hi = np.percentile(d[boot].mean(1), [2.5, 97.5])
-        diffs[lev] = (float(d.mean()), float(lo), float(hi))
+    # one seed for every level: the same resamples of users, so the differences stay paired
+    diffs = {lev: mean_ci(x[:, i] - x[:, ref], n_bootstrap, seed) for i, lev in enumerate(levels)}
     return PairedEffect(list(levels), x.mean(0), stat, p, float(fp), diffs)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..config import AblationConfig, GenerationConfig
-from ..evaluate.stats import holm, paired_effect
+from ..evaluate.stats import holm, mean_ci, paired_effect
 from ..pipeline.items import WorkItem, make_items
 from ..pipeline.sampling import prior_setting
 
@@ -162,10 +162,3 @@ def factor_tests(user_means: pd.DataFrame, value: str, factor: str, within: str,
 def decode_count(cfg: AblationConfig, main: GenerationConfig, n_users: int) -> int:
     """Images the ablation decodes in all (before any is found done)."""
     return len(cells(cfg, main)) * cfg.n_per_user * n_users
-
-
-def mean_ci(x: np.ndarray, n_bootstrap: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """(mean, 2.5 %, 97.5 %) of the mean over users, bootstrap."""
-    x = np.asarray(x, dtype=np.float64)
-    boot = x[np.random.default_rng(seed).integers(0, len(x), (n_bootstrap, len(x)))].mean(1)
-    return float(x.mean()), *map(float, np.percentile(boot, [2.5, 97.5]))

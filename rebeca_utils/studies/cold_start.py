@@ -16,12 +16,12 @@ import torch
 from ..config import NewUserConfig
 from ..data import splits as split_table
 from ..evaluate import retrieval, scores
+from ..evaluate.stats import mean_ci
 from ..models.prior import RebecaPrior
 from ..pipeline.items import make_items
 from ..progress import tqdm
 from ..runtime import seed_sequence
 from ..train.diffusion import flickr_triplets, train_prior
-from .ablations import mean_ci
 from ..train.inversion import fit_user
 
 METHODS = {"null_user": "null user (R = 1)", "mean": "Mean (liked history)", "nearest": "nearest seen user",
