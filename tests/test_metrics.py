@@ -76,8 +76,7 @@ def test_table1_perfect_and_random():
     t = table1(dict(test_latents=pool, test_likes=likes, rebeca=rebeca, random=random, mean=centres[:4])).set_index(["method", "k"])
     assert t.loc[("REBECA", 20), "precision"] == 1.0 and t.loc[("Mean", 1), "precision"] == 1.0
     assert t.loc[("Mean", 1), "recall"] == pytest.approx(1 / 25)
-    assert 0.1 < t.loc[("Random", 20), "precision"] < 0.45
-    assert t.loc[("REBECA", 1), "paper_precision"] == 0.782
+    assert 0.1 < t.loc[("Random", 20), "precision"] < 0.45  # the paper's column: tests/test_paper_numbers.py
 
 
 def test_section33_recall_denominator_all_users():
@@ -269,11 +268,10 @@ def test_table2_layout_and_paper_values():
     assert t.loc["Mine", ("@1", "P")] == pytest.approx(5 / 6)
     both = table2({rebeca_label(5): s}, ks=(1, 3), with_paper=True)
     assert len(both) == len(PAPER_TABLE2)  # the paper's other rows appear with ours = NaN
-    assert both.loc["REBECA (CFG=5.0)", ("@1", "P", "paper")] == 0.556
     assert both.loc["REBECA (CFG=5.0)", ("@1", "P", "ours")] == pytest.approx(5 / 6)
     lora = both.loc["Shared LoRA"]
     assert np.isnan(lora[("@1", "P", "ours")]) and np.isnan(lora[("@3", "P", "paper")])
-    assert PAPER_TABLE2["VLM Persona"] == (0.507, 0.685, 0.556, 0.472, 0.983, 0.621)
+    # the paper's numbers themselves are checked against the paper's text in tests/test_paper_numbers.py
 
 
 def test_table2_both_builds_each_definition_per_label():
