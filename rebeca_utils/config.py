@@ -30,7 +30,7 @@ class ModelsConfig:
     hps_clip: tuple[str, str] = ("ViT-H-14", "laion2b_s32b_b79k")  # the architecture HPS fine-tuned
     vlm_id: str = "llava-hf/llava-1.5-7b-hf"  # the tagger of the VLM baselines (App F)
     seed: int = 0  # seeds the tiny builders
-    # tiny builder: "pretrained" = the smoke world (models/world.py), trained once on the synthetic images;
+    # tiny builder: "pretrained" = the smoke world (rebeca_utils/world/), trained once on the synthetic images;
     # "random" = the seeded random stand-ins
     tiny_weights: str = "pretrained"
 
@@ -111,6 +111,7 @@ class DSpritesConfig:
     fifth_ks: tuple[int, ...] = (5, 20, 100, 0)  # the fifth user's history sizes (0 = all training images)
     fifth_draws: int = 3  # random histories per size
     fifth_retrain: bool = True  # the fifth user's upper bound: a prior retrained with five users (one more training)
+    fifth_retrain_epochs: int = 40  # that retrain, warm-started from the four-user prior (from scratch: 160, README)
 
 
 @dataclass(frozen=True)

@@ -196,3 +196,16 @@ def test_methods_share_noise_and_mean_is_the_liked_history(trained):
     assert torch.equal(mean[1, 0], emb.mean(0))  # a history without likes: the mean of every image
     with pytest.raises(ValueError, match=r"method_samples\(method='mean'\) needs dec_emb, like"):
         CS.method_samples("mean", pipe, hist, cfg=cfg)
+
+
+def test_the_fifth_users_retrain_starts_from_the_four_user_prior(trained):
+    from rebeca_utils.studies.fifth_user import warm_start
+
+    prior, _ = trained
+    five = warm_start(prior)
+    w4, w5 = prior.state_dict(), five.state_dict()
+    assert five.n_users == prior.n_users + 1 and five.training and not prior.training
+    assert all(torch.equal(w4[k], w5[k]) for k in w4 if k != "user_emb.weight")
+    old, new = w4["user_emb.weight"], w5["user_emb.weight"]
+    assert torch.equal(new[: prior.n_users], old[: prior.n_users]) and torch.equal(new[-1], old[-1])
+    assert torch.equal(new[prior.n_users], old[prior.null_user])  # the new row starts as "someone we know nothing about"

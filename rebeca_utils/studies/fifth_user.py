@@ -7,6 +7,7 @@ images agree best), a prior retrained with five users, and the Oracle (draws fro
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -31,6 +32,14 @@ def fifth_user_likes(study: DSpritesStudy, seed: int = 0, p_like=FIFTH_P_LIKE) -
 def with_fifth_user(study: DSpritesStudy, likes: np.ndarray) -> DSpritesStudy:
     """The study with the fifth user's ratings as a fifth row (to retrain a five-user prior)."""
     return dataclasses.replace(study, likes=np.vstack([study.likes, likes[None]]))
+
+
+def warm_start(prior):
+    """A five-user prior that starts as the four-user one: the fifth row is the null row's copy (the retrain's start;
+    every weight then trains, unlike inversion)."""
+    five = copy.deepcopy(prior)
+    five.add_users(prior.user_emb.weight[prior.null_user].detach()[None])
+    return five.train()
 
 
 def fifth_user_table(pipe, study: DSpritesStudy, latents: torch.Tensor, likes: np.ndarray, ks, draws: int,
