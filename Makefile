@@ -46,12 +46,12 @@ TEST_ENV = HF_HUB_OFFLINE=1 REBECA_SMOKE_WORLD=$(TEST_WORLD)
 PYTEST = $(TEST_ENV) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test: install
-	@s=$$SECONDS; $(TEST_ENV) $(PY) -m rebeca_utils.models.world || exit 1; t=$$SECONDS; \
+	@s=$$SECONDS; $(TEST_ENV) $(PY) -m rebeca_utils.world || exit 1; t=$$SECONDS; \
 	$(PYTEST) --durations=15; rc=$$?; \
 	echo "== tests done in $$((SECONDS - t)) s, $$((SECONDS - s)) s with the smoke world"; exit $$rc
 
 test-fast: install
-	@s=$$SECONDS; $(TEST_ENV) $(PY) -m rebeca_utils.models.world || exit 1; t=$$SECONDS; \
+	@s=$$SECONDS; $(TEST_ENV) $(PY) -m rebeca_utils.world || exit 1; t=$$SECONDS; \
 	$(PYTEST) -m "not slow" --durations=10; rc=$$?; \
 	echo "== fast tests done in $$((SECONDS - t)) s, $$((SECONDS - s)) s with the smoke world"; exit $$rc
 

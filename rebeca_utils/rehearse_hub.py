@@ -30,8 +30,9 @@ from transformers import (
 
 from .config import ModelsConfig
 from .io import atomic_write
-from .models.decoder import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG, tiny_ip_adapter_state_dict
-from .models.encoders import VIT_H14_VISION_CONFIG, tiny_tokenizer_dir
+from .models.architectures import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG, VIT_H14_VISION_CONFIG
+from .models.decoder import tiny_ip_adapter_state_dict
+from .models.encoders import tiny_tokenizer_dir
 from .models.vlm import LLAVA_CHAT_TEMPLATE
 from .models.weights import HPS_FILES, OPEN_CLIP_CONFIG, quiet_libraries
 from .runtime import seeded

@@ -26,7 +26,7 @@ def smoke_world():
     import torch
 
     from rebeca_utils.config import get_profile
-    from rebeca_utils.models import world
+    from rebeca_utils.world import cache as world
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from rebeca_utils.config import ModelsConfig, get_profile
+from rebeca_utils.models import architectures as ARCH
 from rebeca_utils.models import decoder as DEC
 from rebeca_utils.models import encoders as ENC
 from rebeca_utils.models import weights as W
@@ -62,7 +63,7 @@ def test_tiny_builders_are_seeded_and_deterministic(kit_cache):
     assert not _same(ENC.build_image_encoder(RANDOM)[0], ENC.build_image_encoder(other)[0])
 
 
-@pytest.mark.parametrize("role,dim", [("verifier", TINY.verifier_emb_dim), ("aesthetic", ENC.AESTHETIC_EMB_DIM),
+@pytest.mark.parametrize("role,dim", [("verifier", TINY.verifier_emb_dim), ("aesthetic", ARCH.AESTHETIC_EMB_DIM),
                                       ("decoder", TINY.decoder_emb_dim)])
 def test_tiny_open_clip_encodes_to_configured_dim(role, dim):
     model, preprocess, tokenizer = ENC.build_clip(TINY, role)
@@ -225,7 +226,7 @@ def test_hub_clip_loads_cached_open_clip_weights_offline(hf_cache, monkeypatch):
     (repo / W.OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": open_clip.get_model_config(arch)}))
     model, preprocess, tokenizer = ENC.build_clip(models, "aesthetic")
     assert _same(model, tiny) and not model.training
-    assert model.encode_text(tokenizer(["a cat"])).shape == (1, ENC.AESTHETIC_EMB_DIM)
+    assert model.encode_text(tokenizer(["a cat"])).shape == (1, ARCH.AESTHETIC_EMB_DIM)
     # a checkpoint that does not fit the repo's architecture is one line naming the file
     save_file({"visual.nope": torch.zeros(1)}, str(repo / "open_clip_model.safetensors"))
     with pytest.raises(ValueError, match=r"open_clip_model.safetensors: checkpoint does not fit the architecture"):
@@ -303,15 +304,15 @@ def test_real_architectures_are_wired():
 
     assert open_clip.get_model_config(HUB.decoder_clip[0])["embed_dim"] == HUB.decoder_emb_dim == 1024
     assert open_clip.get_model_config(HUB.verifier_clip[0])["embed_dim"] == HUB.verifier_emb_dim == 1280
-    assert open_clip.get_model_config(HUB.aesthetic_clip[0])["embed_dim"] == ENC.AESTHETIC_EMB_DIM == 768
+    assert open_clip.get_model_config(HUB.aesthetic_clip[0])["embed_dim"] == ARCH.AESTHETIC_EMB_DIM == 768
     vit_h = open_clip.get_model_config("ViT-H-14")["vision_cfg"]
     with init_empty_weights():
-        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**ENC.VIT_H14_VISION_CONFIG))
-        unet = UNet2DConditionModel(**DEC.SD15_UNET_CONFIG)
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**ARCH.VIT_H14_VISION_CONFIG))
+        unet = UNet2DConditionModel(**ARCH.SD15_UNET_CONFIG)
     cfg = encoder.config
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.patch_size) == (vit_h["width"], vit_h["layers"], 14)
     assert encoder.visual_projection.out_features == HUB.decoder_emb_dim
-    assert unet.config.cross_attention_dim == CLIPTextConfig(**DEC.SD15_TEXT_CONFIG).hidden_size == 768
+    assert unet.config.cross_attention_dim == CLIPTextConfig(**ARCH.SD15_TEXT_CONFIG).hidden_size == 768
     # the real ip-adapter_sd15.bin layout, derived from the real UNet: proj 1024 -> 4 x 768, 16 attn2 layers
     state = DEC.tiny_ip_adapter_state_dict(unet, HUB.decoder_emb_dim)
     assert state["image_proj"]["proj.weight"].shape == (4 * 768, 1024)

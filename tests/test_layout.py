@@ -1,21 +1,22 @@
-"""The house rules of rebeca_utils, checked by parsing its source: import direction, top-level imports, module size."""
+"""The house rules of rebeca_utils, checked by parsing its source: import direction, no import circles, top-level
+imports, module size."""
 import ast
 from pathlib import Path
 
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "rebeca_utils"
-# data -> models -> train -> pipeline -> baselines -> evaluate -> studies -> notebook; config, io, runtime, progress
-# below all
-STAGES = ["config", "io", "jobs", "runtime", "progress", "data", "models", "train", "pipeline", "baselines", "evaluate",
-          "studies", "notebook"]
+# data -> models -> world (trains the tiny models) -> train -> pipeline -> baselines -> evaluate -> studies -> notebook;
+# config, io, runtime, progress below all
+STAGES = ["config", "io", "jobs", "runtime", "progress", "data", "models", "world", "train", "pipeline", "baselines",
+          "evaluate", "studies", "notebook"]
 OUTERMOST = {"run", "bench", "bench_price", "bench_stages", "rehearse", "rehearse_hub", "__init__", "__main__"}  # entry points: may import any stage
 MODULES = sorted(p for p in PKG.rglob("*.py"))
 MAX_LINES = 400
 
 
-def _dotted(path: Path) -> str:
-    return ".".join(("rebeca_utils", *path.relative_to(PKG).with_suffix("").parts))
+def _dotted(path: Path, pkg: Path = PKG) -> str:
+    return ".".join(("rebeca_utils", *path.relative_to(pkg).with_suffix("").parts))
 
 
 def _stage(dotted: str) -> int:
@@ -23,10 +24,10 @@ def _stage(dotted: str) -> int:
     return len(STAGES) if head in OUTERMOST else STAGES.index(head)
 
 
-def _kit_imports(path: Path):
+def _kit_imports(path: Path, pkg: Path = PKG):
     """(line, imported rebeca_utils module, inside a function?) for every import of the kit in `path`."""
     tree = ast.parse(path.read_text())
-    here = _dotted(path).split(".")
+    here = _dotted(path, pkg).split(".")
     package = here if path.name == "__init__.py" else here[:-1]
     in_function = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
                    for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
@@ -40,7 +41,7 @@ def _kit_imports(path: Path):
                 continue
             for alias in node.names:  # `from .pkg import module` imports the module
                 target = ".".join(base + [alias.name])
-                yield node.lineno, target if (PKG.parent / (target.replace(".", "/") + ".py")).exists() \
+                yield node.lineno, target if (pkg.parent / (target.replace(".", "/") + ".py")).exists() \
                     else ".".join(base), id(node) in in_function
         elif isinstance(node, ast.Import):
             for alias in node.names:
@@ -59,6 +60,33 @@ def _entry_imports() -> dict[str, set[str]]:
 
 
 ENTRY_IMPORTS = _entry_imports()
+
+
+def _import_graph(paths, pkg: Path = PKG) -> dict[str, set[str]]:
+    """Module -> the kit modules it imports, at the top or inside a function (a package counts as its __init__)."""
+    def node(dotted: str) -> str:
+        is_package = (pkg.parent / dotted.replace(".", "/") / "__init__.py").exists()
+        return f"{dotted}.__init__" if is_package else dotted
+    return {_dotted(p, pkg): {node(t) for _, t, _ in _kit_imports(p, pkg)} for p in paths}
+
+
+def _circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of `graph` as [a, b, ..., a], else None (a depth-first search for a back edge)."""
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for t in sorted(graph.get(m, ())):
+            if state.get(t) == "open":
+                return stack[stack.index(t):] + [t]
+            found = None if t in state else visit(t)
+            if found:
+                return found
+        state[m] = "done"
+        stack.pop()
+        return None
+    return next((c for m in sorted(graph) if m not in state for c in [visit(m)] if c), None)
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PKG)))
@@ -90,6 +118,28 @@ def test_imports_at_the_top_unless_a_comment_says_why(path):
 def test_modules_read_in_one_sitting(path):
     n = len(path.read_text().splitlines())
     assert n <= MAX_LINES, f"{path.relative_to(PKG)} has {n} lines (> {MAX_LINES}): split it by concept"
+
+
+def test_no_import_circles():
+    """Not even through an import inside a function: stages only import earlier ones, and within a stage (or a
+    subpackage) a lazy import back is a circle too (models/decoder.py once imported the smoke world that trains it)."""
+    circle = _circle(_import_graph(MODULES))
+    assert circle is None, f"import circle: {' -> '.join(circle)}; move what both need into a module below them"
+
+
+def test_the_circle_check_catches_a_lazy_import_back(tmp_path):
+    """The old layout in miniature: world.py imports decoder.py at the top, decoder.py imports world.py lazily."""
+    models = tmp_path / "rebeca_utils" / "models"
+    models.mkdir(parents=True)
+    for name, text in {"__init__": "", "config": "",
+                       "world": "from .decoder import tiny_unet_config\n",
+                       "decoder": "from ..config import ModelsConfig\n\n\ndef load(models):\n"
+                                  "    from .world import component_dir  # a cycle: world.py trains with these\n"}.items():
+        (models.parent if name == "config" else models).joinpath(f"{name}.py").write_text(text)
+    graph = _import_graph(sorted(tmp_path.rglob("*.py")), tmp_path / "rebeca_utils")
+    assert _circle(graph) == ["rebeca_utils.models.decoder", "rebeca_utils.models.world", "rebeca_utils.models.decoder"]
+    (models / "decoder.py").write_text("from ..config import ModelsConfig\n")  # the import back removed
+    assert _circle(_import_graph(sorted(tmp_path.rglob("*.py")), tmp_path / "rebeca_utils")) is None
 
 
 def test_the_direction_check_catches_a_backward_import(tmp_path, monkeypatch):

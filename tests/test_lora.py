@@ -24,6 +24,7 @@ from rebeca_utils.baselines import lora_data as D
 from rebeca_utils.baselines import lora_recipe as R
 from rebeca_utils.baselines import lora_shard as S
 from rebeca_utils.config import SMOKE_LORA, LoraBaselineConfig, get_profile
+from rebeca_utils.models import architectures as ARCH
 from rebeca_utils.models import decoder as DEC
 from rebeca_utils.pipeline import decoding as DECODE
 from rebeca_utils.pipeline import items as ITEMS
@@ -127,7 +128,7 @@ def test_captions_switches(tmp_path):
 
 def test_paper_lora_parameter_count_matches_closed_form():
     """SD-1.5's UNet from its config on the meta device: r (d_in + d_out) summed over every targeted projection."""
-    cfg = DEC.SD15_UNET_CONFIG
+    cfg = ARCH.SD15_UNET_CONFIG
     widths = list(cfg["block_out_channels"])
     cross = cfg["cross_attention_dim"]
     n_cross_levels = sum(t.startswith("CrossAttn") for t in cfg["down_block_types"])
@@ -225,7 +226,7 @@ def test_reference_peft_format_import(pipe, tmp_path):
     from diffusers import UNet2DConditionModel
     from peft import get_peft_model
 
-    unet = UNet2DConditionModel(**DEC.tiny_unet_config())
+    unet = UNet2DConditionModel(**ARCH.tiny_unet_config())
     conf = L.peft_config(R.LoraSpec(4, 8, 0.0, 1, 0))
     conf.init_lora_weights = False  # non-zero B, so the adapter does something
     model = get_peft_model(unet, conf)

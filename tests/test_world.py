@@ -17,9 +17,12 @@ from rebeca_utils.evaluate import methods as METHODS
 from rebeca_utils.evaluate import signal as SIG
 from rebeca_utils.models import decoder as DEC
 from rebeca_utils.models import encoders as ENC
-from rebeca_utils.models import world as W
-from rebeca_utils.models import world_recipe as R
+from rebeca_utils.models import tiny_weights as TW
+from rebeca_utils.models import world_hook
+from rebeca_utils.models.weights import MissingWeightsError
 from rebeca_utils.pipeline import items as ITEMS
+from rebeca_utils.world import cache as W
+from rebeca_utils.world import recipe as R
 
 SMOKE = get_profile("smoke")
 TINY, GEN = SMOKE.models, SMOKE.generation
@@ -42,7 +45,7 @@ def _fake_trainers(monkeypatch, calls):
             bar.update(R.steps(name))
             return {"fake": True}
         return train
-    monkeypatch.setattr(W, "TRAINERS", {n: fake(n) for n in W.COMPONENTS})
+    monkeypatch.setattr(W, "TRAINERS", {n: fake(n) for n in TW.COMPONENTS})
 
 
 def _copy_world(smoke_world, root, monkeypatch):
@@ -50,7 +53,7 @@ def _copy_world(smoke_world, root, monkeypatch):
     fixture = W.fixture_dir()
     shutil.copytree(smoke_world, root / smoke_world.name)
     shutil.copytree(fixture, root / fixture.name)
-    monkeypatch.setenv(W.WORLD_ENV, str(root))
+    monkeypatch.setenv(TW.WORLD_ENV, str(root))
     return root / smoke_world.name
 
 
@@ -58,21 +61,22 @@ def _copy_world(smoke_world, root, monkeypatch):
 
 
 def test_world_id_follows_recipe_seed_and_architecture(monkeypatch):
-    base = W.world_id(TINY)
-    assert W.world_id(TINY) == base and len(base) == 16
-    assert W.world_id(replace(TINY, seed=1)) != base
-    assert W.world_id(replace(TINY, decoder_emb_dim=64)) != base
-    monkeypatch.setitem(R.RECIPE["vae"], "steps", R.RECIPE["vae"]["steps"] + 1)
-    W.world_spec.cache_clear()
+    base = TW.world_id(TINY)
+    assert TW.world_id(TINY) == base and len(base) == 16
+    assert TW.world_id(replace(TINY, seed=1)) != base
+    assert TW.world_id(replace(TINY, decoder_emb_dim=64)) != base
+    monkeypatch.setitem(R.RECIPE["vae"], "steps", R.RECIPE["vae"]["steps"] + 1)  # the recipe trains with these
+    TW.world_spec.cache_clear()
     try:
-        assert W.world_id(TINY) != base
+        assert TW.world_id(TINY) != base
     finally:
         monkeypatch.undo()
-        W.world_spec.cache_clear()
-    assert W.weights_tag(TINY) == f"pretrained-{base}" and W.weights_tag(RANDOM) == "random"
-    assert W.weights_tag(replace(TINY, builder="hub")) == "random"  # the paper profile never loads the world
+        TW.world_spec.cache_clear()
+    assert TW.weights_tag(TINY) == f"pretrained-{base}" and TW.weights_tag(RANDOM) == "random"
+    assert TW.weights_tag(replace(TINY, builder="hub")) == "random"  # the paper profile never loads the world
     with pytest.raises(ValueError, match=r"^models.tiny_weights='trained': valid values are pretrained, random$"):
-        W.weights_tag(replace(TINY, tiny_weights="trained"))
+        TW.weights_tag(replace(TINY, tiny_weights="trained"))
+    assert tuple(R.TRAINERS) == TW.COMPONENTS  # the recipe trains, in order, the components the builders load
 
 
 def test_second_call_trains_nothing_and_records_each_component(smoke_world, monkeypatch):
@@ -80,8 +84,8 @@ def test_second_call_trains_nothing_and_records_each_component(smoke_world, monk
     _fake_trainers(monkeypatch, calls)
     assert W.ensure_world(TINY, progress=False) == smoke_world
     assert calls == []
-    for name in W.COMPONENTS:
-        rec = json.loads((smoke_world / name / W.DONE_NAME).read_text())
+    for name in TW.COMPONENTS:
+        rec = json.loads((smoke_world / name / TW.DONE_NAME).read_text())
         assert rec["component"] == name and rec["seconds"] > 0 and rec["threads"] >= 1 and len(rec["load_avg"]) == 3
         assert rec["steps"] == R.steps(name)
 
@@ -94,7 +98,7 @@ def test_killed_component_alone_is_retrained_and_dependants_follow(smoke_world, 
     (copy / ".vae.tmp-half").mkdir()  # and a half-written temp folder
     W.ensure_world(TINY, progress=False)
     assert calls == ["verifier_encoder"] and not (copy / ".vae.tmp-half").exists()
-    assert (copy / "verifier_encoder" / W.DONE_NAME).is_file()
+    assert (copy / "verifier_encoder" / TW.DONE_NAME).is_file()
     # a dependency whose files changed makes its dependants stale: the decoder learnt from the old VAE's latents
     shutil.rmtree(copy / "vae")
     W.ensure_world(TINY, progress=False)
@@ -103,10 +107,52 @@ def test_killed_component_alone_is_retrained_and_dependants_follow(smoke_world, 
     assert calls == ["verifier_encoder", "vae", "decoder"]
 
 
+def test_training_runs_on_the_worlds_thread_count_whatever_the_callers(smoke_world, tmp_path, monkeypatch):
+    """The weights depend on torch's thread count (README): every run trains with WORLD_THREADS, recorded in
+    done.json, and hands the caller its own count back."""
+    copy = _copy_world(smoke_world, tmp_path, monkeypatch)
+    seen = []
+
+    def fake(*args):
+        seen.append(torch.get_num_threads())
+        return {}
+    monkeypatch.setattr(W, "TRAINERS", {**W.TRAINERS, "vae": fake, "decoder": fake})
+    shutil.rmtree(copy / "vae")  # the VAE, and the UNet that learnt from it
+    caller, before = (3 if W.WORLD_THREADS == 1 else 1), torch.get_num_threads()
+    torch.set_num_threads(caller)
+    try:
+        W.ensure_world(TINY, progress=False)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [W.WORLD_THREADS] * 2 and after == caller
+    for name in ("vae", "decoder"):
+        assert json.loads((copy / name / TW.DONE_NAME).read_text())["threads"] == W.WORLD_THREADS
+
+
+def test_builders_have_a_missing_world_trained_through_the_hook(smoke_world, tmp_path, monkeypatch):
+    """models/ sits below the world package: a builder that finds a component missing asks the trainer the
+    package root set (rebeca_utils.world's), and says what to run when none is set."""
+    copy = _copy_world(smoke_world, tmp_path, monkeypatch)
+    calls = []
+    _fake_trainers(monkeypatch, calls)
+    shutil.rmtree(copy / "verifier_encoder")
+    assert TW.component_dir(TINY, "vae") == copy / "vae"
+    assert calls == ["verifier_encoder"] and TW.world_ready(TINY)
+    shutil.rmtree(copy / "verifier_encoder")
+    monkeypatch.setattr(world_hook, "_trainer", [])
+    with pytest.raises(MissingWeightsError, match=rf"^the smoke world {copy} is not trained and no trainer is set: "
+                                                  r"run `python -m rebeca_utils.world`$"):
+        TW.component_dir(TINY, "vae")
+    with pytest.raises(ValueError, match="^component='unet': valid components are decoder_encoder, verifier_encoder"):
+        TW.component_dir(TINY, "unet")
+
+
 @pytest.mark.slow
 def test_killed_training_resumes_and_retrains_to_the_same_bytes(smoke_world, tmp_path, monkeypatch):
     """A real kill: the world CLI SIGKILLed while it trains the decoder-space encoder leaves no component, only a temp
-    folder; the next call removes it and retrains that component alone, byte-identical (same thread count)."""
+    folder; the next call removes it and retrains that component alone, byte-identical: the world trains on its own
+    thread count, not this process's one (conftest)."""
     import os
     import signal
     import subprocess
@@ -115,9 +161,8 @@ def test_killed_training_resumes_and_retrains_to_the_same_bytes(smoke_world, tmp
 
     copy = _copy_world(smoke_world, tmp_path, monkeypatch)
     shutil.rmtree(copy / "decoder_encoder")
-    threads = json.loads((smoke_world / "decoder_encoder" / W.DONE_NAME).read_text())["threads"]
-    env = {**os.environ, W.WORLD_ENV: str(tmp_path), "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, "-m", "rebeca_utils.models.world"], env=env,
+    env = {**os.environ, TW.WORLD_ENV: str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "rebeca_utils.world"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not list(copy.glob(".decoder_encoder.tmp-*")) and proc.poll() is None and time.time() < deadline:
@@ -130,12 +175,7 @@ def test_killed_training_resumes_and_retrains_to_the_same_bytes(smoke_world, tmp
     real = dict(W.TRAINERS)
     monkeypatch.setattr(W, "TRAINERS", {n: (lambda f, n: lambda *a: calls.append(n) or f(*a))(f, n)
                                         for n, f in real.items()})
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # float sums split over threads round differently
-    try:
-        W.ensure_world(TINY, progress=False)
-    finally:
-        torch.set_num_threads(before)
+    W.ensure_world(TINY, progress=False)
     assert calls == ["decoder_encoder"] and not list(copy.glob(".*.tmp-*"))
     # the same bytes, so the UNet trained on the old encoder's space is not stale (it was not retrained)
     for f in ("config.json", "model.safetensors"):
@@ -155,7 +195,7 @@ def test_builders_load_the_world_through_the_paper_calls(smoke_world, kit_cache)
     got = R.ip_adapter_state(pipe.unet)
     assert all(torch.equal(got[g][k], saved[g][k]) for g in saved for k in saved[g])
     assert len(saved["ip_adapter"]) == 2 * 16  # 16 attn2 layers, as SD-1.5
-    vae_rec = json.loads((smoke_world / "vae" / W.DONE_NAME).read_text())
+    vae_rec = json.loads((smoke_world / "vae" / TW.DONE_NAME).read_text())
     assert pipe.vae.config.scaling_factor == pytest.approx(vae_rec["metrics"]["scaling_factor"])
     assert ref.vae.config.scaling_factor == 0.18215 != pipe.vae.config.scaling_factor
     assert pipe.unet.config.norm_num_groups == pipe.vae.config.norm_num_groups == 8
@@ -172,7 +212,7 @@ def test_builders_load_the_world_through_the_paper_calls(smoke_world, kit_cache)
 
 def test_fingerprints_tell_random_from_pretrained():
     assert ENC.fingerprint("decoder", TINY) != ENC.fingerprint("decoder", RANDOM)
-    assert ENC.fingerprint("verifier", TINY)["weights"] == W.weights_tag(TINY)
+    assert ENC.fingerprint("verifier", TINY)["weights"] == TW.weights_tag(TINY)
     assert ITEMS.image_settings(GEN, TINY) != ITEMS.image_settings(GEN, RANDOM)
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..config import GenerationConfig, VlmConfig
 from ..data.synthetic import synthetic_truth
-from ..models.world_recipe import TEXTURE_WORDS, caption
+from ..world.recipe import TEXTURE_WORDS, caption
 from ..pipeline.items import WorkItem, make_items
 from .tagging import chat_prompt, generate
 from .tags import LIST_FIELDS

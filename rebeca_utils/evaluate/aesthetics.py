@@ -15,13 +15,8 @@ from torch import nn
 from torchvision import transforms as T
 
 from ..config import ModelsConfig
-from ..models.encoders import (
-    AESTHETIC_EMB_DIM,
-    build_clip,
-    open_clip_from_repo,
-    quiet_random_init,
-    tiny_clip_name,
-)
+from ..models.architectures import AESTHETIC_EMB_DIM, tiny_clip_name
+from ..models.encoders import build_clip, open_clip_from_repo, quiet_random_init
 from ..models.weights import (
     aesthetic_head_entry,
     check_builder,

@@ -18,12 +18,13 @@ from ..config import GenerationConfig, ModelsConfig
 from ..data.synthetic import HUES, LAYOUTS, hue_class, layout_class, synthetic_truth
 from ..models.decoder import build_decoder
 from ..models.encoders import build_encoder
-from ..models.world import fixture_dir, weights_tag, world_split
-from ..models.world_recipe import load_images
+from ..models.tiny_weights import weights_tag
 from ..pipeline.decoding import decode, run_batch
 from ..pipeline.items import make_items
 from ..pipeline.plan import write_manifest
 from ..pipeline.sampling import rebeca_items
+from ..world.cache import fixture_dir, world_split
+from ..world.recipe import load_images
 from .methods import reencode
 from .scores import score_matrix
 from .stats import PermutationResult, permutation_test

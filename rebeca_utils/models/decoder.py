@@ -17,7 +17,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from ..config import GenerationConfig, ModelsConfig
 from ..io import atomic_write
 from ..runtime import kit_cache_dir, resolve_dtype, seeded
+from .architectures import tiny_text_config, tiny_unet_config, tiny_vae_config
 from .encoders import build_tokenizer
+from .tiny_weights import component_dir, pretrained
 from .weights import (
     check_builder,
     hf_cache,
@@ -28,44 +30,9 @@ from .weights import (
     sd_entry,
 )
 
-SD15_UNET_CONFIG = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
-                        norm_num_groups=32, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-
-SD15_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-                       block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=512,
-                       down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                       scaling_factor=0.18215)
-
-SD15_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                        projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1)
-
-
-def tiny_unet_config() -> dict:
-    """SD-1.5's UNet layout (4 levels, cross-attention in the first three, 16 attn2 layers) at tiny widths."""
-    # 8 groups: SD's 32 groups on 32-channel blocks is instance norm, which strips each channel's mean (the colour)
-    return {**SD15_UNET_CONFIG, "sample_size": 8, "block_out_channels": (32, 32, 64, 64), "cross_attention_dim": 32,
-            "norm_num_groups": 8}
-
-
-def tiny_vae_config() -> dict:
-    """SD-1.5's VAE (4 levels: 8x downsampling, 4 latent channels) at tiny widths: 64 px images, 8x8 latents."""
-    return {**SD15_VAE_CONFIG, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1, "sample_size": 64,
-            "norm_num_groups": 8}  # 8 groups, as the UNet
-
-
-def tiny_text_config() -> dict:
-    """SD-1.5's CLIPTextConfig at tiny widths; hidden size = the UNet's cross_attention_dim (768 = 768 in SD-1.5)."""
-    return {**SD15_TEXT_CONFIG, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "projection_dim": 32}
-
 
 def _world_component(models: ModelsConfig, name: str, cache_dir: str | os.PathLike | None) -> Path | None:
     """The smoke world's folder of component `name` when `models` asks for pretrained tiny weights, else None."""
-    from .world import component_dir, pretrained  # a cycle: world.py trains with these
-
     return component_dir(models, name, cache_dir) if pretrained(models) else None
 
 

@@ -15,13 +15,14 @@ import torch
 from transformers import (
     CLIPImageProcessor,
     CLIPTokenizer,
-    CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
 
 from ..config import ModelsConfig
 from ..io import atomic_write
 from ..runtime import kit_cache_dir, seeded
+from .architectures import tiny_clip_name, tiny_image_encoder_config
+from .tiny_weights import component_dir, pretrained, weights_tag
 from .weights import (
     CLIP_ROLES,
     OPEN_CLIP_CONFIG,
@@ -32,33 +33,6 @@ from .weights import (
     load_pretrained,
     require_weights,
 )
-
-AESTHETIC_EMB_DIM = 768  # the LAION aesthetic head reads ViT-L/14 embeddings; the tiny analog keeps that width
-
-TINY_HPS_EMB_DIM = 64
-
-# The paper's architectures (config.json of h94/IP-Adapter models/image_encoder and of SD-1.5's unet, vae,
-# text_encoder); the tiny builders reuse them with only widths, depths and sizes shrunk.
-VIT_H14_VISION_CONFIG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                             image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu")
-
-
-def tiny_clip_name(models: ModelsConfig, role: str) -> str:
-    """Register (once) and name the tiny open_clip config of `role`, widths from `models`."""
-    emb = {"verifier": models.verifier_emb_dim, "aesthetic": AESTHETIC_EMB_DIM,
-           "decoder": models.decoder_emb_dim, "hps": TINY_HPS_EMB_DIM}[role]
-    name = f"rebeca-tiny-{role}-{emb}"
-    if name not in open_clip.list_models():
-        # same config schema as open_clip's ViT-*.json, tiny widths; text keeps the real BPE vocab and 77 tokens
-        cfg = {"embed_dim": emb,
-               "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-        if role == "aesthetic":
-            cfg["quick_gelu"] = True  # as OpenAI's ViT-L/14
-        path = kit_cache_dir() / "open_clip_configs" / f"{name}.json"
-        atomic_write(path, json.dumps(cfg, indent=1).encode())
-        open_clip.add_model_config(path)
-    return name
 
 
 def _random_init_warning(record: logging.LogRecord) -> bool:
@@ -79,18 +53,6 @@ def quiet_random_init():
 VERIFIER_WEIGHTS = "open_clip_model.safetensors"  # the smoke world's file, named as open_clip's Hub checkpoints
 
 
-def _world_pretrained(models: ModelsConfig) -> bool:
-    from .world import pretrained  # a cycle: world.py trains with these
-
-    return pretrained(models)
-
-
-def _world_component(models: ModelsConfig, name: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    from .world import component_dir  # a cycle: world.py trains with these
-
-    return component_dir(models, name, cache_dir)
-
-
 def build_clip(models: ModelsConfig, role: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, preprocess, tokenizer) from open_clip for role verifier | aesthetic | decoder."""
 
@@ -98,8 +60,8 @@ def build_clip(models: ModelsConfig, role: str, device: str = "cpu", dtype: torc
         raise ValueError(f"role={role!r}: valid roles are {', '.join(CLIP_ROLES)}")
     if check_builder(models) == "tiny":
         name = tiny_clip_name(models, role)
-        if role == "verifier" and _world_pretrained(models):  # the smoke world's verifier-space encoder
-            path = _world_component(models, "verifier_encoder") / VERIFIER_WEIGHTS
+        if role == "verifier" and pretrained(models):  # the smoke world's verifier-space encoder
+            path = component_dir(models, "verifier_encoder") / VERIFIER_WEIGHTS
             with seeded(models.seed):  # init before loading: keep the caller's RNG stream untouched
                 model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(path))
         else:
@@ -195,19 +157,11 @@ def _check_keys(path, own: dict, keys: set) -> None:
                          f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
 
 
-def tiny_image_encoder_config(models: ModelsConfig):
-    """ViT-H/14's CLIPVisionConfig shrunk, projecting to models.decoder_emb_dim."""
-
-    return CLIPVisionConfig(**{**VIT_H14_VISION_CONFIG, "hidden_size": 32, "intermediate_size": 64,
-                               "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
-                               "projection_dim": models.decoder_emb_dim})
-
-
 def build_image_encoder(models: ModelsConfig, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(CLIPVisionModelWithProjection, CLIPImageProcessor): the IP-Adapter's encoder; image_embeds in decoder space."""
 
-    if check_builder(models) == "tiny" and _world_pretrained(models):  # the smoke world's decoder-space encoder
-        encoder = load_pretrained(CLIPVisionModelWithProjection, _world_component(models, "decoder_encoder"),
+    if check_builder(models) == "tiny" and pretrained(models):  # the smoke world's decoder-space encoder
+        encoder = load_pretrained(CLIPVisionModelWithProjection, component_dir(models, "decoder_encoder"),
                                   dtype=dtype)
     elif check_builder(models) == "tiny":
         with seeded(models.seed):
@@ -268,12 +222,6 @@ def expected_dim(space: str, models: ModelsConfig) -> int:
     return models.decoder_emb_dim if space == "decoder" else models.verifier_emb_dim
 
 
-def _weights_tag(models: ModelsConfig) -> str:
-    from .world import weights_tag  # a cycle: world.py trains with these
-
-    return weights_tag(models)
-
-
 def fingerprint(space: str, models: ModelsConfig) -> dict[str, Any]:
     """What determines the embeddings of `space` (model identity and width); chunks made otherwise are recomputed.
     Device and dtype are not part of it: a store made on a GPU in fp16 is reused on a CPU."""
@@ -285,7 +233,7 @@ def fingerprint(space: str, models: ModelsConfig) -> dict[str, Any]:
     fp: dict[str, Any] = {"space": space, "builder": models.builder, "dim": expected_dim(space, models)}
     if models.builder == "tiny":
         fp["seed"] = models.seed
-        fp["weights"] = _weights_tag(models)  # random, or which pretrained smoke world
+        fp["weights"] = weights_tag(models)  # random, or which pretrained smoke world
     else:
         fp["model"] = model
     return fp

@@ -10,7 +10,7 @@ from ..config import ModelsConfig
 from ..data.dsprites import DSPRITES_FILENAME, check_dsprites_npz, download_dsprites
 from ..data.flickr import DataError, load_ratings
 from ..models.weights import download_paper_weights, paper_weights, weights_in_cache
-from ..models.world import pretrained, world_dir, world_ready
+from ..models.tiny_weights import pretrained, world_dir, world_ready
 from .runs import package_versions
 
 FLICKR_EXPECTED = {"images": 40_988, "users": 210, "ratings": 193_208}  # paper §4.1
@@ -103,7 +103,7 @@ def readiness(profile: str, models: ModelsConfig, weights: pd.DataFrame, dataset
             world = f"the smoke world trained on the synthetic images, cached in {world_dir(models)}"
         else:
             world = ("the smoke world, trained on the synthetic images on first use (about 5 min on 2 CPU cores; "
-                     "`python -m rebeca_utils.models.world` does it now)")
+                     "`python -m rebeca_utils.world` does it now)")
         return (f"{profile} profile: ready. It builds tiny models from configs with {world}, and writes a "
                 "synthetic FLICKR-AES in the real on-disk format, so it needs no downloads and no GPU; the weights "
                 "and datasets below matter only for the paper profile.")

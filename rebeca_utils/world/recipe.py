@@ -1,7 +1,8 @@
 """The smoke world's recipe: how each tiny stand-in is trained on the synthetic FLICKR-AES images (never its ratings).
 
 Every trainer builds the component with the kit's own builder at random weights (the same class the paper loads),
-trains it with an honest objective and saves it in the format that builder loads:
+trains it with an honest objective (its numbers: RECIPE in models/tiny_weights.py, which the world's key hashes)
+and saves it in the format that builder loads:
 
 * decoder-space image encoder (transformers ``CLIPVisionModelWithProjection``, the IP-Adapter's ViT-H/14 stand-in)
   and verifier-space encoder (open_clip tiny ViT, the bigG stand-in: another architecture, width and seed): CLIP's
@@ -37,24 +38,13 @@ from ..config import ModelsConfig
 from ..data.flickr import IMAGE_DIR
 from ..data.synthetic import ATTRIBUTES, HUES, hue_class, synthetic_truth
 from ..io import save_safetensors
+from ..models.architectures import tiny_text_config, tiny_unet_config
+from ..models.decoder import tiny_sd_components, write_tiny_ip_adapter
+from ..models.encoders import VERIFIER_WEIGHTS, build_clip, build_image_encoder, build_tokenizer
+from ..models.tiny_weights import RECIPE
+from ..models.weights import load_pretrained
 from ..runtime import seeded
-from .decoder import (
-    tiny_sd_components,
-    tiny_text_config,
-    tiny_unet_config,
-    write_tiny_ip_adapter,
-)
-from .encoders import VERIFIER_WEIGHTS, build_clip, build_image_encoder, build_tokenizer
-from .weights import load_pretrained
 
-RECIPE = dict(
-    version=3, n_heldout=80,  # held-out fixture images: no component trains on them (the round trip uses them)
-    encoder=dict(steps=700, batch=64, lr=3e-3, warmup=30, weight_decay=0.05),  # layout is learnt late
-    # random 32 px crops (the VAE is convolutional): 4x cheaper steps. Colour is learnt late: after 200 full-size
-    # steps red, yellow and green still decode to one olive (seen at 3 seeds), after ~600 crop steps they separate
-    vae=dict(steps=700, batch=8, crop=32, lr=3e-3, warmup=20, kl=1e-6),
-    decoder=dict(steps=360, batch=32, lr=2e-3, warmup=30, p_drop=0.1, offset_noise=0.3, variants=4),
-)
 TEXTURE_WORDS = {"stripes": "striped", "dots": "dotted", "plain": "plain"}
 
 
@@ -341,4 +331,4 @@ def train_decoder(rnd: ModelsConfig, root: Path, train, held, out: Path, bar, ge
 
 
 TRAINERS = {"decoder_encoder": train_decoder_encoder, "verifier_encoder": train_verifier_encoder,
-            "vae": train_vae, "decoder": train_decoder}
+            "vae": train_vae, "decoder": train_decoder}  # in models/tiny_weights.py's COMPONENTS order
