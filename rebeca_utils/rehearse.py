@@ -24,6 +24,7 @@ from .io import write_json
 from .notebook.runs import notebooks_dir
 from .rehearse_hub import SIZES, build_cache
 from .run import discover, parameter_types, run_notebooks, select
+from .steps import folder
 
 SHARED_HEAD = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "laion-aesthetic"
 HEAD_NAME = "sac+logos+ava1-l14-linearMSE.pth"
@@ -121,14 +122,15 @@ def check(work: Path, rows: list[dict], models: ModelsConfig | None = None) -> d
         table[row["notebook"]] = {"seconds": round(row["seconds"], 1), "peak_rss_mb": manifest["peak_rss_mb"],
                                   "cpu_time_s": manifest.get("cpu_time_s")}
     run = work / "outputs" / "paper"
-    if (run / "08_evaluate_methods").is_dir():
-        table2 = pd.read_csv(run / "08_evaluate_methods" / "table2_paper.csv", header=[0, 1, 2], index_col=0)
+    evaluated, figures = run / folder(8), run / folder(11)
+    if evaluated.is_dir():
+        table2 = pd.read_csv(evaluated / "table2_paper.csv", header=[0, 1, 2], index_col=0)
         ours = table2.xs("ours", axis=1, level=2).dropna(how="all")
         lacking = [m for m in TABLE2_METHODS if not any(str(i).startswith(m) for i in ours.index)]
         if lacking:
-            raise AssertionError(f"Table 2 (08_evaluate_methods/table2_paper.csv) has no measured row for {lacking}")
-    if (run / "11_make_figures").is_dir() and not (run / "11_make_figures" / "report.html").is_file():
-        raise AssertionError("11_make_figures built no report.html")
+            raise AssertionError(f"Table 2 ({evaluated.name}/table2_paper.csv) has no measured row for {lacking}")
+    if figures.is_dir() and not (figures / "report.html").is_file():
+        raise AssertionError(f"{figures.name} built no report.html")
     return table
 
 

@@ -21,6 +21,7 @@ from rebeca_utils.data.synthetic import write_synthetic_flickr
 from rebeca_utils.models import encoders as ENC
 from rebeca_utils.pipeline import embed_cli as EMBED_CLI
 from rebeca_utils.pipeline import embeddings as STORE
+from rebeca_utils.steps import redo
 
 TINY = get_profile("smoke").models
 KW = dict(chunk_size=8, batch_size=4, progress=False, device="cpu")  # 40 images -> 5 chunks of 2 batches
@@ -290,7 +291,7 @@ def test_corrupt_chunk_is_recomputed_and_merged_file_names_itself(images, refere
     with pytest.raises(ENC.EmbeddingError) as e:
         STORE.load_embeddings(out, "decoder")
     assert re.fullmatch(rf"{re.escape(str(merged))}: truncated or corrupt safetensors file \(.+\); delete it and "
-                        r"rerun notebook 02 \(its chunks are reused\)", str(e.value))
+                        + re.escape(f"{redo(2)}: its chunks are reused"), str(e.value))
 
 
 def test_replaced_image_recomputes_only_its_chunk(images, reference, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "rebeca_utils"
 # data -> models -> world (trains the tiny models) -> train -> pipeline -> baselines -> evaluate -> studies -> notebook;
 # config, io, runtime, progress below all
-STAGES = ["config", "io", "jobs", "runtime", "progress", "data", "models", "world", "train", "pipeline", "baselines",
+STAGES = ["config", "steps", "io", "jobs", "runtime", "progress", "data", "models", "world", "train", "pipeline", "baselines",
           "evaluate", "studies", "notebook"]
 OUTERMOST = {"run", "bench", "bench_price", "bench_stages", "rehearse", "rehearse_hub", "__init__", "__main__"}  # entry points: may import any stage
 MODULES = sorted(p for p in PKG.rglob("*.py"))

@@ -25,6 +25,7 @@ from rebeca_utils.models import encoders as ENC
 from rebeca_utils.models import nmf as NMF
 from rebeca_utils.notebook import plots as PLOTS
 from rebeca_utils.pipeline import embeddings as STORE
+from rebeca_utils.steps import redo
 from rebeca_utils.train import verifier as TV
 
 SMOKE = get_profile("smoke")
@@ -167,13 +168,13 @@ def test_forward_shape_save_load_round_trip_and_score_broadcast(trained, planted
     assert np.array_equal(SCORES.predict(loaded, test.user_id, test.img_emb), p)  # standardizer buffers included
     with pytest.raises(IO.CorruptFileError) as e:
         NMF.load_verifier(tmp_path / "nothing")
-    assert str(e.value) == f"{tmp_path / 'nothing' / 'config.json'}: not found; rerun notebook 05"
+    assert str(e.value) == f"{tmp_path / 'nothing' / 'config.json'}: not found; {redo(5)}"
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-7])  # truncated by a full disk or a kill outside our atomic write
     with pytest.raises(IO.CorruptFileError) as e:
         NMF.load_verifier(folder)
     assert re.fullmatch(rf"{re.escape(str(weights))}: truncated or corrupt safetensors file \(.+\); delete it and "
-                        "rerun notebook 05", str(e.value))
+                        + re.escape(redo(5)), str(e.value))
 
     per_row = SCORES.score(model, torch.full((50,), 7), x)
     assert np.array_equal(SCORES.score(model, 7, x), per_row)

@@ -42,6 +42,7 @@ from ..models.decoder import build_sd_pipeline
 from ..pipeline.items import WorkItem, make_items
 from ..progress import tqdm
 from ..runtime import process_share
+from ..steps import notebook
 from . import lora as L
 from . import lora_recipe as R
 from . import lora_shard as S
@@ -112,7 +113,7 @@ def load_train_plan(out_dir: str | os.PathLike) -> tuple[list[Job], LoraBaseline
     """(jobs, LoRA config, models config, image root, resolution) saved by save_train_plan."""
     path = Path(out_dir) / ADAPTERS / PLAN_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no LoRA training plan; run notebook 06 (or save_train_plan) first")
+        raise FileNotFoundError(f"{path}: no LoRA training plan; run {notebook(6)} first (or save_train_plan)")
     d = json.loads(path.read_text())
 
     def conf(cls, v):

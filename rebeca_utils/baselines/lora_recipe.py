@@ -13,6 +13,7 @@ import pandas as pd
 
 from .. import jobs as J
 from ..config import LoraBaselineConfig, ModelsConfig, Profile, get_profile
+from ..steps import notebook
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA script
 ADAPTER_NAME = "rebeca_lora"  # peft name while training ("train" would shadow nn.Module.train)
@@ -141,8 +142,8 @@ def training_captions(rows, mode: str, captions_path: str | os.PathLike | None =
         raise ValueError(f"caption={mode!r}: valid values are {', '.join(CAPTION_MODES)}")
 
     if captions_path is None or not Path(captions_path).is_file():
-        raise FileNotFoundError(f"{captions_path}: caption='llava' needs the image captions of notebook 07 "
-                                f"(columns image, caption); run 07_vlm_personas first or use caption='empty'")
+        raise FileNotFoundError(f"{captions_path}: caption='llava' needs the image captions of {notebook(7)}, "
+                                f"a table with columns image and caption; run it first or use caption='empty'")
     table = pd.read_parquet(captions_path)
     if not {"image", "caption"} <= set(table.columns):
         raise ValueError(f"{captions_path}: expected columns image, caption; found {', '.join(table.columns)}")

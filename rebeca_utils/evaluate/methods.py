@@ -16,6 +16,7 @@ from ..data.splits import join_embeddings
 from ..io import atomic_path, write_json
 from ..pipeline.embeddings import embed_images, space_dir
 from ..pipeline.plan import MANIFEST_NAME
+from ..steps import producers
 from .paper import method_label
 
 REENCODE_CHUNK = 4096  # images per embedding chunk when generated images are re-encoded
@@ -45,7 +46,7 @@ def reencode(out_dir: str | os.PathLike, manifest, models: ModelsConfig, device:
     return stores
 
 
-GENERATORS = ("04_generate_images", "06_lora_baselines", "07_vlm_personas")  # notebooks that write method folders
+GENERATORS = producers(MANIFEST_NAME)  # the notebooks that write method folders (04, 06, 07)
 
 
 def find_generated(profile_root: str | os.PathLike, folders: Sequence[str] = GENERATORS) -> tuple[pd.DataFrame, list[str]]:

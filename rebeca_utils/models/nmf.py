@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import VerifierConfig
 from ..io import load_model, save_model
+from ..steps import redo
 
 
 class NMFVerifier(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", repo_url=None):
@@ -79,4 +80,4 @@ def save_verifier(model: NMFVerifier, folder: str | os.PathLike) -> Path:
 
 def load_verifier(folder: str | os.PathLike, device: str = "cpu") -> NMFVerifier:
     """A verifier saved by `save_verifier`, in eval mode; a missing or corrupt file names itself."""
-    return load_model(NMFVerifier, folder, "rerun notebook 05").to(device).eval()
+    return load_model(NMFVerifier, folder, redo(5)).to(device).eval()

@@ -15,6 +15,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from ..io import load_model, save_model
+from ..steps import redo
 
 FREQ_DIM = 256  # sinusoidal timestep features, as in DiT
 
@@ -190,4 +191,4 @@ def save_prior(model: RebecaPrior, folder):
 
 def load_prior(folder, device: str = "cpu") -> RebecaPrior:
     """A prior saved by `save_prior`, in eval mode; a missing or corrupt file names itself."""
-    return load_model(RebecaPrior, folder, "rerun notebook 03").to(device).eval()
+    return load_model(RebecaPrior, folder, redo(3)).to(device).eval()

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..io import load_model, save_model
 from ..progress import tqdm
+from ..steps import redo
 
 POS_SCALE = 10.0  # pixels per latent unit on the position dims
 
@@ -212,7 +213,7 @@ def save_vae(model: ConvVAE, folder: str | Path) -> Path:
 
 def load_vae(folder: str | Path, device: str = "cpu") -> ConvVAE:
     """A :class:`ConvVAE` saved by :func:`save_vae`, frozen (eval, no grad)."""
-    return freeze(load_model(ConvVAE, folder, "delete its folder and rerun notebook 01").to(device))
+    return freeze(load_model(ConvVAE, folder, f"delete its folder and {redo(1)}").to(device))
 
 
 def freeze(model: nn.Module) -> nn.Module:

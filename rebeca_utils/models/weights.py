@@ -19,12 +19,13 @@ from transformers.utils import logging as transformers_logging
 from ..config import ModelsConfig
 from ..io import download_url
 from ..runtime import hub_reachable, kit_cache_dir, offline
+from ..steps import folder
 
 AESTHETIC_HEAD_ENV = "REBECA_AESTHETIC_HEAD"  # a local copy of the LAION head, e.g. on an air-gapped GPU box
 
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}  # as hpsv2's hps_version_map
 
-SETUP_HINT = "Run notebooks/00_setup.ipynb with download=True on a machine with internet"
+SETUP_HINT = f"Run notebooks/{folder(0)}.ipynb with download=True on a machine with internet"
 CLIP_ROLES = ("verifier", "aesthetic", "decoder")
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 

@@ -17,6 +17,7 @@ from ..evaluate import paper as P
 from ..evaluate.scores import wins_and_ranks
 from ..io import sha256
 from ..pipeline.decoding import load_images
+from ..steps import folder, path as step_path
 from . import plots
 
 
@@ -89,17 +90,17 @@ def own_scores(root: Path, omega: float, users) -> str:
     """Per-user signal of a samples figure: eq. 5 (verifier score of the user's own images, notebook 08) for the
     shown users, against all users; and, at notebook 10's setting, how many shown users' images score higher for
     them than for other users (Algorithm 2's per-user gap)."""
-    v_path = root / "08_evaluate_methods" / "verifier_per_user.csv"
+    v_path = step_path(root, 8, "verifier_per_user.csv")
     if not v_path.is_file():
-        return "verifier scores: run 08_evaluate_methods first"
+        return f"verifier scores: run {folder(8)} first"
     v = pd.read_csv(v_path)
     v = v[v["method"] == P.method_label("rebeca", f"prior_cfg{omega:g}")]
     shown = v[v["user_id"].isin(users)]["score"]
     if shown.empty:
-        return f"no verifier scores at ω = {omega:g} in 08"
+        return f"no verifier scores at ω = {omega:g} in {folder(8)}"
     text = (f"verifier score of own images (eq. 5), users 1-{len(users)}: mean {shown.mean():.3f} "
             f"(min {shown.min():.3f}, max {shown.max():.3f}); all {len(v)} users {v['score'].mean():.3f}")
-    gap_path, m10 = root / "10_test_personalization" / "per_user.csv", root / "10_test_personalization" / "manifest.json"
+    gap_path, m10 = step_path(root, 10, "per_user.csv"), step_path(root, 10, "manifest.json")
     if gap_path.is_file() and m10.is_file() and \
             json.loads(m10.read_text()).get("parameters", {}).get("setting") == f"prior_cfg{omega:g}":
         gap = pd.read_csv(gap_path).set_index("user_id")["gap_generated"].reindex(users)
@@ -114,13 +115,13 @@ def _samples(omega: float, fig_id: str):
         setting = f"prior_cfg{omega:g}"
         users = sorted(m.loc[m["setting"] == setting, "user_id"].unique())[: cfg["grid_users"]]
         if not users:
-            raise Missing(f"{src}: no images of {setting}; run 04_generate_images with ω = {omega:g}")
+            raise Missing(f"{src}: no images of {setting}; run {folder(4)} with ω = {omega:g}")
         n = min(cfg["grid_images"], cfg["n_per_user"])
         rows = [load_images(src, "rebeca", setting, int(u), n) for u in users]
         # users are numbered from 1 wherever people read them (notebook 04's Figs 13-15 too)
         fig = plots.user_rows(rows, [f"user {u + 1}" for u in users],
                               f"{fig_id}: users 1-{len(users)}, prior CFG {omega:g}")
-        return fig, own_scores(Path(root), omega, [int(u) for u in users]), "redrawn from 04's PNGs"
+        return fig, own_scores(Path(root), omega, [int(u) for u in users]), f"redrawn from {src.name}'s PNGs"
     return build
 
 
@@ -149,7 +150,7 @@ def _table5(src, root):
     t = pd.DataFrame({"Type": ["Positive keywords", "Style suffix", "Negative prompt"],
                       "Default values": [", ".join(FALLBACK_KEYWORDS), STYLE_SUFFIX, ", ".join(DEFAULT_NEGATIVE)]})
     return t, f"negative prompt used: {vlm['negative']}; fallback rate {_metrics(src)['fallback_rate']:.0%}", \
-        "rendered from the constants 07 used"
+        f"rendered from the constants {src.name} used"
 
 
 def _image(name: str, number: Callable[[dict], str]):
@@ -192,52 +193,52 @@ def _dsprites_fig3(m: dict) -> str:
 
 
 REGISTRY = [
-    Entry("Fig 2", "the VAE latent space separates the four shape-colour pairs", "01_simulate_dsprites",
+    Entry("Fig 2", "the VAE latent space separates the four shape-colour pairs", folder(1),
           ("fig2_umap_vae.png", "manifest.json"), _image("fig2_umap_vae.png", _dsprites_fig2)),
-    Entry("Fig 3", "REBECA's samples follow each dSprites user's taste", "01_simulate_dsprites",
+    Entry("Fig 3", "REBECA's samples follow each dSprites user's taste", folder(1),
           ("fig3_users.png", "manifest.json"), _image("fig3_users.png", _dsprites_fig3)),
-    Entry("Fig 4", "REBECA achieves the highest personalization scores", "08_evaluate_methods",
+    Entry("Fig 4", "REBECA achieves the highest personalization scores", folder(8),
           ("verifier_per_user.csv",), _verifier),
-    Entry("Fig 5a", "LAION aesthetic: REBECA best", "08_evaluate_methods", ("quality_per_image.csv",),
+    Entry("Fig 5a", "LAION aesthetic: REBECA best", folder(8), ("quality_per_image.csv",),
           _quality("LAION aesthetic", "Fig 5a: LAION aesthetic score")),
-    Entry("Fig 5b", "HPSv2 (generic prompt): REBECA best", "08_evaluate_methods", ("quality_per_image.csv",),
+    Entry("Fig 5b", "HPSv2 (generic prompt): REBECA best", folder(8), ("quality_per_image.csv",),
           _quality("HPSv2 (generic prompt)", "Fig 5b: HPSv2, generic prompt")),
     Entry("Fig 6", "higher prior CFG: more personalization; higher SD CFG: aesthetics up, personalization down",
-          "09_run_ablations", ("fig6_grid.csv", "fig6_effects.csv", "manifest.json"), _ablation("fig6_grid.csv", "6")),
-    Entry("Fig 7", "no significant effect of the prompt level at any prior CFG", "09_run_ablations",
+          folder(9), ("fig6_grid.csv", "fig6_effects.csv", "manifest.json"), _ablation("fig6_grid.csv", "6")),
+    Entry("Fig 7", "no significant effect of the prompt level at any prior CFG", folder(9),
           ("fig7_summary.csv", "fig7_tests.csv", "manifest.json"), _ablation("fig7_summary.csv", "7")),
-    Entry("Fig 8a", "correct matches score ~5 SD above random, p < 1e-3", "10_test_personalization",
+    Entry("Fig 8a", "correct matches score ~5 SD above random, p < 1e-3", folder(10),
           ("fig8a_matching_permutation.png", "manifest.json"),
           _image("fig8a_matching_permutation.png", lambda m: f"z {m['matching']['z']:.2f}, "
                                                              f"p {m['matching']['p_value']:.3g}")),
-    Entry("Fig 8b", "aesthetics explains part of the verifier signal: R² = 0.32", "10_test_personalization",
+    Entry("Fig 8b", "aesthetics explains part of the verifier signal: R² = 0.32", folder(10),
           ("fig8b_verifier_vs_aesthetic.png", "manifest.json"),
           _image("fig8b_verifier_vs_aesthetic.png", lambda m: f"R² {m['r2']['r2']:.3f} "
                                                               f"[{m['r2']['ci_low']:.3f}, {m['r2']['ci_high']:.3f}]")),
-    Entry("Fig 9", "verifier ROC-AUC ≈ 0.87 on train and test, no significant gap", "05_train_verifier",
+    Entry("Fig 9", "verifier ROC-AUC ≈ 0.87 on train and test, no significant gap", folder(5),
           ("fig9_verifier_roc.png", "manifest.json"),
           _image("fig9_verifier_roc.png", lambda m: f"AUC train {m['auc_train']:.3f}, test {m['auc_test']:.3f} "
                                                     f"[{m['auc_test_ci'][0]:.3f}, {m['auc_test_ci'][1]:.3f}]")),
-    Entry("Fig 10", "REBECA achieves the highest scores for most users", "08_evaluate_methods",
+    Entry("Fig 10", "REBECA achieves the highest scores for most users", folder(8),
           ("verifier_per_user.csv",), _wins("heat")),
-    Entry("Fig 11", "REBECA ranks highest for the majority of users", "08_evaluate_methods",
+    Entry("Fig 11", "REBECA ranks highest for the majority of users", folder(8),
           ("verifier_per_user.csv",), _wins("ranks")),
-    Entry("Fig 12", "HPSv2, empty prompt: all methods similar", "08_evaluate_methods", ("quality_per_image.csv",),
+    Entry("Fig 12", "HPSv2, empty prompt: all methods similar", folder(8), ("quality_per_image.csv",),
           _quality("HPSv2 (empty prompt)", "Fig 12: HPSv2, empty prompt")),
-    *(Entry(f"Fig {13 + i}", f"samples for users 1-12 at prior CFG {w:g}", "04_generate_images",
-            ("generation_manifest.csv", "manifest.json", "../08_evaluate_methods/verifier_per_user.csv"),
+    *(Entry(f"Fig {13 + i}", f"samples for users 1-12 at prior CFG {w:g}", folder(4),
+            ("generation_manifest.csv", "manifest.json", f"../{folder(8)}/verifier_per_user.csv"),
             _samples(w, f"Fig {13 + i}")) for i, w in enumerate((5, 7, 9))),
-    Entry("Table 1", "dSprites: REBECA P@1 0.782, Random 0.290", "01_simulate_dsprites", ("table1_inputs.npz",),
+    Entry("Table 1", "dSprites: REBECA P@1 0.782, Random 0.290", folder(1), ("table1_inputs.npz",),
           _table1),
-    Entry("Table 2", "REBECA beats every baseline on P@1", "08_evaluate_methods", ("table2_paper.csv",), _table2),
-    Entry("Table 3", "per-user LoRA recipe by N_i", "06_lora_baselines", ("table3_bucket_counts.csv",),
+    Entry("Table 2", "REBECA beats every baseline on P@1", folder(8), ("table2_paper.csv",), _table2),
+    Entry("Table 3", "per-user LoRA recipe by N_i", folder(6), ("table3_bucket_counts.csv",),
           _csv("table3_bucket_counts.csv", "{n} buckets, users counted per bucket")),
-    Entry("Table 4", "shared LoRA recipe", "06_lora_baselines", ("table4_shared.csv",),
+    Entry("Table 4", "shared LoRA recipe", folder(6), ("table4_shared.csv",),
           _csv("table4_shared.csv", "as configured")),
-    Entry("Table 5", "fallback prompt components", "07_vlm_personas", ("manifest.json",), _table5),
-    Entry("Algorithm 2", "personalization: H0 rejected", "10_test_personalization", ("manifest.json",),
+    Entry("Table 5", "fallback prompt components", folder(7), ("manifest.json",), _table5),
+    Entry("Algorithm 2", "personalization: H0 rejected", folder(10), ("manifest.json",),
           lambda src, root: (pd.DataFrame([_metrics(src)["alg2"]]), "p {p_value:.3g}, z {z:.2f}".format(
-              **_metrics(src)["alg2"]), "from 10's manifest")),
+              **_metrics(src)["alg2"]), f"from {src.name}'s manifest")),
 ]
 
 

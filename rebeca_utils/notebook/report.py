@@ -11,6 +11,7 @@ import pandas as pd
 
 from ..evaluate import paper as P
 from ..io import atomic_write
+from ..steps import folder, path as step_path
 
 
 def _manifest(root: Path, nb: str) -> dict | None:
@@ -27,7 +28,7 @@ def _missing(quantity: str, nb: str) -> dict:
 
 
 def _table1_rows(root: Path) -> list[dict]:
-    nb = "01_simulate_dsprites"
+    nb = folder(1)
     path = root / nb / "table1_inputs.npz"
     if not path.is_file():
         return [_missing("Table 1 (dSprites P@k, R@k)", nb)]
@@ -47,7 +48,7 @@ def _table1_rows(root: Path) -> list[dict]:
 
 
 def _table2_rows(root: Path) -> list[dict]:
-    nb = "08_evaluate_methods"
+    nb = folder(8)
     rows = []
     for definition in ("paper", "reference"):
         path = root / nb / f"table2_{definition}.csv"
@@ -65,16 +66,17 @@ def _table2_rows(root: Path) -> list[dict]:
 
 
 def _verifier_rows(root: Path) -> list[dict]:
-    v = _manifest(root, "05_train_verifier")
+    nb = folder(5)
+    v = _manifest(root, nb)
     if v is None:
-        return [_missing("verifier ROC-AUC", "05_train_verifier")]
-    return [_row("verifier ROC-AUC train", "≈ 0.87", v["auc_train"], "05_train_verifier"),
-            _row("verifier ROC-AUC test", "≈ 0.87", v["auc_test"], "05_train_verifier",
+        return [_missing("verifier ROC-AUC", nb)]
+    return [_row("verifier ROC-AUC train", "≈ 0.87", v["auc_train"], nb),
+            _row("verifier ROC-AUC test", "≈ 0.87", v["auc_test"], nb,
                  f"95 % CI [{v['auc_test_ci'][0]:.3f}, {v['auc_test_ci'][1]:.3f}]")]
 
 
 def _test_rows(root: Path) -> list[dict]:
-    nb = "10_test_personalization"
+    nb = folder(10)
     t = _manifest(root, nb)
     if t is None:
         return [_missing("matching test, Algorithm 2, R²", nb)]
@@ -87,7 +89,7 @@ def _test_rows(root: Path) -> list[dict]:
 
 
 def _ablation_rows(root: Path) -> list[dict]:
-    nb = "09_run_ablations"
+    nb = folder(9)
     a = _manifest(root, nb)
     if a is None:
         return [_missing("Fig 6 / Fig 7 tests", nb)]
@@ -102,15 +104,16 @@ def _ablation_rows(root: Path) -> list[dict]:
 def _figure_rows(root: Path) -> list[dict]:
     """The figures whose number is not in a table above: Fig 2's latent separation, Figs 13-15's per-user signal."""
     rows = []
-    m01 = _manifest(root, "01_simulate_dsprites")
-    rows.append(_missing("Fig 2 VAE latents", "01_simulate_dsprites") if m01 is None else
+    nb01, nb08 = folder(1), folder(8)
+    m01 = _manifest(root, nb01)
+    rows.append(_missing("Fig 2 VAE latents", nb01) if m01 is None else
                 _row("Fig 2: test images whose nearest VAE-latent neighbour has the same shape-colour pair",
-                     "the four pairs separate (UMAP)", m01["vae_nn_pair_agreement"], "01_simulate_dsprites"))
-    v_path = root / "08_evaluate_methods" / "verifier_per_user.csv"
+                     "the four pairs separate (UMAP)", m01["vae_nn_pair_agreement"], nb01))
+    v_path = root / nb08 / "verifier_per_user.csv"
     if not v_path.is_file():
-        return rows + [_missing("Figs 13-15 per-user verifier score", "08_evaluate_methods")]
+        return rows + [_missing("Figs 13-15 per-user verifier score", nb08)]
     v = pd.read_csv(v_path)
-    m04 = root / "04_generate_images" / "manifest.json"  # the grid's users: the first grid_users (App M: 12) of 04
+    m04 = step_path(root, 4, "manifest.json")  # the grid's users: the first grid_users (App M: 12) of 04
     n_shown = json.loads(m04.read_text())["config"]["generation"]["grid_users"] if m04.is_file() else 12
     for fig, omega in zip((13, 14, 15), (5, 7, 9)):
         s = v[v["method"] == P.rebeca_label(omega)].sort_values("user_id")
@@ -118,14 +121,14 @@ def _figure_rows(root: Path) -> list[dict]:
             continue
         shown = s["score"].head(n_shown)
         rows.append(_row(f"Fig {fig}: verifier score of own images (eq. 5), users 1-{len(shown)}, prior CFG {omega}",
-                         "samples follow each user's taste", float(shown.mean()), "08_evaluate_methods",
+                         "samples follow each user's taste", float(shown.mean()), nb08,
                          f"min {shown.min():.3f}, max {shown.max():.3f}; all {len(s)} users {s['score'].mean():.3f}"))
     return rows
 
 
-SECTIONS = ((_table1_rows, "01_simulate_dsprites"), (_table2_rows, "08_evaluate_methods"),
-            (_verifier_rows, "05_train_verifier"), (_test_rows, "10_test_personalization"),
-            (_ablation_rows, "09_run_ablations"), (_figure_rows, "08_evaluate_methods"))
+SECTIONS = ((_table1_rows, folder(1)), (_table2_rows, folder(8)),
+            (_verifier_rows, folder(5)), (_test_rows, folder(10)),
+            (_ablation_rows, folder(9)), (_figure_rows, folder(8)))
 
 
 def comparison(root: str | Path) -> pd.DataFrame:

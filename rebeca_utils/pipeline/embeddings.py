@@ -17,6 +17,7 @@ from ..io import CorruptFileError, list_images, read_safetensors, save_safetenso
 from ..models.encoders import EmbeddingError, Encoder, build_encoder, check_space, expected_dim, fingerprint
 from ..progress import tqdm
 from ..runtime import resolve_device, resolve_dtype
+from ..steps import notebook, redo
 from .embed_chunks import (  # space_dir, chunk_path and check_embeddings are this module's API too
     PLAN_NAME,
     Chunk,
@@ -317,16 +318,16 @@ def load_embeddings(out_dir: str | os.PathLike, space: str,
 
     d = space_dir(out_dir, space)
     if not (d / MERGED_NAME).is_file():
-        raise EmbeddingError(f"{d / MERGED_NAME}: no merged embeddings; run embed_images and merge first "
-                             "(notebook 02)")
+        raise EmbeddingError(f"{d / MERGED_NAME}: no merged embeddings; run embed_images and merge first, "
+                             f"as {notebook(2)} does")
     try:
-        tensors, meta = read_safetensors(d / MERGED_NAME, "rerun notebook 02 (its chunks are reused)")
+        tensors, meta = read_safetensors(d / MERGED_NAME, f"{redo(2)}: its chunks are reused")
         emb = tensors["embeddings"].float()
         index = json.loads((d / INDEX_NAME).read_text())
     except CorruptFileError as exc:
         raise EmbeddingError(str(exc)) from None
     except (OSError, ValueError) as exc:
-        raise EmbeddingError(f"{d / INDEX_NAME}: unreadable ({exc}); rerun notebook 02") from None
+        raise EmbeddingError(f"{d / INDEX_NAME}: unreadable ({exc}); {redo(2)}") from None
     names = json.loads(meta.get("names", "null"))
     if meta.get("format") != MERGED_FORMAT or names is None:
         raise EmbeddingError(f"{d / MERGED_NAME}: not a merged embedding file")

@@ -30,6 +30,7 @@ from ..pipeline.decoding import run_batch
 from ..pipeline.items import make_items
 from ..pipeline.rebeca import PIPELINE_DIR, RebecaPipeline
 from ..pipeline.sampling import state_fingerprint
+from ..steps import folder, notebook
 
 SEED_ID = 0  # every user's prior noise is seeded by (seed, SEED_ID, j): the same seeds for every user
 
@@ -51,14 +52,14 @@ class Explorer:
                  data_dir: str | os.PathLike | None = None):
         root = Path(root)
         self.cfg, self.device, self.gen_cfg = cfg, device, cfg.generation
-        src02, src03 = root / "02_embed_flickr", root / "03_train_prior"
+        src02, src03 = root / folder(2), root / folder(3)
         self.splits, _ = split_table.load_splits(src02 / "flickr_splits.parquet")
         self.image_dir = split_table.dataset_root(cfg.flickr, src02, data_dir) / IMAGE_DIR  # the gallery's images
         self.store = embeddings.load_embeddings(src02 / "embeddings", "decoder", cfg.models)
         self.rebeca = RebecaPipeline.from_pretrained(src03 / PIPELINE_DIR, device=device)
         self.rebeca.set_decoder(decoder.build_decoder(cfg.models, self.gen_cfg, device), self.gen_cfg)
         self.trained_users = self.rebeca.trained_users
-        self.verifier = nmf.load_verifier(root / "05_train_verifier" / "verifier", device)
+        self.verifier = nmf.load_verifier(root / folder(5) / "verifier", device)
         self.encoder = encoders.build_encoder("verifier", cfg.models, device)
         self.names: dict[int, str] = {u: f"user {u + 1}" for u in self.trained_users}
         self.likes: dict[int, list[str]] = {}  # a fitted user's liked images (their strip)
@@ -123,7 +124,8 @@ class Explorer:
         pos = {n: i for i, n in enumerate(names)}
         missing = [im for im in images if im not in pos]
         if missing:
-            raise KeyError(f"no decoder-space embedding for image {missing[0]!r} (notebook 02)")
+            raise KeyError(f"no decoder-space embedding for image {missing[0]!r}: not among the images {notebook(2)} "
+                           f"embedded")
         return emb[[pos[im] for im in images]].float()
 
     def save_user(self, user_id: int, path: str | os.PathLike) -> Path:
