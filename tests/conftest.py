@@ -22,18 +22,12 @@ from rebeca_utils.models import weights as W
 
 @pytest.fixture(scope="session")
 def smoke_world():
-    """The smoke profile's pretrained world (trained on first use, one thread; other xdist workers wait for it)."""
-    import torch
-
+    """The smoke profile's pretrained world (trained on first use with the world's own fixed thread count; other
+    xdist workers wait for it)."""
     from rebeca_utils.config import get_profile
     from rebeca_utils.world import cache as world
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return world.ensure_world(get_profile("smoke").models)
-    finally:
-        torch.set_num_threads(threads)
+    return world.ensure_world(get_profile("smoke").models)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from rebeca_utils.config import ModelsConfig, get_profile
 from rebeca_utils.evaluate import aesthetics as AES
 from rebeca_utils.models import encoders as ENC
 from rebeca_utils.models import weights as W
+from rebeca_utils.rehearse_hub import snapshot  # the Hub cache's layout, as the rehearsal writes it
 
 TINY = get_profile("smoke").models
 HUB = ModelsConfig()
@@ -45,16 +46,6 @@ def tiny_aesthetic():
 @pytest.fixture(scope="module")
 def tiny_hps():
     return AES.HPSScorer.from_models(TINY)
-
-
-def _fake_repo(cache: Path, repo_id: str) -> Path:
-    # the Hugging Face cache layout: models--org--name/refs/main -> snapshots/<commit>/
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    return repo / "snapshots" / commit
 
 
 # ----------------------------------------------------------------------------------------------- LAION head
@@ -197,14 +188,14 @@ def test_hps_checkpoint_in_the_real_layout_loads_offline(hf_cache, tiny_hps, pre
     pcfg = dict(open_clip.get_pretrained_cfg("ViT-H-14", "laion2b_s32b_b79k"), hf_hub="someone/tiny-hps-base/")
     real = open_clip.get_pretrained_cfg
     monkeypatch.setattr(open_clip, "get_pretrained_cfg", lambda a, t: pcfg if a == arch else real(a, t))
-    base = _fake_repo(hf_cache, "someone/tiny-hps-base")
+    base = snapshot(hf_cache, "someone/tiny-hps-base")
     (base / W.OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": open_clip.get_model_config(arch)}))
     models = replace(HUB, hps_clip=(arch, "laion2b_s32b_b79k"))
     with pytest.raises(W.MissingWeightsError, match="xswu/HPSv2"):
         AES.HPSScorer.from_models(models)
     state = {prefix + k: (v.half() if half and v.is_floating_point() else v).clone()
              for k, v in tiny_hps.model.state_dict().items()}
-    torch.save({"epoch": 1, "name": "hps", "state_dict": state}, _fake_repo(hf_cache, "xswu/HPSv2") / "HPS_v2_compressed.pt")
+    torch.save({"epoch": 1, "name": "hps", "state_dict": state}, snapshot(hf_cache, "xswu/HPSv2") / "HPS_v2_compressed.pt")
     assert W.weights_in_cache(W.hps_entry(models))
     scorer = AES.HPSScorer.from_models(models)
     assert isinstance(scorer.model, open_clip.CLIP) and not scorer.model.training

@@ -7,7 +7,6 @@ import json
 import shutil
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from rebeca_utils.models import architectures as ARCH
 from rebeca_utils.models import decoder as DEC
 from rebeca_utils.models import encoders as ENC
 from rebeca_utils.models import weights as W
+from rebeca_utils.rehearse_hub import snapshot  # the Hub cache's layout, as the rehearsal writes it
 
 TINY = get_profile("smoke").models
 RANDOM = replace(TINY, tiny_weights="random")  # the seeded random stand-ins (TINY loads the smoke world)
@@ -160,16 +160,6 @@ def test_tiny_ip_adapter_checkpoint_has_original_layout(tiny_pipe, kit_cache):
     assert set(torch.load(path, weights_only=True)) == {"image_proj", "ip_adapter"}
 
 
-def _fake_repo(cache: Path, repo_id: str) -> Path:
-    # the Hugging Face cache layout: models--org--name/refs/main -> snapshots/<commit>/
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    return repo / "snapshots" / commit
-
-
 def test_hub_builders_load_paper_ids_from_cache_offline(hf_cache, kit_cache):
     """Tiny weights stored under the paper's repo ids: the hub code path (from_pretrained, load_ip_adapter) runs."""
     from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
@@ -179,7 +169,7 @@ def test_hub_builders_load_paper_ids_from_cache_offline(hf_cache, kit_cache):
     assert not any(W.weights_in_cache(e) for e in W.paper_weights(models))
     tiny = DEC.build_sd_pipeline(TINY, ip_adapter=False, cache_dir=kit_cache)
     tiny.scheduler = PNDMScheduler.from_config(tiny.scheduler.config)  # SD-1.5 ships PNDM
-    sd = _fake_repo(hf_cache, models.sd_id)
+    sd = snapshot(hf_cache, models.sd_id)
     tiny.save_pretrained(sd)
     for f in ENC.tiny_tokenizer_dir(kit_cache).iterdir():
         shutil.copy(f, sd / "tokenizer" / f.name)
@@ -188,7 +178,7 @@ def test_hub_builders_load_paper_ids_from_cache_offline(hf_cache, kit_cache):
     index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
                  feature_extractor=["transformers", "CLIPImageProcessor"])
     (sd / "model_index.json").write_text(json.dumps(index))
-    ip = _fake_repo(hf_cache, models.ip_adapter_id)
+    ip = snapshot(hf_cache, models.ip_adapter_id)
     src = DEC.write_tiny_ip_adapter(models, tiny.unet, kit_cache) / models.ip_adapter_subfolder
     shutil.copytree(src, ip / models.ip_adapter_subfolder)
     ENC.build_image_encoder(TINY)[0].save_pretrained(ip / models.image_encoder_subfolder)
@@ -219,7 +209,7 @@ def test_hub_clip_loads_cached_open_clip_weights_offline(hf_cache, monkeypatch):
     models = replace(HUB, aesthetic_clip=(arch, "openai"))
     with pytest.raises(W.MissingWeightsError, match="someone/tiny-clip"):
         ENC.build_clip(models, "aesthetic")
-    repo = _fake_repo(hf_cache, "someone/tiny-clip")
+    repo = snapshot(hf_cache, "someone/tiny-clip")
     save_file({k: v.contiguous() for k, v in tiny.state_dict().items()}, str(repo / "open_clip_model.safetensors"))
     with pytest.raises(W.MissingWeightsError, match="open_clip_config.json"):  # the architecture comes from the repo
         ENC.build_clip(models, "aesthetic")

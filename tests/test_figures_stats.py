@@ -134,3 +134,11 @@ def test_ablation_rows_give_holm_adjusted_p(tmp_path):
                                                              "permutation p)"]
     assert row["ours"] == 0.024 and row["note"].startswith("raw permutation p 0.004, Friedman p 0.01 (Holm-adjusted "
                                                            "0.05)")
+
+
+def test_mean_ci_of_one_user_is_its_value_without_an_interval():
+    # a rehearsal holds out a single worker: the mean is defined, the bootstrap interval is not (no crash)
+    mean, lo, hi = S.mean_ci([0.25])
+    assert mean == 0.25 and np.isnan(lo) and np.isnan(hi)
+    mean, lo, hi = S.mean_ci([0.0, 1.0, 0.5, 0.5], n_bootstrap=200)
+    assert mean == 0.5 and 0.0 <= lo <= mean <= hi <= 1.0

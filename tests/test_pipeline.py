@@ -15,6 +15,7 @@ from rebeca_utils.config import get_profile
 from rebeca_utils.io import CorruptFileError
 from rebeca_utils.models.prior import RebecaPrior
 from rebeca_utils.pipeline.rebeca import CONFIG_NAME, RebecaPipeline
+from rebeca_utils.rehearse_hub import snapshot
 from rebeca_utils.train.normalize import fit_normalizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,12 +148,9 @@ class LocalHub:
 
     def upload_folder(self, *, repo_id, folder_path, commit_message=None):
         assert repo_id in self.repos, "create_repo first"
-        rev = "0" * 39 + str(len(list(self.cache.rglob("refs/main"))) + 1)
-        root = self.cache / f"models--{repo_id.replace('/', '--')}"
-        shutil.copytree(folder_path, root / "snapshots" / rev)
-        (root / "refs").mkdir(parents=True, exist_ok=True)
-        (root / "refs" / "main").write_text(rev)
-        return type("CommitInfo", (), {"oid": rev})()
+        snap = snapshot(self.cache, repo_id)
+        shutil.copytree(folder_path, snap, dirs_exist_ok=True)
+        return type("CommitInfo", (), {"oid": snap.name})()
 
 
 def test_push_to_hub_then_anyone_loads_it_by_repo_id(tmp_path, monkeypatch):
@@ -163,7 +161,7 @@ def test_push_to_hub_then_anyone_loads_it_by_repo_id(tmp_path, monkeypatch):
     pipe = make_pipe()
     hub = LocalHub(tmp_path / "hub")
     commit = pipe.push_to_hub("someone/rebeca-flickr", private=True, api=hub)
-    assert hub.repos == {"someone/rebeca-flickr": True} and re.fullmatch(r"0+1", commit)
+    assert hub.repos == {"someone/rebeca-flickr": True} and re.fullmatch(r"[0-9a-f]{40}", commit)
     loaded = RebecaPipeline.from_pretrained("someone/rebeca-flickr")
     assert torch.equal(loaded([0, 4], n=3, seed=2), pipe([0, 4], n=3, seed=2))
 

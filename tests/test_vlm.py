@@ -182,13 +182,13 @@ def test_missing_plan_is_one_clear_line(tmp_path, capsys):
 
 
 def test_paper_vlm_fails_fast_offline_and_loads_from_cache(hf_cache, tiny_vlm):
-    from test_components import _fake_repo
+    from rebeca_utils.rehearse_hub import snapshot
 
     models = ModelsConfig()
     with pytest.raises(W.MissingWeightsError, match="llava-hf/llava-1.5-7b-hf are not in the Hugging Face cache"):
         V.build_vlm(models)
     model, processor = tiny_vlm
-    snap = _fake_repo(hf_cache, models.vlm_id)
+    snap = snapshot(hf_cache, models.vlm_id)
     model.save_pretrained(snap, max_shard_size="100KB")  # 3 shards, named as the 7B model's on the Hub
     processor.save_pretrained(snap)  # transformers 5's layout (test_vlm_snapshot: the Hub repo's)
     loaded, proc = V.build_vlm(models)

@@ -40,12 +40,12 @@ def _todays_repo(snap, model, processor, template: str, shard_size: str = "100KB
 
 @pytest.mark.parametrize("template", ["json", "jinja", "both"])
 def test_todays_snapshot_is_present_and_loads(hf_cache, tiny_vlm, template, monkeypatch):
-    from test_components import _fake_repo
+    from rebeca_utils.rehearse_hub import snapshot
 
     model, processor = tiny_vlm
     entry = W.vlm_entry(PAPER)
     assert not W.weights_in_cache(entry)
-    snap = _todays_repo(_fake_repo(hf_cache, PAPER.vlm_id), model, processor, template, shard_size="60KB")
+    snap = _todays_repo(snapshot(hf_cache, PAPER.vlm_id), model, processor, template, shard_size="60KB")
     shards = sorted(set(json.loads((snap / "model.safetensors.index.json").read_text())["weight_map"].values()))
     assert len(shards) > 3  # not the 7B model's three: the list comes from the index
     loaded, proc = V.build_vlm(PAPER)
@@ -58,10 +58,10 @@ def test_todays_snapshot_is_present_and_loads(hf_cache, tiny_vlm, template, monk
 
 
 def test_a_missing_shard_is_named_and_the_loader_reads_refs_main(hf_cache, tiny_vlm):
-    from test_components import _fake_repo
+    from rebeca_utils.rehearse_hub import snapshot
 
     model, processor = tiny_vlm
-    snap = _todays_repo(_fake_repo(hf_cache, PAPER.vlm_id), model, processor, "both")
+    snap = _todays_repo(snapshot(hf_cache, PAPER.vlm_id), model, processor, "both")
     old = snap.parent / OLD_COMMIT  # an older snapshot still in the cache: refs/main names the new one
     shutil.copytree(snap, old)
     (old / "model-00001-of-00003.safetensors").unlink()

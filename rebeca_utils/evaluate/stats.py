@@ -175,6 +175,8 @@ def mean_ci(x, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95) -> t
     x = np.asarray(x, dtype=np.float64).reshape(-1)
     if len(x) == 0:
         return (np.nan,) * 3
+    if len(x) == 1:  # one user (e.g. a rehearsal's single held-out worker): a mean, but no interval to resample
+        return float(x[0]), np.nan, np.nan
     boot = _percentile_ci(lambda xs, axis=-1: xs.mean(axis), (x,), n_bootstrap, seed, level)
     return float(x.mean()), boot["ci_low"], boot["ci_high"]
 
