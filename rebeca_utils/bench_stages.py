@@ -10,7 +10,6 @@ import argparse
 import gc
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace

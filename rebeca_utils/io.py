@@ -13,8 +13,9 @@ import struct
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -205,6 +206,25 @@ def path_digest(path: str | os.PathLike) -> str:
                     and not any(TEMP_NAME.match(x) for x in p.relative_to(path).parts)):
         h.update(f"{f.relative_to(path).as_posix()}\0{sha256(f)}\n".encode())
     return h.hexdigest()
+
+
+def read_rgb(paths: Iterable[str | os.PathLike], size: tuple[int, int] | None = None) -> np.ndarray:
+    """(n, H, W, 3) uint8 pixels of image files, each resized (bilinear) to `size` = (width, height) when given."""
+    from PIL import Image  # only the callers that read pictures pay for PIL
+
+    out = []
+    for p in paths:
+        with Image.open(p) as im:  # opened one at a time, so long lists never hold every file open
+            im = im.convert("RGB")
+            out.append(np.asarray(im.resize(size, Image.BILINEAR) if size else im))
+    if not out:
+        return np.zeros((0, size[1], size[0], 3) if size else (0, 0, 0, 3), np.uint8)
+    return np.stack(out)
+
+
+def image_arrays(paths: Iterable[str | os.PathLike], size: tuple[int, int] | None = None) -> np.ndarray:
+    """(n, H, W, 3) floats in [0, 1] of image files (for grids), each resized to `size` = (width, height) if given."""
+    return read_rgb(paths, size).astype(np.float32) / 255
 
 
 def list_images(image_dir: str | os.PathLike) -> list[str]:

@@ -30,10 +30,8 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
 from .. import jobs as J
 from ..config import GenerationConfig, LoraBaselineConfig, ModelsConfig
@@ -293,16 +291,6 @@ def loss_figure(logs: dict[str, dict], title: str = "LoRA training loss"):
     ax.set_title(title)
     fig.tight_layout()
     return fig
-
-
-def load_rgb(paths: Sequence[str | os.PathLike], size: tuple[int, int]):
-    """(n, H, W, 3) floats in [0, 1], each image resized to `size` = (width, height), for grids."""
-
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            out.append(np.asarray(im.convert("RGB").resize(size, Image.BILINEAR), dtype=np.float32) / 255)
-    return np.stack(out) if out else np.zeros((0, size[1], size[0], 3), np.float32)
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -19,11 +19,11 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..config import GenerationConfig, ModelsConfig
 from .. import jobs as J
-from ..io import atomic_path, sha256, write_json
+from ..io import atomic_path, image_arrays, sha256, write_json
 from ..models.decoder import ip_adapter_embeds
 from ..progress import tqdm
 from .adapters import Adapters
-from .items import WorkItem, check_ip_embeddings, image_settings, item_fingerprint, make_batches
+from .items import WorkItem, check_ip_embeddings, image_settings, item_fingerprint, make_batches, png_relpath
 
 log = logging.getLogger(__name__)
 
@@ -291,14 +291,8 @@ def pending(items: Sequence[WorkItem], out_dir: str | os.PathLike, cfg: Generati
 
 def load_images(out_dir: str | os.PathLike, method: str, setting: str, user_id: int, n: int) -> np.ndarray:
     """(n, H, W, 3) floats in [0, 1]: images 0..n-1 of one user (missing ones are grey)."""
-
-    out = []
-    for j in range(n):
-        p = Path(out_dir) / WorkItem(method, setting, user_id, j, 0).relpath
-        if p.is_file():
-            with Image.open(p) as im:
-                out.append(np.asarray(im.convert("RGB"), dtype=np.float32) / 255)
-        else:
-            out.append(None)
+    paths = [Path(out_dir) / png_relpath(method, setting, user_id, j) for j in range(n)]
+    found = iter(image_arrays([p for p in paths if p.is_file()]))
+    out = [next(found) if p.is_file() else None for p in paths]
     shape = next((a.shape for a in out if a is not None), (8, 8, 3))
     return np.stack([a if a is not None else np.full(shape, 0.5, np.float32) for a in out])

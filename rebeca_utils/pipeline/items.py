@@ -19,6 +19,11 @@ def decoder_seed(user_id: int, index: int, base: int = 42) -> int:
     return int(base) + 10_000 * int(user_id) + int(index)
 
 
+def png_relpath(method: str, setting: str, user_id: int, index: int) -> str:
+    """Where image `index` of a user lands under a notebook's folder: <method>/<setting>/u<user>/<index>.png."""
+    return f"{method}/{setting}/u{user_id:03d}/{index:02d}.png"
+
+
 @dataclass(frozen=True)
 class WorkItem:
     """One image to decode."""
@@ -39,7 +44,7 @@ class WorkItem:
 
     @property
     def relpath(self) -> str:
-        return f"{self.method}/{self.setting}/u{self.user_id:03d}/{self.index:02d}.png"
+        return png_relpath(self.method, self.setting, self.user_id, self.index)
 
 
 MAX_EMB_NORM = 1e3  # far above any CLIP image embedding; a prior that diverged or a wrong unit lands here

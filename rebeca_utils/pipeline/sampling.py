@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -13,7 +12,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from ..config import GenerationConfig
-from ..io import CorruptFileError, read_safetensors, save_safetensors
+from ..io import CorruptFileError, read_safetensors
 from ..progress import tqdm
 from .items import WorkItem, make_items
 

@@ -18,7 +18,7 @@ from ..data import splits as split_table
 from ..evaluate import retrieval, scores
 from ..evaluate.stats import mean_ci
 from ..models.prior import RebecaPrior
-from ..pipeline.items import make_items
+from ..pipeline.items import make_items, png_relpath
 from ..progress import tqdm
 from ..runtime import seed_sequence
 from ..train.diffusion import flickr_triplets, train_prior
@@ -184,7 +184,7 @@ def decoded_embeddings(store, gen: dict[str, tuple[list, torch.Tensor]], n_image
     """The verifier-space embeddings of the decoded images, shaped like `gen`: method -> (histories, (H, n, d))."""
     out = {}
     for method, (hists, _) in gen.items():
-        paths = [f"{method}/{h.setting}/u{h.user_id:03d}/{j:02d}.png" for h in hists for j in range(n_images)]
+        paths = [png_relpath(method, h.setting, h.user_id, j) for h in hists for j in range(n_images)]
         out[method] = (hists, store.lookup(paths).view(len(hists), n_images, -1))
     return out
 

@@ -150,12 +150,3 @@ class Explorer:
 def to_pil(image: np.ndarray) -> Image.Image:
     """An (H, W, 3) float image in [0, 1] as a PIL image."""
     return Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
-
-
-def image_arrays(paths: Sequence[str | os.PathLike], size: int) -> np.ndarray:
-    """(n, size, size, 3) floats in [0, 1] of image files (the liked strip next to a grid)."""
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            out.append(np.asarray(im.convert("RGB").resize((size, size)), dtype=np.float32) / 255)
-    return np.stack(out) if out else np.zeros((0, size, size, 3), np.float32)

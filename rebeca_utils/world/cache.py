@@ -13,8 +13,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +24,7 @@ import torch
 from ..config import ModelsConfig
 from ..data.flickr import image_names
 from ..data.synthetic import write_synthetic_flickr
-from ..io import remove_orphans, write_json
+from ..io import atomic_dir, path_digest, remove_orphans, write_json
 from ..models.tiny_weights import (
     COMPONENTS,
     DEPENDS,
@@ -69,26 +67,6 @@ def world_split(models: ModelsConfig, cache_dir: str | os.PathLike | None = None
     return sorted(names[i] for i in order[:n]), sorted(names[i] for i in order[n:])
 
 
-def _digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != DONE_NAME:
-            h.update(str(p.relative_to(folder)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()[:32]
-
-
-def _publish(tmp: Path, world: Path, name: str, record: dict) -> None:
-    """Write done.json last, then rename the finished temp folder into place (replacing a stale one)."""
-    write_json(tmp / DONE_NAME, {**record, "digest": _digest(tmp)})
-    dst = world / name
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=world))
-        os.replace(dst, old / "x")
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, dst)
-
-
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive lock on `path` (POSIX flock; elsewhere no lock): one process trains, the others wait."""
@@ -118,20 +96,17 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def _train(models: ModelsConfig, name: str, world: Path, data: tuple, bar) -> None:
-    """Train component `name` into a temp folder and publish it with its done.json (a kill leaves only the temp)."""
+    """Train component `name` in a temp folder that takes its place with its done.json (a kill leaves only the temp)."""
     gen = torch.Generator().manual_seed(models.seed * 100 + COMPONENTS.index(name))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=world))
-    try:
+    with atomic_dir(world / name) as tmp:
         t0 = time.perf_counter()
         with quiet_libraries():  # the libraries' own bars and notes would bury the world's bar
             metrics = TRAINERS[name](random_weights(models), *data, tmp, bar, gen, world)
         deps = {d: read_done(world, d)["digest"] for d in DEPENDS.get(name, ())}
-        _publish(tmp, world, name, {
+        write_json(tmp / DONE_NAME, {  # the digest of the files written before it: what dependents are keyed on
             "component": name, "seconds": round(time.perf_counter() - t0, 1), "steps": steps(name),
             "metrics": metrics, "deps": deps, "threads": torch.get_num_threads(),
-            "load_avg": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__})
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            "load_avg": [round(x, 2) for x in os.getloadavg()], "torch": torch.__version__, "digest": path_digest(tmp)})
 
 
 def ensure_world(models: ModelsConfig, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:

@@ -37,7 +37,7 @@ from transformers import (
 from ..config import ModelsConfig
 from ..data.flickr import IMAGE_DIR
 from ..data.synthetic import ATTRIBUTES, HUES, hue_class, synthetic_truth
-from ..io import save_safetensors
+from ..io import read_rgb, save_safetensors
 from ..models.architectures import tiny_text_config, tiny_unet_config
 from ..models.decoder import tiny_sd_components, write_tiny_ip_adapter
 from ..models.encoders import VERIFIER_WEIGHTS, build_clip, build_image_encoder, build_tokenizer
@@ -66,12 +66,7 @@ def all_captions() -> list[str]:
 
 def load_images(root: Path, names: Sequence[str]) -> np.ndarray:
     """(N, H, W, 3) uint8 fixture images."""
-    out = []
-    for n in names:
-        with Image.open(root / IMAGE_DIR / n) as im:
-            out.append(np.asarray(im.convert("RGB")))
-    return np.stack(out)
-
+    return read_rgb(root / IMAGE_DIR / n for n in names)
 
 def dihedral(x: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """Dihedral transform k (0-7: k % 4 quarter turns, then a flip if k >= 4) of (B, C, H, W), per sample."""
