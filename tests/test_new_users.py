@@ -63,6 +63,16 @@ def test_inversion_recovers_a_planted_taste_and_leaves_the_prior_untouched(train
     assert not torch.equal(other.row, fit.row)
 
 
+def test_fit_sends_gradient_to_the_row_only(trained):
+    prior, sched = trained
+    prior.zero_grad(set_to_none=True)
+    new = _data([1], 20, 3)
+    NU.fit_user(prior, sched, new.img_emb, new.rating, steps=3, seed=0)
+    touched = [n for n, q in prior.named_parameters() if q.grad is not None]
+    assert touched == []  # was 62 of 63 weights: backward ran through the whole frozen prior on every step
+    assert all(q.requires_grad for q in prior.parameters())  # the caller's flags come back
+
+
 def test_update_pulls_towards_the_old_row(trained):
     prior, sched = trained
     old = prior.user_emb.weight[1].detach().clone()

@@ -62,8 +62,8 @@ def fit_user(prior: RebecaPrior, sched, img_emb: torch.Tensor, rating: torch.Ten
     gen = torch.Generator(dev).manual_seed(seed)
     x0, r = img_emb.to(dev).float(), rating.to(dev).long()
     slot = torch.zeros(batch_size, dtype=torch.long, device=dev)  # the row replaces slot 0 in a functional copy
-    was_training = prior.training
-    prior.eval()  # no dropout-like behaviour; the weights take no gradient
+    was_training, grads = prior.training, [q.requires_grad for q in prior.parameters()]
+    prior.eval().requires_grad_(False)  # no dropout; backward reaches the row only, not every frozen weight
     res, t0 = FitResult(row.detach()), time.perf_counter()
     for _ in tqdm(range(steps), desc="fit user", disable=not progress, leave=False):
         idx = torch.randint(0, len(x0), (batch_size,), generator=gen, device=dev)
@@ -81,6 +81,8 @@ def fit_user(prior: RebecaPrior, sched, img_emb: torch.Tensor, rating: torch.Ten
         opt.step()
         res.losses.append(float(loss.detach()))
     prior.train(was_training)
+    for q, g in zip(prior.parameters(), grads):
+        q.requires_grad_(g)
     res.row, res.seconds = row.detach().clone(), time.perf_counter() - t0
     return res
 
