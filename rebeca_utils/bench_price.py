@@ -22,7 +22,7 @@ from .baselines.lora_recipe import shared_spec, table3
 from .config import Profile, get_profile
 from .notebook.setup_check import FLICKR_EXPECTED
 from .studies.ablations import cells, decode_count
-from .studies.cold_start import METHODS
+from .studies.cold_start import HISTORY_FREE, METHODS
 
 CI_NOTE = "ci shape on CPU: proves the script, prices nothing"
 
@@ -58,6 +58,8 @@ def counts(prof: Profile) -> dict:
             and c.omega in gen.prior_cfg_scales]  # the ablation cells that are notebook 04's own
     ratings = FLICKR_EXPECTED["ratings"]
     histories = sum(nu.draws if k else 1 for k in nu.ks)
+    per_history = [m for m in METHODS if m != "retrain" and m not in HISTORY_FREE]
+    once = len(HISTORY_FREE) + int(nu.retrain)  # decoded once per user: the null user; the retrain (all ratings)
     return dict(
         users=users, images=fl.n_images, omegas=len(gen.prior_cfg_scales), n_per_user=gen.n_per_user,
         epoch_samples=users * prof.train.samples_per_user, prior_epochs=prof.train.max_epochs,
@@ -69,8 +71,8 @@ def counts(prof: Profile) -> dict:
         verifier_epochs=prof.verifier.max_epochs,
         ablation=decode_count(prof.ablation, gen, users), ablation_cells=len(cells(prof.ablation, gen)),
         ablation_04=len(main) * prof.ablation.n_per_user * users, ablation_per_user=prof.ablation.n_per_user,
-        histories=histories, methods12=len(METHODS) - (0 if nu.retrain else 1), n_images12=nu.n_images,
-        gen12=fl.n_holdout_workers * histories * (len(METHODS) - (0 if nu.retrain else 1)) * nu.n_images,
+        histories=histories, methods12=len(per_history), once12=once, n_images12=nu.n_images,
+        gen12=fl.n_holdout_workers * (histories * len(per_history) + once) * nu.n_images,
         holdout=fl.n_holdout_workers, decode_batch=gen.batch_size)
 
 
@@ -103,8 +105,8 @@ def rows(prof: Profile) -> list[Row]:
         Row("07 decoding (personas)", c["gen07"], "image", f"{u} users × {n} × 2 (persona, persona + LoRA)", dec),
         Row("09 ablation decoding", new09, "image", f"{c['ablation_cells']} conditions × {c['ablation_per_user']} × "
             f"{u} = {c['ablation']:,}, less 04's {c['ablation_04']:,}", dec),
-        Row("12 new-user decoding", c["gen12"], "image", f"{c['holdout']} new users × {c['histories']} histories × "
-            f"{c['methods12']} methods × {c['n_images12']}", dec),
+        Row("12 new-user decoding", c["gen12"], "image", f"{c['holdout']} new users × ({c['histories']} histories × "
+            f"{c['methods12']} methods + {c['once12']} once per user) × {c['n_images12']}", dec),
         Row("re-encode generated images, decoder space", decodes, "image", "04 + 06 + 07 + 09 + 12", "embed_decoder"),
         Row("re-encode generated images, verifier space", decodes, "image", "04 + 06 + 07 + 09 + 12",
             "embed_verifier"),

@@ -208,6 +208,32 @@ def test_methods_share_noise_and_mean_is_the_liked_history(trained):
         CS.method_samples("mean", pipe, hist, cfg=cfg)
 
 
+def test_null_user_images_are_decoded_once_per_user(trained):
+    from collections import Counter
+
+    from rebeca_utils.config import GenerationConfig
+
+    pipe = _pipe(*trained)
+    hist = [CS.History(u, k, 0, (0, 1)) for u in (7, 8) for k in (0, 5, 10)]
+    cfg = NewUserConfig(n_samples=3, cfg_scale=3.0)
+    gen = {m: (hist, CS.method_samples(m, pipe, hist, cfg=cfg, nearest={h: h.user_id % 4 for h in hist}))
+           for m in ("null_user", "nearest")}
+    items = CS.work_items(gen, 2, GenerationConfig())
+    assert Counter(it.method for it in items) == {"null_user": 2 * 2, "nearest": 6 * 2}  # was 6 * 2 for both
+    assert {it.setting for it in items if it.method == "null_user"} == {CS.SHARED_SETTING}
+
+    class Store:  # the re-encoded images by path: the image's index as its one-number embedding
+        def lookup(self, paths):
+            index = {it.relpath: i for i, it in enumerate(items)}
+            return torch.tensor([[float(index[p])] for p in paths])
+
+    null = CS.decoded_embeddings(Store(), {"null_user": gen["null_user"]}, 2)["null_user"][1]
+    assert torch.equal(null[0], null[2]) and not torch.equal(null[0], null[3])  # shared within a user only
+    gen["null_user"][1][1, 0] += 1  # a history-free method whose samples did depend on the history
+    with pytest.raises(ValueError, match="null_user: user 7's samples differ between histories"):
+        CS.work_items(gen, 2, GenerationConfig())
+
+
 def test_the_fifth_users_retrain_starts_from_the_four_user_prior(trained):
     from rebeca_utils.studies.fifth_user import warm_start
 

@@ -173,18 +173,37 @@ def summarise(per_user: pd.DataFrame, value: str = "value", by=("metric", "metho
     return pd.DataFrame(rows)
 
 
+HISTORY_FREE = ("null_user",)  # samples that depend on the user's seed only: one set of images per user
+SHARED_SETTING = "every_history"
+
+
+def image_setting(method: str, h: History) -> str:
+    """The folder a history's images of `method` go to: its own, or one shared by the user's histories."""
+    return SHARED_SETTING if method in HISTORY_FREE else h.setting
+
+
 def work_items(gen: dict[str, tuple[list, torch.Tensor]], n_images: int, cfg) -> list:
-    """Decoder work items for the first `n_images` samples of each method and history (App G.3 decoder seeds)."""
-    return [it for method, (hists, emb) in gen.items() for h, e in zip(hists, emb)
-            for it in make_items(method, h.setting, [h.user_id] * n_images, range(n_images), cfg,
-                                 ip_embeddings=e[:n_images])]
+    """Decoder work items for the first `n_images` samples of each method and history (App G.3 decoder seeds);
+    a history-free method's images are decoded once per user, not once per history."""
+    out, first = [], {}
+    for method, (hists, emb) in gen.items():
+        for h, e in zip(hists, emb):
+            key = (method, image_setting(method, h), h.user_id)
+            if key in first:
+                if not torch.equal(first[key], e[:n_images]):
+                    raise ValueError(f"{method}: user {h.user_id}'s samples differ between histories; "
+                                     f"they were to be decoded once for all of them")
+                continue
+            first[key] = e[:n_images]
+            out += make_items(method, key[1], [h.user_id] * n_images, range(n_images), cfg, ip_embeddings=e[:n_images])
+    return out
 
 
 def decoded_embeddings(store, gen: dict[str, tuple[list, torch.Tensor]], n_images: int) -> dict:
     """The verifier-space embeddings of the decoded images, shaped like `gen`: method -> (histories, (H, n, d))."""
     out = {}
     for method, (hists, _) in gen.items():
-        paths = [png_relpath(method, h.setting, h.user_id, j) for h in hists for j in range(n_images)]
+        paths = [png_relpath(method, image_setting(method, h), h.user_id, j) for h in hists for j in range(n_images)]
         out[method] = (hists, store.lookup(paths).view(len(hists), n_images, -1))
     return out
 
