@@ -245,3 +245,27 @@ def test_the_fifth_users_retrain_starts_from_the_four_user_prior(trained):
     old, new = w4["user_emb.weight"], w5["user_emb.weight"]
     assert torch.equal(new[: prior.n_users], old[: prior.n_users]) and torch.equal(new[-1], old[-1])
     assert torch.equal(new[prior.n_users], old[prior.null_user])  # the new row starts as "someone we know nothing about"
+
+
+def test_bad_ratings_are_named_and_add_no_user(trained):
+    prior, sched = trained
+    ex = EX.Explorer.__new__(EX.Explorer)  # the fitting half of the explorer, on a store of six named images
+    ex.rebeca, ex.names, ex.likes, ex.note = _pipe(*trained).with_rows({}), {}, {}, ""
+    ex.store = ([f"im{i}.jpg" for i in range(6)], _data([2], 6, 3).img_emb)
+    before = ex.rebeca.prior.n_users
+    with pytest.raises(ValueError, match=r"^fit: image 'im1.jpg' is both liked and disliked; keep one rating per image$"):
+        ex.fit(["im0.jpg", "im1.jpg"], ["im1.jpg"])
+    with pytest.raises(ValueError, match=r"^fit: rate at least one image$"):
+        ex.fit([], [])
+    with pytest.raises(KeyError, match=r"no decoder-space embedding for image 'nope.jpg'"):
+        ex.fit(["im0.jpg", "nope.jpg"])
+    x = ex.store[1][:2]
+    with pytest.raises(ValueError, match=r"^fit_user: rating 3 at row 1; ratings are 1 \(like\) or 0 \(dislike\)$"):
+        ex.rebeca.fit_user(x, torch.tensor([1, 3]))
+    with pytest.raises(ValueError, match=r"^fit_user: img_emb row 0 is not finite \(NaN or inf\)$"):
+        NU.fit_user(prior, sched, torch.full((2, 8), float("nan")), torch.tensor([1, 0]))
+    assert ex.rebeca.prior.n_users == before  # nothing added by a refused fit
+    uid, _ = ex.fit([], ["im2.jpg", "im3.jpg"], steps=2)  # only dislikes: allowed, and said what it means
+    assert ex.note.startswith("only dislikes: ") and ex.rebeca.users[uid]["n_likes"] == 0
+    uid, _ = ex.fit(["im0.jpg", "im0.jpg"], ["im2.jpg"], steps=2)  # a repeated click counts once
+    assert ex.note == "" and ex.rebeca.users[uid]["n_ratings"] == 2

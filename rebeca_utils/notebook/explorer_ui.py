@@ -130,15 +130,16 @@ class Panel:
         disliked = [n for n, r in self.ratings.items() if r == 0]
         with self.fit_out:
             self.fit_out.clear_output()
-            if not liked:
-                print("like at least one image first")
+            if not liked and not disliked:
+                print("rate at least one image first")
                 return None
             try:
                 uid, seconds = self.ex.fit(liked, disliked, self.name.value, progress=True)
             except (KeyError, ValueError) as exc:  # an Output widget would swallow it: say it where the user looks
                 print(f"Fit me failed: {exc}")
                 return None
-            print(f"fitted {self.name.value!r} on {len(liked)} likes and {len(disliked)} dislikes in {seconds:.1f} s")
+            print(f"fitted {self.name.value!r} on {len(liked)} likes and {len(disliked)} dislikes in {seconds:.1f} s"
+                  + (f"; {self.ex.note}" if self.ex.note else ""))
         self._add_option(uid)
         self.path.value = str(self.users_dir / f"{self.name.value.replace(' ', '_')}.safetensors")
         self.generate()

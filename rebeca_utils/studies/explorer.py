@@ -63,6 +63,7 @@ class Explorer:
         self.encoder = encoders.build_encoder("verifier", cfg.models, device)
         self.names: dict[int, str] = {u: f"user {u + 1}" for u in self.trained_users}
         self.likes: dict[int, list[str]] = {}  # a fitted user's liked images (their strip)
+        self.note = ""  # what the last fit means when its ratings were unusual (only dislikes)
         self.base_fingerprint = state_fingerprint(self.rebeca.prior)
 
     def liked(self, user_id: int, n: int = 8) -> list[Path]:
@@ -103,9 +104,15 @@ class Explorer:
     def fit(self, liked: Sequence[str], disliked: Sequence[str] = (), name: str = "new user", steps: int | None = None,
             seed: int = 0, progress: bool = False) -> tuple[int, float]:
         """User inversion on the chosen images (R = 1 liked, R = 0 disliked); the new user's id and seconds."""
-        if not liked:
-            raise ValueError("fit: like at least one image")
-        images = list(liked) + list(disliked)
+        liked, disliked = list(dict.fromkeys(liked)), list(dict.fromkeys(disliked))  # a repeated click counts once
+        both = [n for n in liked if n in set(disliked)]
+        if both:
+            raise ValueError(f"fit: image {both[0]!r} is both liked and disliked; keep one rating per image")
+        if not liked and not disliked:
+            raise ValueError("fit: rate at least one image")
+        self.note = ("" if liked else "only dislikes: the new user is fitted on R = 0 alone, so its R = 1 samples "
+                     "are the population's taste steered away from these images, not a taste of its own")
+        images = liked + disliked
         rating = torch.tensor([1] * len(liked) + [0] * len(disliked))
         uid = self.rebeca.fit_user(self.store_lookup(images), rating, init="null", seed=seed, progress=progress,
                                    **({"steps": steps} if steps else {}))

@@ -54,6 +54,13 @@ def fit_user(prior: RebecaPrior, sched, img_emb: torch.Tensor, rating: torch.Ten
     (updating an existing user). Every draw comes from a generator seeded by `seed`: same inputs, same row."""
     if len(img_emb) == 0 or len(img_emb) != len(rating):
         raise ValueError(f"fit_user: {len(img_emb)} embeddings and {len(rating)} ratings (need as many, >= 1)")
+    bad = torch.nonzero((rating != 0) & (rating != 1)).flatten()
+    if len(bad):
+        raise ValueError(f"fit_user: rating {rating[bad[0]].item()!r} at row {int(bad[0])}; ratings are 1 (like) or "
+                         f"0 (dislike)")
+    bad = torch.nonzero(~torch.isfinite(img_emb).all(1)).flatten()
+    if len(bad):
+        raise ValueError(f"fit_user: img_emb row {int(bad[0])} is not finite (NaN or inf)")
     dev = prior.user_emb.weight.device
     row = torch.nn.Parameter(initial_row(prior, init, trained_users).to(dev))
     anchor = None if anchor is None else anchor.detach().to(dev)
