@@ -88,6 +88,18 @@ def kit_cache_dir() -> Path:
 
 
 @contextlib.contextmanager
+def torch_threads(n: int | None = None) -> Iterator[None]:
+    """torch's intra-op thread count `n` (None: as it is) inside the block, the caller's restored after. Also a
+    guard: numba's OpenMP layer (UMAP) sets the libgomp it shares with torch to every core, behind torch's back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Run a block under torch seed `seed` without touching the caller's global RNG stream."""    # fork_rng: tiny builds are reproducible without disturbing the caller's global RNG stream
     with torch.random.fork_rng(devices=[]):

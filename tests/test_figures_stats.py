@@ -1,6 +1,9 @@
 """What a reader of notebooks 09 and 11 sees: Holm-adjusted p-values, the paired differences beside Figs 6 and 7,
 users numbered from 1, and a measured number in every figure's "ours"."""
 import json
+import os
+import subprocess
+import sys
 
 import matplotlib
 import numpy as np
@@ -142,3 +145,17 @@ def test_mean_ci_of_one_user_is_its_value_without_an_interval():
     assert mean == 0.25 and np.isnan(lo) and np.isnan(hi)
     mean, lo, hi = S.mean_ci([0.0, 1.0, 0.5, 0.5], n_bootstrap=200)
     assert mean == 0.5 and 0.0 <= lo <= mean <= hi <= 1.0
+
+
+@pytest.mark.slow  # a fresh process compiles UMAP's numba code (~30 s)
+def test_umap_figure_leaves_torch_on_its_thread_count():
+    # numba's OpenMP layer (UMAP) shares torch's libgomp and set it to every core: with one thread asked for,
+    # notebook 01 then ran two spinning threads beside the other pytest worker (639 s in make test, 195 s alone)
+    # the kernels get their one thread from OMP_NUM_THREADS, as here (an explicit set_num_threads would pin it)
+    code = ("import numpy as np, torch; from rebeca_utils.notebook import plots; "
+            "plots.umap_scatter(np.random.default_rng(0).random((40, 4), dtype=np.float32), np.arange(40) % 2, "
+            "['a', 'b']); print(torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "1"

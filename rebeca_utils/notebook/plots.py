@@ -8,12 +8,15 @@ import numpy as np
 import seaborn as sns
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from ..runtime import torch_threads
+
 
 def umap_scatter(emb: np.ndarray, labels: np.ndarray, names, seed: int = 0, title: str = ""):
     """2-D UMAP of embeddings coloured by a categorical label (Figure 2)."""
     import umap  # lazy: heavy, only this path needs it
 
-    xy = umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=seed).fit_transform(emb)
+    with torch_threads():  # numba's OpenMP layer would leave torch on every core (spinning beside other work)
+        xy = umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=seed).fit_transform(emb)
     fig, ax = plt.subplots(figsize=(5.5, 5))
     palette = ["#d62728", "#1f77b4", "#ff9896", "#aec7e8", "#2ca02c", "#9467bd"]
     for i, name in enumerate(names):

@@ -40,6 +40,7 @@ from ..models.tiny_weights import (
     world_spec,
 )
 from ..models.weights import quiet_libraries
+from ..runtime import torch_threads
 from ..progress import tqdm
 from .recipe import TRAINERS, steps
 
@@ -84,17 +85,6 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op thread count set to `n` inside the block; the caller's restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _train(models: ModelsConfig, name: str, world: Path, data: tuple, bar) -> None:
     """Train component `name` in a temp folder that takes its place with its done.json (a kill leaves only the temp)."""
     gen = torch.Generator().manual_seed(models.seed * 100 + COMPONENTS.index(name))
@@ -128,7 +118,7 @@ def ensure_world(models: ModelsConfig, cache_dir: str | os.PathLike | None = Non
                 if not stale(world, name):  # done, or not stale now that its dependencies are rebuilt
                     continue
                 bar.set_postfix_str(name)
-                with _torch_threads(WORLD_THREADS):
+                with torch_threads(WORLD_THREADS):
                     _train(models, name, world, data, bar)
     return world
 
