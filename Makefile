@@ -43,7 +43,7 @@ demo: install
 TEST_WORLD ?= $(CURDIR)/.pytest_cache/smoke_world
 TEST_WORKERS ?= 2
 TEST_ENV = HF_HUB_OFFLINE=1 REBECA_SMOKE_WORLD=$(TEST_WORLD)
-PYTEST = $(TEST_ENV) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+PYTEST = $(TEST_ENV) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: install
 	@s=$$SECONDS; $(TEST_ENV) $(PY) -m rebeca_utils.world || exit 1; t=$$SECONDS; \

@@ -20,6 +20,17 @@ from rebeca_utils import runtime as RT
 from rebeca_utils.models import weights as W
 
 
+# The longest files first (each runs notebooks for minutes), so the two xdist workers start on them at once and the
+# short tests fill in around them; the Makefile's --no-loadscope-reorder keeps this order (xdist would otherwise
+# queue files by test count, which put these few-test files last, side by side, with a worker idle at the end).
+LONGEST_FIRST = ("test_rehearsal.py", "test_notebooks.py", "test_notebook_dsprites.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 @pytest.fixture(scope="session")
 def smoke_world():
     """The smoke profile's pretrained world (trained on first use with the world's own fixed thread count; other
