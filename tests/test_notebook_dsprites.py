@@ -22,6 +22,8 @@ def smoke_run(tmp_path_factory):
 @pytest.mark.slow  # executes notebooks
 def test_01_ran_cleanly(smoke_run):
     check_ran_cleanly(smoke_run, DSPRITES)
+    m = manifest(smoke_run, "01_simulate_dsprites")
+    assert m["torch_threads"] == 1  # the kernel's OMP_NUM_THREADS (conftest): Figure 2's UMAP once raised it to 2
 
 
 @pytest.mark.slow  # executes notebooks

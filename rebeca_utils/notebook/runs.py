@@ -32,12 +32,15 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def resource_usage() -> dict[str, float]:
-    """Peak resident memory (MB) and CPU time (user + system, s) of this process so far: for a notebook, its kernel
-    (the runner starts one per notebook; in Lab, everything since the kernel's last restart)."""
+def resource_usage() -> dict[str, Any]:
+    """Peak resident memory (MB), CPU time (user + system, s) and torch's thread count of this process so far: for a
+    notebook, its kernel (the runner starts one per notebook; in Lab, everything since the kernel's last restart)."""
+    import torch  # every kernel has it loaded by now; imported here so that this module stays light
+
     r = resource.getrusage(resource.RUSAGE_SELF)
     kib = r.ru_maxrss / 1024 if sys.platform == "darwin" else r.ru_maxrss  # macOS counts bytes, Linux KiB
-    return {"peak_rss_mb": round((own_peak_kib() or kib) / 1024, 1), "cpu_time_s": round(r.ru_utime + r.ru_stime, 3)}
+    return {"peak_rss_mb": round((own_peak_kib() or kib) / 1024, 1), "cpu_time_s": round(r.ru_utime + r.ru_stime, 3),
+            "torch_threads": torch.get_num_threads(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
 
 
 def own_peak_kib(status: str = "/proc/self/status") -> float | None:
