@@ -38,7 +38,9 @@ from .sampling import SAMPLERS, known_samples, read_cache, sample_prior, state_f
 CONFIG_NAME = "rebeca_pipeline.json"
 PIPELINE_DIR = "pipeline"  # notebook 03 saves it as <run>/03_train_prior/pipeline
 FORMAT_VERSION = 1
-PAD_BATCH = 512  # every prior forward runs this many rows: a sample's bits do not depend on its batch mates
+# every prior forward runs this many rows, so a sample's bits do not depend on its batch mates; a fixed shape is all
+# that needs, and a small one keeps a 4-image request cheap (512 made the explorer and 12 pay 512 rows a step)
+PAD_BATCH = 64
 
 
 class RebecaPipeline:
@@ -182,14 +184,14 @@ class RebecaPipeline:
                    ) -> dict[str, torch.Tensor]:
         """{"user_id", "index", "img_emb"} for every (user, j < n_per_user), cached in `path` (safetensors).
 
-        A sample is what (u, j) and SAMPLE_KEYS (ω, rating, seed, sampler, steps, prior weights, normaliser)
-        determine: one found in a `reuse` cache (e.g. notebook 04's, for 09) or in `path` is taken as stored, bit
-        for bit, and only the others are drawn."""
+        A sample is what (u, j) and SAMPLE_KEYS (ω, rating, seed, sampler, steps, prior weights, normaliser, rows
+        per forward) determine: one found in a `reuse` cache (e.g. notebook 04's, for 09) or in `path` is taken as
+        stored, bit for bit, and only the others are drawn."""
         users = [int(u) for u in users]
         meta = {"users": users, "n_per_user": n_per_user, "cfg_scale": cfg_scale, "rating": rating, "seed": seed,
                 "sampler": self.sampler, "steps": self.steps if self.sampler != "ddpm" else
                 self.scheduler.config.num_train_timesteps, "prior": state_fingerprint(self.prior),
-                "normalizer": self.normalizer.kind}
+                "normalizer": self.normalizer.kind, "pad_batch": PAD_BATCH}
         meta = json.loads(json.dumps(meta))  # as stored: tuples -> lists
         path, keys = Path(path), [(u, j) for u in users for j in range(n_per_user)]
         known = known_samples([*reuse, path], meta)

@@ -121,7 +121,7 @@ def state_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-SAMPLE_KEYS = ("cfg_scale", "rating", "seed", "sampler", "steps", "prior", "normalizer")  # with (u, j): one sample
+SAMPLE_KEYS = ("cfg_scale", "rating", "seed", "sampler", "steps", "prior", "normalizer", "pad_batch")  # + (u, j)
 
 
 def read_cache(path: Path) -> tuple[dict, dict] | None:
