@@ -101,7 +101,8 @@ def torch_threads(n: int | None = None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Run a block under torch seed `seed` without touching the caller's global RNG stream."""    # fork_rng: tiny builds are reproducible without disturbing the caller's global RNG stream
+    """Run a block under torch seed `seed` without touching the caller's global RNG stream."""
+    # fork_rng: tiny builds are reproducible without disturbing the caller's global RNG stream
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield

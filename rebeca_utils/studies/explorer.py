@@ -105,7 +105,8 @@ class Explorer:
             seed: int = 0, progress: bool = False) -> tuple[int, float]:
         """User inversion on the chosen images (R = 1 liked, R = 0 disliked); the new user's id and seconds."""
         liked, disliked = list(dict.fromkeys(liked)), list(dict.fromkeys(disliked))  # a repeated click counts once
-        both = [n for n in liked if n in set(disliked)]
+        rejected = set(disliked)
+        both = [n for n in liked if n in rejected]
         if both:
             raise ValueError(f"fit: image {both[0]!r} is both liked and disliked; keep one rating per image")
         if not liked and not disliked:

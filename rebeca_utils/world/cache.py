@@ -40,8 +40,8 @@ from ..models.tiny_weights import (
     world_spec,
 )
 from ..models.weights import quiet_libraries
-from ..runtime import torch_threads
 from ..progress import tqdm
+from ..runtime import torch_threads
 from .recipe import TRAINERS, steps
 
 # torch threads of every training run: float sums split over threads round differently, and with 1 thread the VAE

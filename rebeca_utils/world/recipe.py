@@ -68,6 +68,7 @@ def load_images(root: Path, names: Sequence[str]) -> np.ndarray:
     """(N, H, W, 3) uint8 fixture images."""
     return read_rgb(root / IMAGE_DIR / n for n in names)
 
+
 def dihedral(x: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """Dihedral transform k (0-7: k % 4 quarter turns, then a flip if k >= 4) of (B, C, H, W), per sample."""
     if isinstance(k, int):
