@@ -2,6 +2,7 @@
 import contextlib
 import importlib.util
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -78,7 +79,18 @@ def open_notebook(p, url: str, path: str):
     return browser, page
 
 
-def run_all(page) -> None:
-    """Lab's Run > Run All Cells."""
-    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-    page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+def run_all(page, tries: int = 3) -> None:
+    """Lab's Run > Run All Cells, again until the first code cell has started (a click before the session is ready is lost)."""
+    from playwright import sync_api
+
+    first = page.locator(".jp-Notebook .jp-CodeCell .jp-InputPrompt").first
+    for attempt in range(tries):
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        try:  # "[ ]:" until the kernel takes the cell, then "[*]:" or "[1]:"
+            sync_api.expect(first).not_to_have_text(re.compile(r"^\[\s*\]:$"), timeout=30_000)
+            return
+        except AssertionError:
+            page.keyboard.press("Escape")  # a menu left open by the lost click
+            if attempt == tries - 1:
+                raise
