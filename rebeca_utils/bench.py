@@ -31,6 +31,7 @@ from .pipeline.decoding import run_batch
 from .pipeline.embeddings import embed_images
 from .pipeline.items import make_items
 from .pipeline.rebeca import RebecaPipeline
+from .train.history_encoder import HistoryEncoder
 from .train.inversion import fit_user
 from .train.diffusion import Triplets, diffusion_loss, epoch_indices, make_scheduler
 
@@ -209,6 +210,18 @@ def bench_new_user(model, sched, n_ratings: int, steps: int, lr: float, batch_si
     return {"seconds": fit.seconds, "steps_per_s": steps / fit.seconds}
 
 
+def bench_encoder(model, n_ratings: int, n_seen: int, repeats: int = 20) -> float:
+    """Seconds for the history encoder (paper width, untrained) to turn `n_ratings` ratings into a user row."""
+    g = torch.Generator().manual_seed(0)
+    x, r = torch.randn(n_ratings, model.emb_dim, generator=g), torch.randint(0, 2, (n_ratings,), generator=g)
+    enc = HistoryEncoder(model.emb_dim, model.hidden_dim, n_seen).eval()
+    enc.encode(x, r)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        enc.encode(x, r)
+    return (time.perf_counter() - t0) / repeats
+
+
 def main(argv=None) -> int:
     """`make bench`: run the benchmarks side by side and print one JSON summary."""
     ap = argparse.ArgumentParser(prog="python -m rebeca_utils.bench", description=__doc__.splitlines()[0])
@@ -258,9 +271,13 @@ def main(argv=None) -> int:
     for dev in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
         fu = bench_new_user(model, sched, 50, 20 if a.quick else nu.steps, nu.lr, nu.batch_size, dev)
         fit_s = fu["seconds"] * nu.steps / (20 if a.quick else nu.steps)
+        cpu_fit_s = fit_s if dev == "cpu" else cpu_fit_s
         print(f"new user (inversion, {nu.steps} steps, batch {nu.batch_size}, 50 ratings) on {dev}: {fit_s:.1f} s "
               f"({fu['steps_per_s']:.1f} steps/s) | retraining the prior ~ {epoch_s * paper.train.max_epochs:.0f} s "
               f"on this CPU (up to {paper.train.max_epochs} epochs)")
+    enc_s = bench_encoder(model, 50, paper.prior.n_users - paper.flickr.n_holdout_workers)
+    print(f"new user (history encoder, one forward pass, 50 ratings) on cpu: {enc_s * 1e3:.2f} ms | "
+          f"{cpu_fit_s / enc_s:.0f}x faster than inversion on cpu")
 
     emb = bench_embedding(100 if a.quick else 400)
     print("embedding throughput (tiny encoders, CPU, incl. model build and JPEG decode): "

@@ -73,6 +73,9 @@ def counts(prof: Profile) -> dict:
         ablation_04=len(main) * prof.ablation.n_per_user * users, ablation_per_user=prof.ablation.n_per_user,
         histories=histories, methods12=len(per_history), once12=once, n_images12=nu.n_images,
         gen12=fl.n_holdout_workers * (histories * len(per_history) + once) * nu.n_images,
+        # the feedback loop: round 0 once, then each round with and without feedback
+        feedback12=fl.n_holdout_workers * (1 + 2 * nu.feedback_rounds) * nu.feedback_per_round,
+        rounds12=nu.feedback_rounds, per_round12=nu.feedback_per_round,
         holdout=fl.n_holdout_workers, decode_batch=gen.batch_size)
 
 
@@ -81,7 +84,7 @@ def rows(prof: Profile) -> list[Row]:
     c = counts(prof)
     u, n = c["users"], c["n_per_user"]
     new09 = c["ablation"] - c["ablation_04"]
-    decodes = c["gen04"] + c["gen06"] + c["gen07"] + new09 + c["gen12"]
+    decodes = c["gen04"] + c["gen06"] + c["gen07"] + new09 + c["gen12"] + c["feedback12"]
     dec = f"decode_b{c['decode_batch']}"
     return [
         Row("02 embed, decoder space (ViT-H/14)", c["images"], "image", f"{c['images']:,} FLICKR-AES images",
@@ -107,6 +110,8 @@ def rows(prof: Profile) -> list[Row]:
             f"{u} = {c['ablation']:,}, less 04's {c['ablation_04']:,}", dec),
         Row("12 new-user decoding", c["gen12"], "image", f"{c['holdout']} new users × ({c['histories']} histories × "
             f"{c['methods12']} methods + {c['once12']} once per user) × {c['n_images12']}", dec),
+        Row("12 feedback decoding", c["feedback12"], "image", f"{c['holdout']} new users × (1 + 2 × "
+            f"{c['rounds12']} rounds) × {c['per_round12']} images", dec),
         Row("re-encode generated images, decoder space", decodes, "image", "04 + 06 + 07 + 09 + 12", "embed_decoder"),
         Row("re-encode generated images, verifier space", decodes, "image", "04 + 06 + 07 + 09 + 12",
             "embed_verifier"),

@@ -250,7 +250,7 @@ class AblationConfig:
 class NewUserConfig:
     """New users without retraining (beyond the paper; notebooks 12, 13): user inversion and its baselines."""
 
-    ks: tuple[int, ...] = (5, 10, 20, 50, 0)  # history sizes (training-split ratings); 0 = all of them
+    ks: tuple[int, ...] = (1, 5, 10, 20, 50, 0)  # history sizes (training-split ratings); 0 = all of them
     draws: int = 3  # random histories per k (k = all has one)
     steps: int = 200  # Adam steps per fitted row
     lr: float = 5e-2
@@ -260,6 +260,22 @@ class NewUserConfig:
     cfg_scale: float = 5.0  # prior guidance ω
     update_l2: float = 1e-3  # updating an existing user: pull l2·‖row − old row‖² towards the old row
     retrain: bool = False  # the upper bound: one more prior training run, with the hold-out workers
+    # choosing inversion's settings on seen users (never the hold-out workers): a share of the seen users, each
+    # fitting from k ∈ select_ks of their training ratings, judged on their validation ratings
+    select_frac: float = 0.1  # of the seen users (paper: 17 of 173); the rest train the history encoder
+    select_ks: tuple[int, ...] = (10, 0)  # a history of k is fitted with the settings of the nearest (0 = all)
+    select_lrs: tuple[float, ...] = (5e-2, 1e-2)
+    select_gauss: tuple[float, ...] = (0.0, 1.0)  # weights of the Gaussian row prior (0 = off)
+    select_samples: int = 8  # prior samples per candidate row for its validation P@1
+    # the history encoder (zero-shot): a set encoder trained through the frozen prior on the encoder users
+    encoder_steps: int = 1500
+    encoder_lr: float = 1e-3
+    encoder_batch_users: int = 16
+    encoder_regress: float = 1.0  # + regress·‖row − learned row‖²; 0 = the prior's loss alone
+    # the feedback loop: rounds of per_round generated images answered by the verifier, each followed by an update
+    feedback_rounds: int = 3
+    feedback_per_round: int = 4
+    feedback_steps: int = 50
 
 
 @dataclass(frozen=True)
@@ -294,7 +310,9 @@ SMOKE_VLM = VlmConfig(constrained=True, max_new_tokens=96, batch_size=16, chunk_
 # two history sizes and two draws; 40 steps at lr 0.2 a fit (the tiny prior's rows want a larger step: at 0.05 40
 # steps barely move them); 2 of 32 samples decoded. The retrained upper bound (one more prior training, ~80 s here)
 # stays off, as in paper: the README has its numbers
-SMOKE_NEW_USERS = NewUserConfig(ks=(5, 0), draws=2, steps=40, lr=0.2, n_samples=32, n_images=2)
+SMOKE_NEW_USERS = NewUserConfig(ks=(5, 0), draws=2, steps=40, lr=0.2, n_samples=32, n_images=2, select_frac=0.2,
+                                select_ks=(5, 0), select_lrs=(0.2,), encoder_steps=300, feedback_rounds=2,
+                                feedback_steps=20)
 
 
 def _smoke() -> Profile:

@@ -27,6 +27,8 @@ RNG_STREAMS = {
     "random_draws": 303,  # evaluate.retrieval: random training embeddings as the selection score's floor
     "new_user_history": 505, "new_user_fit": 506,  # studies.cold_start: histories of k ratings, fit seeds
     "dsprites_fifth": 405, "dsprites_fifth_history": 406,  # studies.fifth_user: its ratings and histories
+    "select_users": 507, "select_history": 508,  # studies.new_users: who chooses inversion's settings, and from what
+    "encoder_init": 509, "encoder_batches": 510,  # train.history_encoder: its initial weights and its batches
 }
 
 

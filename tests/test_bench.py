@@ -28,7 +28,8 @@ def test_counts_are_the_paper_profiles():
     c = counts(get_profile("paper"))
     assert (c["users"], c["gen04"], c["ablation"], c["ablation_04"]) == (173, 17_300, 57_090, 6_920)
     assert (c["lora_r"], c["lora_steps"], c["shared_steps"], c["tokens"]) == (128, 2_500, 10_000, 40_988 * 192)
-    assert c["gen12"] == 37 * (13 * 4 + 1) * 10  # the null user once per worker, the other four per history
+    # the null user once per worker, the other five methods per history (k ∈ {1, 5, 10, 20, 50} × 3 draws + all)
+    assert c["gen12"] == 37 * (16 * 5 + 1) * 10 and c["feedback12"] == 37 * (1 + 2 * 3) * 4
 
 
 def test_hours_divide_by_gpus_only_where_the_work_splits():

@@ -158,10 +158,11 @@ def test_appended_rows_sample_like_rows_in_their_slot(trained):
     new = _data([2], 20, 3)
     hist = [CS.History(4, 0, 0, tuple(range(20)))]  # user 4: the never-trained slot
     cfg = NewUserConfig(steps=20, n_samples=6, cfg_scale=3.0)
-    fits = CS.fit_rows(pipe, hist, new.img_emb, new.rating.numpy().astype(bool), cfg)
-    assert set(fits["method"]) == set(CS.INVERSIONS)
-    got = CS.method_samples("inversion_null", pipe, hist, cfg=cfg, fits=fits)
-    row = fits.loc[fits["method"] == "inversion_null", "row"].iloc[0]
+    settings = {"inversion": {0: dict(init="null", lr=0.05, gauss=0.0, steps=20)}}
+    fits = CS.fit_rows(pipe, hist, new.img_emb, new.rating.numpy().astype(bool), cfg, settings)
+    assert set(fits["method"]) == {"inversion"}  # no encoder: inversion alone
+    got = CS.method_samples("inversion", pipe, hist, cfg=cfg, fits=fits)
+    row = fits.loc[fits["method"] == "inversion", "row"].iloc[0]
     in_slot = pipe.with_rows({4: row}).sample([4] * 6, [1] * 6, range(6), cfg_scale=3.0)
     assert torch.equal(got[0], in_slot)  # appended for the study = the same user in its own slot
     null = CS.method_samples("null_user", pipe, hist, cfg=cfg)
@@ -269,3 +270,145 @@ def test_bad_ratings_are_named_and_add_no_user(trained):
     assert ex.note.startswith("only dislikes: ") and ex.rebeca.users[uid]["n_likes"] == 0
     uid, _ = ex.fit(["im0.jpg", "im0.jpg"], ["im2.jpg"], steps=2)  # a repeated click counts once
     assert ex.note == "" and ex.rebeca.users[uid]["n_ratings"] == 2
+
+
+# ---- the history encoder, the row prior, choosing settings on seen users, the feedback loop (issue 25) -----------
+from rebeca_utils.studies import new_users as NEW  # noqa: E402
+from rebeca_utils.train import history_encoder as HE  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def encoder(trained):
+    prior, sched = trained
+    d = _data(range(4), 40, 11)
+    return HE.train_encoder(prior, sched, d.img_emb, d.rating, d.user_id, steps=30, batch_users=4, seed=0,
+                            checkpoints=(0, 30), progress=False)
+
+
+def test_encoder_maps_a_planted_history_to_its_taste(trained, encoder):
+    prior, sched = trained
+    assert set(encoder.encoder.state_dict()) >= {"seen_taste", "seen_rows"}  # saved with it: no data needed later
+    new = _data([2], 12, 5)  # a new user with user 2's taste, never in the encoder's training
+    row = encoder.encoder.encode(new.img_emb, new.rating)
+    hit = _taste_rate(NU.with_rows(prior, {4: row}), sched, 4, 2)
+    null = _taste_rate(prior, sched, prior.null_user, 2)
+    assert hit >= null + 0.5, (hit, null)
+    assert set(encoder.at) == {0, 30} and len(encoder.losses) == 30
+
+
+def test_train_encoder_changes_no_prior_weight_and_is_seeded(trained):
+    prior, sched = trained
+    before = {k: v.clone() for k, v in prior.state_dict().items()}
+    d = _data(range(4), 20, 12)
+    a = HE.train_encoder(prior, sched, d.img_emb, d.rating, d.user_id, steps=5, batch_users=4, seed=3, progress=False)
+    b = HE.train_encoder(prior, sched, d.img_emb, d.rating, d.user_id, steps=5, batch_users=4, seed=3, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in prior.state_dict().items())
+    assert all(torch.equal(v, b.encoder.state_dict()[k]) for k, v in a.encoder.state_dict().items())
+    assert prior.user_emb.weight.grad is None
+    with pytest.raises(ValueError, match=r"users \[9\] have fewer than 2 ratings"):
+        HE.train_encoder(prior, sched, d.img_emb[:21], d.rating[:21], torch.cat([d.user_id[:20], torch.tensor([9])]),
+                         steps=1, progress=False)
+
+
+def test_encoder_is_order_free_ignores_padding_and_leaves_itself_out(encoder):
+    enc = encoder.encoder
+    new = _data([1], 6, 6)
+    row = enc.encode(new.img_emb, new.rating)
+    perm = torch.tensor([5, 3, 1, 0, 2, 4])
+    torch.testing.assert_close(enc.encode(new.img_emb[perm], new.rating[perm]), row)
+    pad = torch.cat([new.img_emb, 9 * torch.ones(2, 8)])[None]
+    mask = torch.tensor([[True] * 6 + [False] * 2])
+    torch.testing.assert_close(enc(pad, torch.cat([new.rating, torch.ones(2).long()])[None], mask)[0], row)
+    own = _data([1], 6, 6)  # user 1's own history: leaving user 1 out changes the mix
+    with torch.no_grad():
+        out = enc(own.img_emb[None], own.rating[None], torch.ones(1, 6, dtype=torch.bool), torch.tensor([1]))
+    assert not torch.allclose(out[0], row)
+    with pytest.raises(ValueError, match="encode: 0 embeddings and 0 ratings"):
+        enc.encode(torch.zeros(0, 8), torch.zeros(0))
+
+
+def test_pipeline_saves_the_encoder_and_encodes_users(trained, encoder, tmp_path):
+    pipe = _pipe(*trained)
+    with pytest.raises(ValueError, match="encode_user\\(\\) needs a history encoder"):
+        pipe.encode_user(torch.zeros(2, 8), torch.tensor([1, 0]))
+    pipe.encoder = encoder.encoder
+    new = _data([3], 10, 9)
+    uid = pipe.encode_user(new.img_emb, new.rating)
+    assert pipe.users[uid]["source"] == "encoder"
+    refined = pipe.encode_user(new.img_emb, new.rating, refine_steps=5)
+    assert pipe.users[refined]["source"] == "inversion" and pipe.users[refined]["init"] == "given"
+    pipe.save_pretrained(tmp_path / "p")
+    back = RebecaPipeline.from_pretrained(tmp_path / "p")
+    assert torch.equal(back.encoder.encode(new.img_emb, new.rating), encoder.encoder.encode(new.img_emb, new.rating))
+    assert torch.equal(back([uid], 3, seed=1), pipe([uid], 3, seed=1))
+    assert RebecaPipeline.from_pretrained(tmp_path / "p").encoder is not None
+    (tmp_path / "p" / "history_encoder").rename(tmp_path / "gone")
+    assert RebecaPipeline.from_pretrained(tmp_path / "p").encoder is None  # optional: a pipeline without one loads
+
+
+def test_row_prior_pulls_a_fit_to_the_population(trained):
+    prior, sched = trained
+    mu, prec = NU.row_prior(prior, range(4))
+    w = prior.user_emb.weight.detach()[:4]
+    torch.testing.assert_close(mu, w.mean(0))
+    assert prec.shape == (32, 32) and torch.allclose(prec, prec.T, atol=1e-4)
+    new = _data([2], 10, 4)
+    free = NU.fit_user(prior, sched, new.img_emb, new.rating, init="null", steps=30, seed=0, checkpoints=(10, 30))
+    pulled = NU.fit_user(prior, sched, new.img_emb, new.rating, init="null", steps=30, seed=0, gauss=(mu, prec),
+                         gauss_weight=1e4)
+    assert (pulled.row - mu).norm() < 0.5 * (free.row - mu).norm()
+    assert set(free.at) == {10, 30} and torch.equal(free.at[30], free.row)
+    with pytest.raises(ValueError, match="row_prior needs >= 2 trained users, got 1"):
+        NU.row_prior(prior, [0])
+
+
+def test_settings_are_chosen_by_validation_p1_then_loss():
+    t = pd.DataFrame([dict(k=5, init=i, lr=0.1, gauss=0.0, steps=s, **{"P@1 val": p, "loss val": l})
+                      for i, s, p, l in (("null", 10, 0.5, 0.3), ("mean", 10, 0.7, 0.4), ("mean", 20, 0.7, 0.2),
+                                         ("null", 0, 0.9, 0.1), ("encoder", 10, 0.8, 0.1))])
+    best = NEW.best_setting(t, ["null", "mean", "nearest"], 5)
+    assert (best["init"], best["steps"]) == ("mean", 20)  # the init alone (steps 0) is not an inversion
+    assert NEW.best_setting(t, ["encoder"], 5)["init"] == "encoder"
+    with pytest.raises(ValueError, match=r"no selection rows for inits \['nearest'\] at k=5"):
+        NEW.best_setting(t, ["nearest"], 5)
+    per_k = {10: "ten", 0: "all"}
+    assert [NEW.setting_for(per_k, s) for s in (1, 5, 50, 0)] == ["ten", "ten", "ten", "all"]
+    assert NEW.setting_for({5: "five", 50: "fifty", 0: "all"}, 20) == "fifty"
+
+
+def test_seen_users_split_once_and_for_good():
+    enc, sel = NEW.split_seen(range(20), 0.2, seed=0)
+    assert len(sel) == 4 and not set(enc) & set(sel) and sorted(enc + sel) == list(range(20))
+    assert NEW.split_seen(range(20), 0.2, seed=0) == (enc, sel) and NEW.split_seen(range(20), 0.2, seed=1) != (enc, sel)
+
+
+def test_paired_tests_find_a_planted_difference():
+    rng = np.random.default_rng(0)
+    rows = [dict(user_id=u, method=m, history=5, draw=0, metric="v", value=base + (0.2 if m == "a" else 0))
+            for u, base in enumerate(rng.uniform(0, 1, 10)) for m in ("a", "b")]
+    t = NEW.paired_tests(pd.DataFrame(rows), "v", 5, "a", ["a", "b"], n_permutations=999)
+    assert t["diff"].item() == pytest.approx(0.2) and t["workers"].item() == 10
+    assert t["p_value"].item() <= 0.01  # every worker +0.2: 2 of 1024 sign patterns are as extreme
+    same = NEW.paired_tests(pd.DataFrame([{**r, "value": r["value"] - (0.2 if r["method"] == "a" else 0)}
+                                          for r in rows]), "v", 5, "a", ["b"])
+    assert same["diff"].item() == pytest.approx(0.0) and same["p_value"].item() == 1.0
+
+
+def test_feedback_adds_answers_to_the_history_and_updates_only_the_live_user(trained):
+    pipe = _pipe(*trained)
+    [uid] = pipe.add_users(pipe.prior.user_emb.weight[pipe.null_user].detach()[None], source="given")
+    seen = []
+
+    def answer(x, r, arm):  # likes every image near taste 2
+        seen.append((r, arm))
+        liked = (x @ CENTERS.T).argmax(1) == 2
+        return liked.numpy(), x, {"hits": float(liked.float().mean())}
+
+    new = _data([2], 6, 10)
+    t = NEW.feedback_loop(pipe, uid, new.img_emb, new.rating.numpy(), answer, rounds=2, per_round=4, steps=20,
+                          seed=0)
+    assert list(zip(t["round"], t["arm"])) == [(0, "feedback"), (0, "no feedback"), (1, "feedback"),
+                                              (1, "no feedback"), (2, "feedback"), (2, "no feedback")]
+    assert seen == [(0, "feedback"), (1, "feedback"), (1, "no feedback"), (2, "feedback"), (2, "no feedback")]
+    assert t.iloc[0]["hits"] == t.iloc[1]["hits"]  # round 0: one user, one set of images
+    assert torch.equal(pipe.prior.user_emb.weight[uid], pipe.prior.user_emb.weight[pipe.null_user])  # pipe as it was

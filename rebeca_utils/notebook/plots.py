@@ -349,11 +349,15 @@ def prompt_levels_figure(summary, metrics=("verifier", "LAION aesthetic"), title
     return fig
 
 
-def new_user_curves(summary, panels: dict, labels: dict, title: str = ""):
+def new_user_curves(summary, panels: dict, labels: dict, title: str = "", x: str = "history",
+                    xlabel: str = "ratings in the history (k)"):
     """Metric vs history size k per method, 95 % CI over users (notebook 12); `panels`: metric column -> title.
 
-    summary rows: metric, method, history (k; 0 = all ratings), mean, ci_low, ci_high. k = all is the last tick."""
-    ks = sorted({int(k) for k in summary["history"]}, key=lambda k: (k == 0, k))
+    summary rows: metric, method, history (k; 0 = all ratings), mean, ci_low, ci_high. k = all is the last tick.
+    Another `x` column (e.g. feedback rounds) is plotted as it is."""
+    summary = summary.rename(columns={x: "history"}) if x != "history" else summary
+    every = x == "history"
+    ks = sorted({int(k) for k in summary["history"]}, key=lambda k: (every and k == 0, k))
     pos = {k: i for i, k in enumerate(ks)}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (metric, name) in zip(axes[0], panels.items()):
@@ -364,8 +368,8 @@ def new_user_curves(summary, panels: dict, labels: dict, title: str = ""):
             d = d.assign(x=d["history"].map(pos) + 0.04 * (i - len(labels) / 2)).sort_values("x")
             yerr = np.vstack([d["mean"] - d["ci_low"], d["ci_high"] - d["mean"]])
             ax.errorbar(d["x"], d["mean"], yerr=yerr, marker="o", ms=4, capsize=3, label=label)
-        ax.set_xticks(range(len(ks)), [str(k) if k else "all" for k in ks])
-        ax.set_xlabel("ratings in the history (k)")
+        ax.set_xticks(range(len(ks)), [str(k) if k or not every else "all" for k in ks])
+        ax.set_xlabel(xlabel)
         ax.set_title(name, fontsize=10)
     handles, names = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, names, fontsize=8, frameon=False, loc="lower center", ncol=len(names))

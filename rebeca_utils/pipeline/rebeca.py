@@ -1,9 +1,10 @@
 """`RebecaPipeline`: REBECA's prior as one object (§2), in the Hub's conventions.
 
 It holds the prior, its noise schedule, the embedding normaliser, the sampler settings, the users (trained, and
-added later with how each was made), the embedding space it samples and, optionally, a decoder. One folder holds
-it: `rebeca_pipeline.json`, `prior/` (config.json + model.safetensors), `scheduler/scheduler_config.json`,
-`normalizer.json` and a generated model card (README.md).
+added later with how each was made), the embedding space it samples and, optionally, a decoder and a history
+encoder (a new user's ratings -> a user row in one pass). One folder holds it: `rebeca_pipeline.json`, `prior/`
+(config.json + model.safetensors), `scheduler/scheduler_config.json`, `normalizer.json`, `history_encoder/` when
+there is one, and a generated model card (README.md).
 
     pipe = RebecaPipeline.from_pretrained("outputs/paper/03_train_prior/pipeline")
     img_emb = pipe([3, 7], n=4, seed=0)                 # (2, 4, d) decoder-space embeddings
@@ -28,6 +29,7 @@ from ..config import DiffusionConfig, GenerationConfig, NewUserConfig
 from ..io import CorruptFileError, atomic_dir, save_safetensors, write_json
 from ..models.prior import RebecaPrior, load_prior
 from ..train.diffusion import make_scheduler
+from ..train.history_encoder import HistoryEncoder
 from ..train.inversion import FitResult, fit_user, with_rows
 from ..train.normalize import Normalizer
 from .decoding import run_batch
@@ -37,6 +39,7 @@ from .sampling import SAMPLERS, known_samples, read_cache, sample_prior, state_f
 
 CONFIG_NAME = "rebeca_pipeline.json"
 PIPELINE_DIR = "pipeline"  # notebook 03 saves it as <run>/03_train_prior/pipeline
+ENCODER_DIR = "history_encoder"  # optional: the zero-shot history encoder (notebook 12 trains it)
 FORMAT_VERSION = 1
 # every prior forward runs this many rows, so a sample's bits do not depend on its batch mates; a fixed shape is all
 # that needs, and a small one keeps a 4-image request cheap (512 made the explorer and 12 pay 512 rows a step)
@@ -50,7 +53,7 @@ class RebecaPipeline:
                  sampler: str = DiffusionConfig.sampler, steps: int = DiffusionConfig.sampler_steps,
                  cfg_scale: float = NewUserConfig.cfg_scale, users: dict | None = None, space: dict | None = None,
                  card: dict | None = None, inversion: dict | None = None, decoder=None,
-                 generation: GenerationConfig | None = None):
+                 generation: GenerationConfig | None = None, encoder: HistoryEncoder | None = None):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler={sampler!r}: valid samplers are {', '.join(SAMPLERS)}")
         self.prior, self.scheduler = prior.eval(), scheduler
@@ -63,6 +66,7 @@ class RebecaPipeline:
         self.inversion = {"steps": defaults.steps, "lr": defaults.lr, "batch_size": defaults.batch_size,
                           "update_l2": defaults.update_l2, **(inversion or {})}
         self.decoder, self.generation = decoder, generation
+        self.encoder = None if encoder is None else encoder.eval()  # history -> user row in one pass (optional)
         self.last_fit: FitResult | None = None
 
     @classmethod
@@ -120,6 +124,21 @@ class RebecaPipeline:
                                "given", steps=kw["steps"], seed=seed)
         return uid
 
+    def encode_user(self, img_emb: torch.Tensor, rating: torch.Tensor, *, refine_steps: int = 0, seed: int = 0,
+                    **fit_kw) -> int:
+        """A new user from rated images through the history encoder (one forward pass), optionally refined by
+        `refine_steps` of inversion from the encoded row; returns its user_id."""
+        if self.encoder is None:
+            raise ValueError("encode_user() needs a history encoder: pipe.encoder = train_encoder(...).encoder "
+                             "(notebook 12 trains and saves one)")
+        z = self.normalizer.forward(torch.as_tensor(img_emb).float())
+        row = self.encoder.encode(z, torch.as_tensor(rating)).to(self.prior.user_emb.weight)
+        if refine_steps:
+            return self.fit_user(img_emb, rating, init=row, seed=seed, steps=refine_steps, **fit_kw)
+        [uid] = self.add_users(row[None], source="encoder", n_ratings=len(z),
+                               n_likes=int(torch.as_tensor(rating).sum()))
+        return uid
+
     def update_user(self, user_id: int, img_emb: torch.Tensor, rating: torch.Tensor, *, seed: int = 0,
                     **fit_kw) -> FitResult:
         """Refit `user_id`'s row on new ratings, starting from and pulled towards its current row (in place)."""
@@ -142,7 +161,7 @@ class RebecaPipeline:
         return RebecaPipeline(with_rows(self.prior, rows), self.scheduler, self.normalizer, sampler=self.sampler,
                               steps=self.steps, cfg_scale=self.cfg_scale, users=users, space=self.space,
                               card=self.card, inversion=self.inversion, decoder=self.decoder,
-                              generation=self.generation)
+                              generation=self.generation, encoder=self.encoder)
 
     def with_sampler(self, sampler: str, steps: int | None = None) -> "RebecaPipeline":
         """The same prior and users under another sampler (e.g. "ddpm", the paper's 1000-step chain)."""
@@ -246,6 +265,8 @@ class RebecaPipeline:
             self.prior.save_pretrained(tmp / "prior")
             self.scheduler.save_pretrained(tmp / "scheduler")
             self.normalizer.save(tmp / "normalizer.json")
+            if self.encoder is not None:
+                self.encoder.save_pretrained(tmp / ENCODER_DIR)
             write_json(tmp / CONFIG_NAME, self.config())
             (tmp / "README.md").write_text(model_card(self.config(), self.prior))
         return Path(folder)
@@ -271,9 +292,11 @@ class RebecaPipeline:
                                    f"{FORMAT_VERSION}")
         prior = load_prior(folder / "prior", device)
         scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        encoder = (HistoryEncoder.from_pretrained(folder / ENCODER_DIR).to(device)
+                   if (folder / ENCODER_DIR).is_dir() else None)
         return cls(prior, scheduler, Normalizer.load(folder / "normalizer.json"), sampler=cfg["sampler"],
                    steps=cfg["steps"], cfg_scale=cfg["cfg_scale"], users=cfg["users"], space=cfg["space"],
-                   card=cfg["card"], inversion=cfg["inversion"])
+                   card=cfg["card"], inversion=cfg["inversion"], encoder=encoder)
 
     def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None,
                     commit_message: str = "Upload RebecaPipeline", api=None) -> str:

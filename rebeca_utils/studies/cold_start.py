@@ -1,12 +1,14 @@
 """Notebook 12's study: hold-out users from k of their ratings, each method, measured on their test pool.
 
-Methods around user inversion (studies.new_users): the null user at R = 1, "Mean" (the mean embedding of the
-liked history, decoded directly), the nearest seen user (by verifier scores on the history), inversion from the
-null row and from the mean row, and the prior retrained with the hold-out workers (the upper bound, k = all).
-Every method of a user shares the prior noise (seeded by the real user id) and the decoder seeds: paired.
+Methods: the population (the null user at R = 1), "Mean" (the mean embedding of the liked history, decoded
+directly), the nearest seen user (by verifier scores on the history), user inversion with the settings chosen on
+seen users (studies.new_users), the history encoder (zero-shot), the encoder's row refined by inversion, and the
+prior retrained with the hold-out workers (the upper bound, k = all). Every method of a user shares the prior
+noise (seeded by the real user id) and the decoder seeds: paired.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,12 +24,13 @@ from ..pipeline.items import make_items, png_relpath
 from ..progress import tqdm
 from ..runtime import seed_sequence
 from ..train.diffusion import flickr_triplets, train_prior
-from ..train.inversion import fit_user
+from ..train.inversion import fit_user, row_prior
+from . import new_users
 
-METHODS = {"null_user": "null user (R = 1)", "mean": "Mean (liked history)", "nearest": "nearest seen user",
-           "inversion_null": "inversion (null init)", "inversion_mean": "inversion (mean init)",
-           "retrain": "retrained prior (upper bound)"}
-INVERSIONS = {"inversion_null": "null", "inversion_mean": "mean"}
+METHODS = {"null_user": "population: null user (R = 1)", "mean": "Mean (liked history)",
+           "nearest": "nearest seen user", "inversion": "inversion", "encoder": "history encoder (zero-shot)",
+           "encoder_inversion": "encoder + inversion", "retrain": "retrained prior (upper bound)"}
+ROW_METHODS = ("inversion", "encoder", "encoder_inversion")  # a row per history, made by fit_rows
 
 
 @dataclass(frozen=True)
@@ -67,21 +70,41 @@ def nearest_user(verifier, trained_users, ver_emb: torch.Tensor, like: np.ndarra
     return int(np.asarray(trained_users)[int(np.argmax(agree))])
 
 
-def fit_rows(pipe, hists, dec_emb: torch.Tensor, like: np.ndarray, cfg: NewUserConfig, seed: int = 0
-             ) -> pd.DataFrame:
-    """One fitted row per (history, init): columns user_id, history, draw, method, row, seconds, loss_first/last.
-    The rows are fitted on the pipeline's prior and returned, not added to it."""
-    recs, z = [], pipe.normalizer.forward(dec_emb)
-    jobs = [(h, m) for h in hists for m in INVERSIONS]
-    for h, method in tqdm(jobs, desc="fit new users"):
-        rows = list(h.rows)
-        fit_seed = int(seed_sequence(seed, "new_user_fit", h.user_id, h.size, h.draw).generate_state(1)[0])
-        res = fit_user(pipe.prior, pipe.scheduler, z[rows], torch.as_tensor(like[rows]).long(),
-                       init=INVERSIONS[method], trained_users=pipe.trained_users, steps=cfg.steps, lr=cfg.lr,
-                       batch_size=cfg.batch_size, seed=fit_seed)
-        recs.append(dict(user_id=h.user_id, history=h.size, draw=h.draw, method=method, row=res.row.cpu(),
-                         seconds=res.seconds, loss_first=float(np.mean(res.losses[:5])),
-                         loss_last=float(np.mean(res.losses[-5:]))))
+def _start(pipe, method: str, setting: dict, z, like, encoder, means) -> torch.Tensor | str:
+    """Where `method`'s fit starts: the encoded row for the encoder methods, else the setting's init."""
+    if method.startswith("encoder"):
+        return encoder.encode(z, torch.as_tensor(like).long())
+    if setting["init"] == "nearest":
+        if means is None:
+            raise ValueError("fit_rows: a 'nearest' init needs `ratings` (the seen users' liked embeddings)")
+        return pipe.prior.user_emb.weight.detach()[new_users.nearest_by_likes(means, pipe.trained_users, z, like)]
+    return setting["init"]
+
+
+def fit_rows(pipe, hists, dec_emb: torch.Tensor, like: np.ndarray, cfg: NewUserConfig, settings: dict,
+             encoder=None, ratings: pd.DataFrame | None = None, seed: int = 0) -> pd.DataFrame:
+    """One row per (history, method in ROW_METHODS): columns user_id, history, draw, method, row, seconds,
+    loss_first/last. settings: method -> {select k: (init, lr, gauss, steps)} (new_users.choose_settings; a history
+    uses new_users.setting_for its size); without an encoder only "inversion" is fitted. `ratings` (02's table)
+    serves a "nearest" init. The rows are fitted on the pipeline's prior and returned, not added to it."""
+    methods = list(ROW_METHODS) if encoder is not None else ["inversion"]
+    z, trained = pipe.normalizer.forward(dec_emb), pipe.trained_users
+    means = None if ratings is None else new_users.liked_means(ratings, z, trained)
+    gauss, recs = row_prior(pipe.prior, trained), []
+    for h, method in tqdm([(h, m) for h in hists for m in methods], desc="fit new users"):
+        rows, t0 = list(h.rows), time.perf_counter()
+        st = new_users.setting_for(settings[method], h.size) if method != "encoder" else {"init": None}
+        start = _start(pipe, method, st, z[rows], like[rows], encoder, means)
+        rec = dict(user_id=h.user_id, history=h.size, draw=h.draw, method=method, row=start,
+                   seconds=time.perf_counter() - t0, loss_first=np.nan, loss_last=np.nan)
+        if method != "encoder":
+            fit_seed = int(seed_sequence(seed, "new_user_fit", h.user_id, h.size, h.draw).generate_state(1)[0])
+            res = fit_user(pipe.prior, pipe.scheduler, z[rows], torch.as_tensor(like[rows]).long(), init=start,
+                           trained_users=trained, steps=st["steps"], lr=st["lr"], batch_size=cfg.batch_size,
+                           gauss=gauss, gauss_weight=st["gauss"], seed=fit_seed)
+            rec.update(row=res.row, seconds=rec["seconds"] + res.seconds, loss_first=float(np.mean(res.losses[:5])),
+                       loss_last=float(np.mean(res.losses[-5:])))
+        recs.append({**rec, "row": rec["row"].detach().cpu()})
     return pd.DataFrame(recs)
 
 
@@ -91,7 +114,7 @@ def method_samples(method: str, pipe, hists, *, cfg: NewUserConfig, fits: pd.Dat
     """(len(hists), n_samples, d) decoder-space embeddings of `method` for each history (see METHODS); `pipe` is
     the RebecaPipeline (for "retrain", the retrained one)."""
     n = cfg.n_samples
-    needs = {"mean": ("dec_emb", "like"), "nearest": ("nearest",), **{m: ("fits",) for m in INVERSIONS}}
+    needs = {"mean": ("dec_emb", "like"), "nearest": ("nearest",), **{m: ("fits",) for m in ROW_METHODS}}
     given = {"dec_emb": dec_emb, "like": like, "nearest": nearest, "fits": fits}
     missing = [a for a in needs.get(method, ()) if given[a] is None]
     if missing:
@@ -107,7 +130,7 @@ def method_samples(method: str, pipe, hists, *, cfg: NewUserConfig, fits: pd.Dat
         ids = [nearest[h] for h in hists]
     elif method == "retrain":
         ids = [h.user_id for h in hists]
-    elif method in INVERSIONS:
+    elif method in ROW_METHODS:
         key = fits.set_index(["user_id", "history", "draw", "method"])["row"]
         model = pipe.with_rows({})  # a copy with the fitted rows appended (the null row stays last)
         ids = model.add_users(torch.stack([key[(h.user_id, h.size, h.draw, method)] for h in hists]), source=method)

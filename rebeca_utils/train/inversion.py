@@ -22,6 +22,18 @@ from .diffusion import diffusion_loss
 INITS = ("null", "mean")
 
 
+def row_prior(prior: RebecaPrior, trained_users: Sequence[int], shrink: float = 0.1
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, precision) of a Gaussian fitted to the trained users' rows; the covariance is shrunk towards
+    its mean variance (·I) by `shrink`, as a few hundred rows do not pin down a full covariance."""
+    if len(trained_users) < 2:
+        raise ValueError(f"row_prior needs >= 2 trained users, got {len(trained_users)}")
+    w = prior.user_emb.weight.detach()[torch.as_tensor(list(trained_users))].double()
+    cov = torch.cov(w.T)
+    cov = (1 - shrink) * cov + shrink * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
+    return w.mean(0).float(), torch.linalg.inv(cov).float()
+
+
 @dataclass
 class FitResult:
     """A fitted user row, its loss per step and the seconds it took."""
@@ -29,6 +41,7 @@ class FitResult:
     row: torch.Tensor
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    at: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> row after that step (fit_user checkpoints)
 
 
 def initial_row(prior: RebecaPrior, init, trained_users: Sequence[int] = ()) -> torch.Tensor:
@@ -47,11 +60,14 @@ def initial_row(prior: RebecaPrior, init, trained_users: Sequence[int] = ()) -> 
 
 def fit_user(prior: RebecaPrior, sched, img_emb: torch.Tensor, rating: torch.Tensor, *, init="null",
              trained_users: Sequence[int] = (), steps: int = 200, lr: float = 5e-2, batch_size: int = 64,
-             anchor: torch.Tensor | None = None, l2: float = 0.0, seed: int = 0, progress: bool = False) -> FitResult:
+             anchor: torch.Tensor | None = None, l2: float = 0.0, gauss: tuple | None = None, gauss_weight: float = 0.0,
+             checkpoints: Sequence[int] = (), seed: int = 0, progress: bool = False) -> FitResult:
     """Fit one user row on (img_emb, rating) with the prior's loss; every prior weight stays as it was.
 
     img_emb are the prior's training inputs (normalised as in notebook 03). `anchor` + `l2` add l2·‖row − anchor‖²
-    (updating an existing user). Every draw comes from a generator seeded by `seed`: same inputs, same row."""
+    (updating an existing user); `gauss` = row_prior(...) + `gauss_weight` add w·(row − μ)ᵀP(row − μ)/(n·hidden),
+    n the number of ratings, so the pull fades as ratings come in. The row after each step in `checkpoints` is kept
+    in `FitResult.at`. Every draw comes from a generator seeded by `seed`: same inputs, same row."""
     if len(img_emb) == 0 or len(img_emb) != len(rating):
         raise ValueError(f"fit_user: {len(img_emb)} embeddings and {len(rating)} ratings (need as many, >= 1)")
     bad = torch.nonzero((rating != 0) & (rating != 1)).flatten()
@@ -64,6 +80,7 @@ def fit_user(prior: RebecaPrior, sched, img_emb: torch.Tensor, rating: torch.Ten
     dev = prior.user_emb.weight.device
     row = torch.nn.Parameter(initial_row(prior, init, trained_users).to(dev))
     anchor = None if anchor is None else anchor.detach().to(dev)
+    mu, prec = (None, None) if gauss is None else (g.to(dev) for g in gauss)
     table = prior.user_emb.weight.detach()
     opt = torch.optim.Adam([row], lr=lr)
     gen = torch.Generator(dev).manual_seed(seed)
@@ -72,7 +89,7 @@ def fit_user(prior: RebecaPrior, sched, img_emb: torch.Tensor, rating: torch.Ten
     was_training, grads = prior.training, [q.requires_grad for q in prior.parameters()]
     prior.eval().requires_grad_(False)  # no dropout; backward reaches the row only, not every frozen weight
     res, t0 = FitResult(row.detach()), time.perf_counter()
-    for _ in tqdm(range(steps), desc="fit user", disable=not progress, leave=False):
+    for step in tqdm(range(1, steps + 1), desc="fit user", disable=not progress, leave=False):
         idx = torch.randint(0, len(x0), (batch_size,), generator=gen, device=dev)
         weight = torch.cat([row[None], table[1:]])
 
@@ -83,10 +100,14 @@ def fit_user(prior: RebecaPrior, sched, img_emb: torch.Tensor, rating: torch.Ten
         loss = diffusion_loss(model, sched, x0[idx], slot, r[idx], gen)
         if anchor is not None and l2 > 0:
             loss = loss + l2 * (row - anchor).pow(2).sum()
+        if mu is not None and gauss_weight > 0:
+            loss = loss + gauss_weight * (row - mu) @ prec @ (row - mu) / (len(x0) * len(row))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         res.losses.append(float(loss.detach()))
+        if step in checkpoints:
+            res.at[step] = row.detach().clone()
     prior.train(was_training)
     for q, g in zip(prior.parameters(), grads):
         q.requires_grad_(g)
