@@ -94,3 +94,14 @@ def run_all(page, tries: int = 3) -> None:
             page.keyboard.press("Escape")  # a menu left open by the lost click
             if attempt == tries - 1:
                 raise
+
+
+def pixels(img) -> str:
+    """An <img>'s decoded pixels as a PNG data URL (ipywidgets serves images as blob: URLs, new at each render)."""
+    return img.evaluate("""async e => {
+        await e.decode();
+        const c = document.createElement('canvas');
+        c.width = e.naturalWidth; c.height = e.naturalHeight;
+        c.getContext('2d').drawImage(e, 0, 0);
+        return c.toDataURL('image/png');
+    }""")

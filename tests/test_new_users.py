@@ -128,15 +128,18 @@ def _ratings():
 
 def test_histories_are_seeded_training_rows_of_the_user():
     r = _ratings()
-    hists = CS.histories(r, [3, 5], ks=(5, 0), draws=2, seed=0)
+    with pytest.warns(UserWarning, match=r"^histories: user 5 has 4 training ratings, fewer than k = 5; their k = 5 "
+                                          r"histories are skipped \(k = all covers them\)$"):
+        hists = CS.histories(r, [3, 5], ks=(5, 0), draws=2, seed=0)
     assert [(h.user_id, h.size, h.draw) for h in hists] == [(3, 5, 0), (3, 5, 1), (3, 0, 0), (5, 0, 0)]  # 5 >= 4
     for h in hists:
         sel = r.iloc[list(h.rows)]
         assert (sel["user_id"] == h.user_id).all() and (sel["split"] == "train").all()
         assert len(sel) == (h.size or (12 if h.user_id == 3 else 4))
     assert hists[0].rows != hists[1].rows and hists[0].setting == "k5_d0" and hists[2].setting == "kall_d0"
-    assert CS.histories(r, [3, 5], (5, 0), 2, seed=0) == hists
-    assert CS.histories(r, [3, 5], (5, 0), 2, seed=1)[0].rows != hists[0].rows
+    with pytest.warns(UserWarning):
+        assert CS.histories(r, [3, 5], (5, 0), 2, seed=0) == hists
+        assert CS.histories(r, [3, 5], (5, 0), 2, seed=1)[0].rows != hists[0].rows
 
 
 def test_nearest_user_separates_likes_from_dislikes(monkeypatch):
@@ -178,16 +181,37 @@ def test_summarise_averages_draws_before_users():
     assert out.loc[0, "mean"] == pytest.approx(0.75) and out.loc[0, "users"] == 2  # (0.5 + 1) / 2, not 2/3
 
 
+def _explorer(trained):
+    """The explorer's fitting, saving and feedback halves on six named images, without a decoder or encoders."""
+    from rebeca_utils.models.nmf import NMFVerifier
+
+    ex = EX.Explorer.__new__(EX.Explorer)
+    ex.rebeca, ex.names, ex.likes, ex.note, ex.history, ex.ver_ids = _pipe(*trained).with_rows({}), {}, {}, "", {}, {}
+    names = [f"im{i}.jpg" for i in range(6)]
+    ex.store, ex.ver_store = (names, _data([2], 6, 3).img_emb), (names, _data([2], 6, 4).img_emb * 2)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ex.verifier = NMFVerifier(4, 8, 4, (8,)).eval()
+    return ex
+
+
 def test_saved_user_reloads_only_on_its_prior(trained, tmp_path):
     prior, _ = trained
-    ex = EX.Explorer.__new__(EX.Explorer)  # the save/load half of the explorer, without a decoder
-    ex.rebeca, ex.names, ex.likes = _pipe(*trained).with_rows({}), {}, {}
+    ex = _explorer(trained)  # the save/load half of the explorer, without a decoder
     ex.base_fingerprint = sampling.state_fingerprint(prior)
-    uid = ex.add(torch.randn(32, generator=torch.Generator().manual_seed(0)), "me")
+    uid, _ = ex.fit(["im0.jpg", "im1.jpg"], ["im2.jpg"], name="me", steps=2)
     path = ex.save_user(uid, tmp_path / "me.safetensors")
     again = ex.load_user(path)
     w = ex.rebeca.prior.user_emb.weight
     assert ex.names[again] == "me" and torch.equal(w[again], w[uid]) and again == uid + 1
+    # the history and the fitted verifier row come back with the user: the same scores for the same images
+    assert all(torch.equal(a, b) for a, b in zip(ex.history[again], ex.history[uid]))
+    x = ex.ver_store[1][:4]
+    torch.testing.assert_close(ex.verifier(torch.full((4,), ex.ver_ids[again]), x),
+                               ex.verifier(torch.full((4,), ex.ver_ids[uid]), x))
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(Exception, match="cut.safetensors"):
+        ex.load_user(tmp_path / "cut.safetensors")
     ex.base_fingerprint = "0" * 64
     with pytest.raises(ValueError, match=r"me.safetensors: this user was fitted on another prior"):
         ex.load_user(path)
@@ -250,9 +274,7 @@ def test_the_fifth_users_retrain_starts_from_the_four_user_prior(trained):
 
 def test_bad_ratings_are_named_and_add_no_user(trained):
     prior, sched = trained
-    ex = EX.Explorer.__new__(EX.Explorer)  # the fitting half of the explorer, on a store of six named images
-    ex.rebeca, ex.names, ex.likes, ex.note = _pipe(*trained).with_rows({}), {}, {}, ""
-    ex.store = ([f"im{i}.jpg" for i in range(6)], _data([2], 6, 3).img_emb)
+    ex = _explorer(trained)  # the fitting half of the explorer, on a store of six named images
     before = ex.rebeca.prior.n_users
     with pytest.raises(ValueError, match=r"^fit: image 'im1.jpg' is both liked and disliked; keep one rating per image$"):
         ex.fit(["im0.jpg", "im1.jpg"], ["im1.jpg"])
@@ -270,6 +292,14 @@ def test_bad_ratings_are_named_and_add_no_user(trained):
     assert ex.note.startswith("only dislikes: ") and ex.rebeca.users[uid]["n_likes"] == 0
     uid, _ = ex.fit(["im0.jpg", "im0.jpg"], ["im2.jpg"], steps=2)  # a repeated click counts once
     assert ex.note == "" and ex.rebeca.users[uid]["n_ratings"] == 2
+    assert ex.ver_ids[uid] == 5 and ex.verifier.n_users == 6  # a verifier row for each of the two fitted users
+    grid = EX.Grid(uid, np.zeros((2, 4, 4, 3)), np.zeros(2), 0.0, True)
+    with pytest.raises(ValueError, match=r"^feedback: rate at least one generated image$"):
+        ex.feedback(grid, {})
+    with pytest.raises(ValueError, match=r"^feedback: image 2 rated 1; rate images 0..1 with 1 \(like\) or 0"):
+        ex.feedback(grid, {0: 1, 2: 1})
+    with pytest.raises(ValueError, match=r"^feedback: image 0 rated 5; rate images 0..1"):
+        ex.feedback(grid, {0: 5})
 
 
 # ---- the history encoder, the row prior, choosing settings on seen users, the feedback loop (issue 25) -----------

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from browser import lab_server, needs_browser, open_notebook, run_all
+from browser import lab_server, needs_browser, open_notebook, pixels, run_all
 from papermill.translators import PythonTranslator
 
 from rebeca_utils import run as runner
@@ -564,7 +564,10 @@ def test_13_static_grid_and_a_saved_new_user(smoke_run):
     d = smoke_run / "13_explore_users"
     m = manifest(smoke_run, "13_explore_users")["metrics"]
     assert m["reloaded_same"] and m["example_likes"] > 0 and m["fit_seconds"] > 0 and 0 <= m["grid_verifier_mean"] <= 1
-    for fig in ("default_grid", "new_user_example"):
+    # a new user gets a verifier score from a fitted row; feedback on generated images moves the user
+    assert m["new_user_verifier_fitted"] and 0 <= m["new_user_v"] <= 1
+    assert m["feedback_seconds"] > 0 and m["feedback_changed_images"] and 0 <= m["feedback_v_after"] <= 1
+    for fig in ("default_grid", "new_user_example", "feedback_round"):
         assert (d / f"{fig}.png").is_file() and (d / f"{fig}.pdf").is_file()
     assert (d / "users/example.safetensors").is_file()
 
@@ -572,7 +575,9 @@ def test_13_static_grid_and_a_saved_new_user(smoke_run):
 @pytest.mark.slow  # starts JupyterLab, a kernel and a browser (about a minute)
 @needs_browser
 def test_13_explorer_in_jupyterlab(smoke_run, tmp_path):
-    """Run notebook 13 in Lab; change the user and ω, Generate; like three gallery images, Fit me; a screenshot."""
+    """Run notebook 13 in Lab; change the user and ω, Generate; a like on a generated image, Update; page the
+    gallery, like three images and dislike one, Fit me; save, load, the same seed gives the same images; compare;
+    a screenshot."""
     import shutil
 
     from playwright import (
@@ -600,21 +605,48 @@ def test_13_explorer_in_jupyterlab(smoke_run, tmp_path):
         expect(status).to_contain_text(f"grid 1: {name}, prior ω 9,", timeout=120_000)
         grid = page.locator(".rebeca-grid img.rebeca-grid-image")
         expect(grid).to_have_count(4)
+        # feedback: a like on a generated image updates the user, and a new grid follows
+        page.locator(".rebeca-grid .rebeca-feedback").first.get_by_role("button", name="✓", exact=True).click()
+        page.locator("button.rebeca-update").click()
+        expect(status).to_contain_text(f"updated {name} from 1 ratings on generated images", timeout=120_000)
+        expect(status).to_contain_text(f"grid 2: {name}, prior ω 9,")
+        # a new user: page 1 of the gallery, three likes and a dislike, Fit me
         page.locator(".widget-tab .lm-TabBar-tab", has_text="New user").click()
-        likes = page.locator(".rebeca-gallery").get_by_role("button", name="like", exact=True)
+        gallery = page.locator(".rebeca-gallery")
+        first = pixels(gallery.locator("img").first)
+        page.locator(".rebeca-page input").fill("1")
+        page.locator(".rebeca-page input").press("Enter")
+        for _ in range(60):  # the gallery redraws from the kernel
+            if pixels(gallery.locator("img").first) != first:
+                break
+            page.wait_for_timeout(500)
+        assert pixels(gallery.locator("img").first) != first  # another page, other images
         for i in range(3):
-            likes.nth(i).click()
+            gallery.get_by_role("button", name="✓", exact=True).nth(i).click()  # like
+        gallery.get_by_role("button", name="✗", exact=True).nth(3).click()  # dislike
         page.locator("button.rebeca-fit").click()
-        expect(status).to_contain_text("grid 2: new user, prior ω 9,", timeout=120_000)
+        expect(status).to_contain_text("grid 3: new user, prior ω 9,", timeout=120_000)
         expect(grid).to_have_count(4)
-        expect(page.locator(".jp-OutputArea-output", has_text="fitted 'new user' on 3 likes").first).to_be_visible()
+        out = page.locator(".rebeca-fit-out")
+        expect(out).to_contain_text("fitted 'new user' on 3 likes and 1 dislikes")
+        expect(page.locator(".rebeca-grid small", has_text="v* =")).to_have_count(4)  # from a fitted verifier row
+        before = [pixels(grid.nth(i)) for i in range(4)]
+        # save, load again, the same seed: the same images
+        page.locator("button.rebeca-save").click()
+        expect(out).to_contain_text("saved ")
+        page.locator("button.rebeca-load").click()
+        expect(out).to_contain_text("loaded 'new user' as user id")
         page.locator(".widget-tab .lm-TabBar-tab", has_text="Explore").click()
-        expect(page.locator(".rebeca-strip img")).to_have_count(3)  # the new user's strip: the three likes
+        expect(page.locator(".rebeca-strip img")).to_have_count(3)  # the loaded user's strip: the three likes
+        go.click()
+        expect(status).to_contain_text("grid 4: new user, prior ω 9,", timeout=120_000)
+        expect(grid).to_have_count(4)
+        assert [pixels(grid.nth(i)) for i in range(4)] == before
         page.locator(".rebeca-compare input").check()
         vs = page.locator(".rebeca-other select").evaluate("e => e.options[e.selectedIndex].text")
         assert vs != "new user"  # fitting a user keeps the comparison user as chosen
         go.click()
-        expect(status).to_contain_text(f"grid 3: new user, {vs}, prior ω 9,", timeout=120_000)
+        expect(status).to_contain_text(f"grid 5: new user, {vs}, prior ω 9,", timeout=120_000)
         expect(grid).to_have_count(8)  # the same seeds for both users, side by side
         page.add_style_tag(content=".Toastify { display: none !important; }")  # Lab's news prompt
         panel = page.locator(".widget-tab").first

@@ -323,3 +323,31 @@ def test_fixture_test_auc_clearly_above_chance(fixture_data):
     # measured 0.671 here; training seeds 0-7 on this fixture 0.563-0.671, fixture seeds 0-2 x 8 seeds mean 0.62
     assert auc["test"] > 0.55, auc
     assert within > 0.5, within  # it ranks images within a user, not only users by like rate (measured 0.661)
+
+
+def test_a_new_users_row_is_fitted_with_the_verifier_frozen(planted_data, trained):
+    train, _, test, _ = planted_data
+    model, _ = trained
+    model = NMF.NMFVerifier.from_config(CFG, 20, train.img_emb.shape[1]).eval().requires_grad_(True)
+    model.load_state_dict(trained[0].state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    u = 3  # user 3's ratings, as if from someone the verifier never saw
+    tr, te = (train.user_id == u), (test.user_id == u)
+
+    def auc(rows):
+        with torch.no_grad():
+            return STATS.roc_auc(test.like[te].numpy(), model.with_rows(test.img_emb[te], *rows).numpy())
+
+    fitted = TV.fit_user_row(model, train.img_emb[tr], train.like[tr])
+    mean = TV.fit_user_row(model, train.img_emb[tr], train.like[tr], steps=0)  # the trained users' mean rows
+    own = (model.user_gmf.weight[u:u + 1], model.user_mlp.weight[u:u + 1], model.user_bias.weight[u:u + 1])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(q.grad is None and q.requires_grad for q in model.parameters())
+    assert auc(fitted) >= auc(mean) + 0.1 and auc(fitted) >= auc(own) - 0.1, (auc(fitted), auc(mean), auc(own))
+    [new] = model.add_users(*fitted)
+    assert new == 20 and model.n_users == 21
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.full((int(te.sum()),), new), test.img_emb[te]),
+                                   model.with_rows(test.img_emb[te], *fitted))
+    with pytest.raises(ValueError, match="fit_user_row: 0 embeddings and 0 ratings"):
+        TV.fit_user_row(model, train.img_emb[:0], train.like[:0])

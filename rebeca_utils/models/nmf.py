@@ -54,6 +54,11 @@ class NMFVerifier(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", re
 
     def forward(self, user_id: torch.Tensor, img_emb: torch.Tensor) -> torch.Tensor:
         """Like-logits (B,) for user ids (B,) and raw verifier-space embeddings (B, emb_dim)."""
+        return self.with_rows(img_emb, self.user_gmf(user_id), self.user_mlp(user_id), self.user_bias(user_id))
+
+    def with_rows(self, img_emb: torch.Tensor, gmf: torch.Tensor, mlp: torch.Tensor, bias: torch.Tensor
+                  ) -> torch.Tensor:
+        """Like-logits (B,) for embeddings (B, emb_dim) as users with these rows of the three user tables."""
         # raw bigG embeddings differ in norm from image to image; only the direction should carry taste
         x = F.normalize(img_emb.float(), dim=-1)
         # CLIP directions share a large common component; what tells images apart is small. Standardising is an
@@ -61,10 +66,21 @@ class NMFVerifier(nn.Module, PyTorchModelHubMixin, library_name="rebeca-kit", re
         # scale for the optimiser (README, deviations: verifier init)
         x = (x - self.emb_mean) / self.emb_std
         v = self.item_proj(x)
-        gmf = self.user_gmf(user_id) * v
-        mlp = self.mlp(torch.cat([self.user_mlp(user_id), v], dim=-1))
-        logit = self.fuse(torch.cat([gmf, mlp], dim=-1)) + self.user_bias(user_id) + self.item_bias(x)
+        gmf, mlp = gmf.expand_as(v) * v, self.mlp(torch.cat([mlp.expand_as(v), v], dim=-1))
+        logit = self.fuse(torch.cat([gmf, mlp], dim=-1)) + bias + self.item_bias(x)
         return logit.squeeze(-1)
+
+    def add_users(self, gmf: torch.Tensor, mlp: torch.Tensor, bias: torch.Tensor) -> list[int]:
+        """Append users with the given rows of the three user tables ((n, factor_dim) ×2, (n, 1)); their ids."""
+        n = len(gmf)
+        for name, rows in (("user_gmf", gmf), ("user_mlp", mlp), ("user_bias", bias)):
+            old = getattr(self, name).weight.detach()
+            table = nn.Embedding(self.n_users + n, old.shape[1]).to(old)
+            with torch.no_grad():
+                table.weight.copy_(torch.cat([old, rows.detach().to(old).reshape(n, -1)]))
+            setattr(self, name, table)
+        self.n_users += n
+        return list(range(self.n_users - n, self.n_users))
 
     @classmethod
     def from_config(cls, cfg: VerifierConfig, n_users: int, emb_dim: int) -> "NMFVerifier":

@@ -1,6 +1,7 @@
 """The explorer panel of notebook 13 (ipywidgets). Widgets only: every action is one call to studies.explorer.
 
-CSS classes (`rebeca-*`) name the parts the browser test drives: user, omega, generate, grid, gallery, fit.
+CSS classes (`rebeca-*`) name the parts the browser test drives: user, omega, generate, grid, feedback, update,
+gallery, fit, page, save, load.
 """
 from __future__ import annotations
 
@@ -24,6 +25,15 @@ def png(image) -> bytes:
     return buf.getvalue()
 
 
+def rating_toggle(value: str, on_change, cls: str) -> W.ToggleButtons:
+    """– / ✓ / ✗ under a thumbnail (values "none", "like", "dislike"); `cls` names it for the browser test."""
+    toggle = W.ToggleButtons(options=[("–", "none"), ("✓", "like"), ("✗", "dislike")], value=value,
+                             tooltips=["no rating", "like", "dislike"], style=W.ToggleButtonsStyle(button_width="28px"))
+    toggle.add_class(cls)
+    toggle.observe(lambda ch: on_change(ch["new"]), names="value")
+    return toggle
+
+
 def thumb(image, caption: str = "", cls: str = "rebeca-thumb") -> W.VBox:
     """A thumbnail with a caption; `cls` names it for the browser test."""
     img = W.Image(value=png(image), format="png", width=THUMB, height=THUMB)
@@ -37,6 +47,8 @@ class Panel:
     def __init__(self, ex: Explorer, cfg_scale: float, decoder_cfg: float, n_images: int, seed: int,
                  users_dir: str | Path, per_page: int = 12):
         self.ex, self.users_dir, self.per_page, self.ratings, self.n_grids = ex, Path(users_dir), per_page, {}, 0
+        self.shown: list[Grid] = []  # the grids on screen; the first one takes feedback
+        self.answers: dict[int, int] = {}  # image j of the first grid -> 1 like / 0 dislike
         opts = [(name, uid) for uid, name in ex.names.items()]
         self.user = W.Dropdown(options=opts, description="user")
         self.other = W.Dropdown(options=opts, value=opts[min(1, len(opts) - 1)][1], description="vs user")
@@ -46,16 +58,20 @@ class Panel:
         self.seed = W.IntText(value=seed, description="seed")
         self.compare = W.Checkbox(value=False, description="compare users")
         self.go = W.Button(description="Generate", button_style="primary")
+        self.update_btn = W.Button(description="Update from my ratings", button_style="warning",
+                                   layout=W.Layout(width="auto"))
         self.bar, self.status = W.IntProgress(value=0, min=0, max=1), W.HTML()
         self.strip, self.grid = W.HBox(), W.VBox()
         self.strip_label = W.HTML()
         named = {"user": self.user, "other": self.other, "omega": self.omega, "generate": self.go, "grid": self.grid,
-                 "status": self.status, "compare": self.compare, "strip": self.strip}
+                 "status": self.status, "compare": self.compare, "strip": self.strip, "update": self.update_btn}
         for c, w in named.items():
             w.add_class(f"rebeca-{c}")
         self.user.observe(lambda _: self.show_liked(), names="value")
         self.go.on_click(lambda _: self.generate())
+        self.update_btn.on_click(lambda _: self.update())
         self.page = W.IntText(value=0, description="page")
+        self.page.add_class("rebeca-page")
         self.page.observe(lambda _: self.show_gallery(), names="value")
         self.gallery = W.GridBox(layout=W.Layout(grid_template_columns=f"repeat(6, {THUMB + 20}px)"))
         self.gallery.add_class("rebeca-gallery")
@@ -64,6 +80,8 @@ class Panel:
         self.fit_btn.add_class("rebeca-fit")
         self.fit_out, self.path = W.Output(), W.Text(description="file", layout=W.Layout(width="60%"))
         self.save_btn, self.load_btn = W.Button(description="Save user"), W.Button(description="Load user")
+        for c, w in {"save": self.save_btn, "load": self.load_btn, "path": self.path, "fit-out": self.fit_out}.items():
+            w.add_class(f"rebeca-{c}")
         self.fit_btn.on_click(lambda _: self.fit())
         self.save_btn.on_click(lambda _: self.save())
         self.load_btn.on_click(lambda _: self.load())
@@ -73,11 +91,15 @@ class Panel:
     def widget(self) -> W.Tab:
         explore = W.VBox([W.HBox([self.user, self.compare, self.other]), self.strip_label,
                           self.strip, W.HBox([self.omega, self.dcfg]), W.HBox([self.n, self.seed, self.go]),
-                          W.HBox([self.bar, self.status]), self.grid])
-        new = W.VBox([W.HTML("Like or dislike a few images, then <b>Fit me</b> (user inversion, notebook 12)."),
+                          W.HBox([self.bar, self.status]), self.grid,
+                          W.HBox([W.HTML("Like (✓) / dislike (✗) images of the first row, then&nbsp;"), self.update_btn])])
+        new = W.VBox([W.HTML("Like (✓) or dislike (✗) a few images, then <b>Fit me</b> (user inversion, notebook 12)."),
                       self.page, self.gallery, W.HBox([self.name, self.fit_btn]), self.fit_out,
                       W.HBox([self.path, self.save_btn, self.load_btn])])
-        tab = W.Tab(children=[explore, new])
+        # Lab pads toggle buttons wider than a thumbnail's third: ✓ and ✗ would show as "✓…"
+        css = W.HTML("<style>.rebeca-feedback button, .rebeca-rating button {padding: 0 !important; "
+                     "min-width: 0 !important; text-overflow: clip !important}</style>")
+        tab = W.Tab(children=[W.VBox([css, explore]), new])
         tab.set_title(0, "Explore")
         tab.set_title(1, "New user")
         return tab
@@ -90,25 +112,36 @@ class Panel:
     def show_gallery(self) -> None:
         cells = []
         for name in self.ex.gallery(max(0, self.page.value), self.per_page):
-            toggle = W.ToggleButtons(options=["–", "like", "dislike"], value=self._label(name),
-                                     style=W.ToggleButtonsStyle(button_width="30px"))
-            toggle.observe(lambda ch, n=name: self._rate(n, ch["new"]), names="value")
+            toggle = rating_toggle(self._label(name), lambda v, n=name: self._rate(n, v), "rebeca-rating")
             cells.append(W.VBox([thumb(self.ex.image_dir / name), toggle]))
         self.gallery.children = cells
 
     def _label(self, name: str) -> str:
-        return {1: "like", 0: "dislike"}.get(self.ratings.get(name), "–")
+        return {1: "like", 0: "dislike"}.get(self.ratings.get(name), "none")
 
     def _rate(self, name: str, label: str) -> None:
-        if label == "–":
+        if label == "none":
             self.ratings.pop(name, None)
         else:
             self.ratings[name] = 1 if label == "like" else 0
 
-    def _row(self, g: Grid) -> W.VBox:
-        caps = [f"v = {s:.2f}" if np.isfinite(s) else "v: no row" for s in g.scores]  # the verifier has no new users
-        return W.VBox([W.HTML(f"<b>{self.ex.names[g.user_id]}</b>"),
-                       W.HBox([thumb(im, c, "rebeca-grid-image") for im, c in zip(g.images, caps)])])
+    def _row(self, g: Grid, feedback: bool = False) -> W.VBox:
+        mark = "*" if g.fitted_score else ""  # v*: from a verifier row fitted on the user's ratings
+        caps = [f"v{mark} = {s:.2f}" if np.isfinite(s) else "v: no row" for s in g.scores]
+        cells = []
+        for j, (im, c) in enumerate(zip(g.images, caps)):
+            cell = [thumb(im, c, "rebeca-grid-image")]
+            if feedback:  # a like or dislike on a generated image: the user's feedback (Update from my ratings)
+                cell.append(rating_toggle("none", lambda v, j=j: self._answer(j, v), "rebeca-feedback"))
+            cells.append(W.VBox(cell))
+        note = " (v*: verifier row fitted on this user's ratings)" if g.fitted_score else ""
+        return W.VBox([W.HTML(f"<b>{self.ex.names[g.user_id]}</b>{note}"), W.HBox(cells)])
+
+    def _answer(self, j: int, label: str) -> None:
+        if label == "none":
+            self.answers.pop(j, None)
+        else:
+            self.answers[j] = 1 if label == "like" else 0
 
     def generate(self) -> list[Grid]:
         users = [self.user.value] + ([self.other.value] if self.compare.value else [])
@@ -119,11 +152,24 @@ class Panel:
                 self.bar.value = base + done
             grids.append(self.ex.generate(u, self.omega.value, self.dcfg.value, self.n.value, self.seed.value, tick))
         self.n_grids += 1
-        self.grid.children = [self._row(g) for g in grids]
+        self.shown, self.answers = grids, {}
+        self.grid.children = [self._row(g, feedback=i == 0) for i, g in enumerate(grids)]
         self.status.value = (f"grid {self.n_grids}: {', '.join(self.ex.names[u] for u in users)}, prior ω "
                              f"{self.omega.value:g}, decoder CFG {self.dcfg.value:g}, seed {self.seed.value}, "
                              f"{sum(g.seconds for g in grids):.1f} s")
         return grids
+
+    def update(self) -> None:
+        """Feedback: the first row's likes / dislikes update its user (ex.feedback), then a new grid."""
+        if not self.shown or not self.answers:
+            self.status.value = "rate an image of the first row (like / dislike) first"
+            return
+        g, answers = self.shown[0], dict(self.answers)
+        seconds = self.ex.feedback(g, answers, seed=self.seed.value)
+        self.user.value = g.user_id
+        self.generate()
+        self.status.value = (f"updated {self.ex.names[g.user_id]} from {len(answers)} ratings on generated images in "
+                             f"{seconds:.1f} s; " + self.status.value)
 
     def fit(self) -> int | None:
         liked = [n for n, r in self.ratings.items() if r == 1]

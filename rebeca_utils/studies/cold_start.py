@@ -9,6 +9,7 @@ noise (seeded by the real user id) and the decoder seeds: paired.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,7 +57,11 @@ def histories(ratings: pd.DataFrame, users, ks, draws: int, seed: int = 0) -> li
             if k == 0:
                 out.append(History(int(u), 0, 0, tuple(rows.tolist())))
                 continue
-            for d in range(draws if k < len(rows) else 0):
+            if k >= len(rows):  # nothing to draw: all of them is the k = all history
+                warnings.warn(f"histories: user {u} has {len(rows)} training ratings, fewer than k = {k}; "
+                              f"their k = {k} histories are skipped (k = all covers them)", stacklevel=2)
+                continue
+            for d in range(draws):
                 pick = np.random.default_rng(seed_sequence(seed, "new_user_history", u, k, d)).choice(rows, k, False)
                 out.append(History(int(u), int(k), d, tuple(np.sort(pick).tolist())))
     return out

@@ -176,3 +176,29 @@ def fit_on_splits(splits: pd.DataFrame, store: Any, cfg: VerifierConfig, include
     n_users = int(splits["user_id"].max()) + 1
     model = NMFVerifier.from_config(cfg, n_users, data["train"].img_emb.shape[1])
     return model, train_verifier(model, data["train"], data["val"], cfg, seed=seed, device=device), data
+
+
+
+def fit_user_row(model: NMFVerifier, img_emb: torch.Tensor, like: torch.Tensor, steps: int = 200, lr: float = 0.05,
+                 l2: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A new user's (gmf, mlp, bias) rows fitted on their ratings with every verifier weight frozen (full-batch
+    logistic loss, l2 towards the trained users' mean rows, no dropout); append them with model.add_users."""
+    if len(img_emb) == 0 or len(img_emb) != len(like):
+        raise ValueError(f"fit_user_row: {len(img_emb)} embeddings and {len(like)} ratings (need as many, >= 1)")
+    dev = model.item_proj.weight.device
+    means = [t.weight.detach().mean(0, keepdim=True) for t in (model.user_gmf, model.user_mlp, model.user_bias)]
+    rows = [torch.nn.Parameter(m.clone()) for m in means]
+    x, y = img_emb.to(dev).float(), like.to(dev).float()
+    was_training, grads = model.training, [q.requires_grad for q in model.parameters()]
+    model.eval().requires_grad_(False)
+    opt = torch.optim.Adam(rows, lr=lr)
+    for _ in range(steps):
+        loss = F.binary_cross_entropy_with_logits(model.with_rows(x, *rows), y)
+        loss = loss + l2 * sum((r - m).pow(2).sum() for r, m in zip(rows, means))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.train(was_training)
+    for q, g in zip(model.parameters(), grads):
+        q.requires_grad_(g)
+    return tuple(r.detach() for r in rows)
