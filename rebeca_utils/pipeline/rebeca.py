@@ -163,6 +163,12 @@ class RebecaPipeline:
                               card=self.card, inversion=self.inversion, decoder=self.decoder,
                               generation=self.generation, encoder=self.encoder)
 
+    def with_encoder(self, encoder: HistoryEncoder | None) -> "RebecaPipeline":
+        """The same pipeline with this history encoder (encode_user; saved with it)."""
+        out = copy.copy(self)
+        out.encoder = None if encoder is None else encoder.eval()
+        return out
+
     def with_sampler(self, sampler: str, steps: int | None = None) -> "RebecaPipeline":
         """The same prior and users under another sampler (e.g. "ddpm", the paper's 1000-step chain)."""
         out = copy.copy(self)
