@@ -267,17 +267,17 @@ def main(argv=None) -> int:
           f"per-item DataLoader {tr['dataloader_samples_per_s']:.0f} samples/s | ratio {tr['ratio']:.2f}x | "
           f"one epoch (21,000 samples) ~ {epoch_s:.0f} s")
 
-    nu = paper.new_users
+    nu, fit_seconds = paper.new_users, {}
     for dev in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
         fu = bench_new_user(model, sched, 50, 20 if a.quick else nu.steps, nu.lr, nu.batch_size, dev)
         fit_s = fu["seconds"] * nu.steps / (20 if a.quick else nu.steps)
-        cpu_fit_s = fit_s if dev == "cpu" else cpu_fit_s
+        fit_seconds[dev] = fit_s
         print(f"new user (inversion, {nu.steps} steps, batch {nu.batch_size}, 50 ratings) on {dev}: {fit_s:.1f} s "
               f"({fu['steps_per_s']:.1f} steps/s) | retraining the prior ~ {epoch_s * paper.train.max_epochs:.0f} s "
               f"on this CPU (up to {paper.train.max_epochs} epochs)")
     enc_s = bench_encoder(model, 50, paper.prior.n_users - paper.flickr.n_holdout_workers)
     print(f"new user (history encoder, one forward pass, 50 ratings) on cpu: {enc_s * 1e3:.2f} ms | "
-          f"{cpu_fit_s / enc_s:.0f}x faster than inversion on cpu")
+          f"{fit_seconds['cpu'] / enc_s:.0f}x faster than inversion on cpu")
 
     emb = bench_embedding(100 if a.quick else 400)
     print("embedding throughput (tiny encoders, CPU, incl. model build and JPEG decode): "

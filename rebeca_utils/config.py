@@ -112,6 +112,7 @@ class DSpritesConfig:
     fifth_draws: int = 3  # random histories per size
     fifth_retrain: bool = True  # the fifth user's upper bound: a prior retrained with five users (one more training)
     fifth_retrain_epochs: int = 40  # that retrain, warm-started from the four-user prior (from scratch: 160, README)
+    fifth_encoder_steps: int = 300  # the history encoder on the four users (few users: more steps did not help in 12)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,9 @@ OVERRIDES = {
     "ablation.omegas": [5.0, 9.0], "ablation.decoder_cfgs": [1.0, 5.0], "ablation.levels": [0, 2],
     "ablation.level_omegas": [5.0], "ablation.n_per_user": 1,
     "new_users.ks": [5, 0], "new_users.draws": 1, "new_users.steps": 2, "new_users.n_samples": 2,
-    "new_users.n_images": 1,
+    "new_users.n_images": 1, "new_users.select_ks": [5, 0], "new_users.select_lrs": [0.05],
+    "new_users.select_samples": 2, "new_users.encoder_steps": 2, "new_users.feedback_rounds": 1,
+    "new_users.feedback_per_round": 1, "new_users.feedback_steps": 2, "dsprites.fifth_encoder_steps": 2,
 }
 TABLE2_METHODS = ("REBECA", "Per-user LoRA", "Shared LoRA", "VLM Persona", "VLM Persona + LoRA",
                   "Random images (other users)")

@@ -26,7 +26,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from ..config import DiffusionConfig, GenerationConfig, NewUserConfig
-from ..io import CorruptFileError, atomic_dir, save_safetensors, write_json
+from ..io import CorruptFileError, atomic_dir, load_model, save_safetensors, write_json
 from ..models.prior import RebecaPrior, load_prior
 from ..train.diffusion import make_scheduler
 from ..train.history_encoder import HistoryEncoder
@@ -298,7 +298,7 @@ class RebecaPipeline:
                                    f"{FORMAT_VERSION}")
         prior = load_prior(folder / "prior", device)
         scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-        encoder = (HistoryEncoder.from_pretrained(folder / ENCODER_DIR).to(device)
+        encoder = (load_model(HistoryEncoder, folder / ENCODER_DIR, "save the pipeline again (notebook 12)").to(device)
                    if (folder / ENCODER_DIR).is_dir() else None)
         return cls(prior, scheduler, Normalizer.load(folder / "normalizer.json"), sampler=cfg["sampler"],
                    steps=cfg["steps"], cfg_scale=cfg["cfg_scale"], users=cfg["users"], space=cfg["space"],

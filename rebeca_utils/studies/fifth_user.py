@@ -45,13 +45,14 @@ def warm_start(prior):
     return five.train()
 
 
-def four_user_encoder(pipe, study: DSpritesStudy, latents: torch.Tensor, cfg: NewUserConfig, seed: int = 0):
-    """The history encoder trained on the four users' ratings of the training images (the prior frozen)."""
+def four_user_encoder(pipe, study: DSpritesStudy, latents: torch.Tensor, cfg: NewUserConfig, steps: int,
+                      seed: int = 0):
+    """The history encoder trained `steps` steps on the four users' ratings of the training images (prior frozen)."""
     train = torch.as_tensor(study.train_idx)
     z = pipe.normalizer.forward(latents[train]).repeat(study.n_users, 1)
     rating = torch.as_tensor(study.likes[:, study.train_idx]).reshape(-1).long()
     user_id = torch.arange(study.n_users).repeat_interleave(len(train))
-    return train_encoder(pipe.prior, pipe.scheduler, z, rating, user_id, steps=cfg.encoder_steps, lr=cfg.encoder_lr,
+    return train_encoder(pipe.prior, pipe.scheduler, z, rating, user_id, steps=steps, lr=cfg.encoder_lr,
                          batch_users=study.n_users, regress=cfg.encoder_regress, seed=seed, progress=False)
 
 

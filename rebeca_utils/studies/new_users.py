@@ -128,12 +128,14 @@ def validation_scores(pipe, ratings: pd.DataFrame, z: torch.Tensor, recs: list[d
     pool = (pipe.normalizer.inverse(z[torch.as_tensor(np.flatnonzero(val))]).numpy(),
             ratings["user_id"].to_numpy()[val], ratings["like"].to_numpy()[val].astype(bool))
     like = torch.as_tensor(ratings["like"].to_numpy(dtype=np.int64))
-    out = []
+    out, with_likes = [], set(pool[1][pool[2]].tolist())
     for rec, row, xs in zip(recs, rows, x):
-        per, _ = retrieval.retrieval_metrics(xs.numpy(), [rec["user_id"]] * n, *pool, ks=(1,))
+        p1 = float("nan")  # a user without a liked validation image has no P@1 (§4.4 drops such users)
+        if rec["user_id"] in with_likes:
+            per, _ = retrieval.retrieval_metrics(xs.numpy(), [rec["user_id"]] * n, *pool, ks=(1,))
+            p1 = float(per["precision"].iloc[0])
         m = torch.as_tensor(np.flatnonzero(val & (ratings["user_id"] == rec["user_id"]).to_numpy()))
-        out.append({**rec, "P@1 val": float(per["precision"].iloc[0]) if len(per) else float("nan"),
-                    "loss val": heldout_loss(pipe.prior, pipe.scheduler, row, z[m], like[m])})
+        out.append({**rec, "P@1 val": p1, "loss val": heldout_loss(pipe.prior, pipe.scheduler, row, z[m], like[m])})
     return pd.DataFrame(out)
 
 
@@ -163,8 +165,8 @@ def select_encoder(pipe, ratings: pd.DataFrame, z: torch.Tensor, users: Sequence
 
 
 def best_setting(table: pd.DataFrame, inits: Sequence[str], k: int) -> dict:
-    """The (init, lr, gauss, steps) among `inits` with the highest mean validation P@1 from k ratings; ties: the
-    lowest loss."""
+    """The (init, lr, gauss, steps) among `inits` with the highest mean validation P@1 from k ratings; ties (and
+    choosing users without a liked validation image, whose P@1 is NaN): the lowest loss."""
     d = table[table["init"].isin(list(inits)) & (table["steps"] > 0) & (table["k"] == k)]
     if d.empty:
         raise ValueError(f"best_setting: no selection rows for inits {list(inits)} at k={k}")
@@ -286,7 +288,7 @@ def feedback_metrics(fb: pd.DataFrame, pool: dict) -> pd.DataFrame:
 def fit_encoder(pipe, ratings: pd.DataFrame, z: torch.Tensor, encoder_users: Sequence[int],
                 selection_users: Sequence[int], cfg: NewUserConfig, seed: int = 0, progress: bool = True):
     """Train the history encoder on `encoder_users`' training ratings; keep the checkpoint (0 … encoder_steps)
-    with the best validation P@1 on `selection_users`. Returns (encoder, its selection table, seconds)."""
+    with the best validation P@1 on `selection_users`. Returns (encoder, its selection table, seconds, kept step)."""
     m = (ratings["user_id"].isin(list(encoder_users)) & (ratings["split"] == "train")).to_numpy()
     idx = torch.as_tensor(np.flatnonzero(m))
     s = cfg.encoder_steps
@@ -295,7 +297,7 @@ def fit_encoder(pipe, ratings: pd.DataFrame, z: torch.Tensor, encoder_users: Seq
                         batch_users=cfg.encoder_batch_users, regress=cfg.encoder_regress,
                         checkpoints=sorted({0, s // 4, s // 2, s}), seed=seed, progress=progress)
     table = select_encoder(pipe, ratings, z, selection_users, cfg, res, seed)
-    mean = table.groupby("encoder_steps")["P@1 val"].mean()
+    mean = table.groupby("encoder_steps")["P@1 val"].mean().fillna(-1.0)  # no P@1 anywhere: the first checkpoint
     best = int(mean.idxmax())
     res.encoder.load_state_dict(res.at[best])
-    return res.encoder.eval(), table, res.seconds
+    return res.encoder.eval(), table, res.seconds, best
