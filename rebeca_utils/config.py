@@ -260,7 +260,7 @@ class NewUserConfig:
     n_images: int = 10  # of which decoded: the image-space metrics (§4.4 P@k, verifier score)
     cfg_scale: float = 5.0  # prior guidance ω
     update_l2: float = 1e-3  # updating an existing user: pull l2·‖row − old row‖² towards the old row
-    retrain: bool = False  # the upper bound: one more prior training run, with the hold-out workers
+    retrain: bool = False  # the upper bound: one more prior training run, with the hold-out workers (smoke: on)
     # choosing inversion's settings on seen users (never the hold-out workers): a share of the seen users, each
     # fitting from k ∈ select_ks of their training ratings, judged on their validation ratings
     select_frac: float = 0.1  # of the seen users (paper: 17 of 173); the rest train the history encoder
@@ -312,7 +312,7 @@ SMOKE_VLM = VlmConfig(constrained=True, max_new_tokens=96, batch_size=16, chunk_
 # steps barely move them); 2 of 32 samples decoded. The retrained upper bound (one more prior training, ~80 s here)
 # stays off, as in paper: the README has its numbers
 SMOKE_NEW_USERS = NewUserConfig(ks=(5, 0), draws=2, steps=40, lr=0.2, n_samples=32, n_images=2, select_frac=0.2,
-                                select_ks=(5, 0), select_lrs=(0.2,), encoder_steps=300, feedback_rounds=2,
+                                select_ks=(5, 0), select_lrs=(0.2,), encoder_steps=300, feedback_rounds=2, retrain=True,
                                 feedback_steps=20)
 
 

@@ -529,6 +529,7 @@ def test_12_new_users_beat_the_population_and_leave_the_prior(smoke_run):
     for method in ("inversion", "encoder", "encoder_inversion"):  # the hold-out workers, from all their ratings
         assert p1[method] >= p1["null_user"] + MIN_NEW_USER_P1_MARGIN, at
         assert ver[method] >= ver["null_user"] + MIN_NEW_USER_VERIFIER_MARGIN, at
+    assert ver["retrain"] > ver["null_user"]  # smoke runs the upper bound too: 03's training with the new workers
     # the encoder is a forward pass: far cheaper than inversion
     assert m["seconds_by_method"]["encoder"] * 50 < m["seconds_by_method"]["inversion"]
     # settings were chosen on seen users' validation ratings, per select k; none of the hold-out workers chose
