@@ -442,3 +442,14 @@ def test_feedback_adds_answers_to_the_history_and_updates_only_the_live_user(tra
     assert seen == [(0, "feedback"), (1, "feedback"), (1, "no feedback"), (2, "feedback"), (2, "no feedback")]
     assert t.iloc[0]["hits"] == t.iloc[1]["hits"]  # round 0: one user, one set of images
     assert torch.equal(pipe.prior.user_emb.weight[uid], pipe.prior.user_emb.weight[pipe.null_user])  # pipe as it was
+
+
+def test_a_fit_starts_from_the_nearest_seen_user_by_liked_embeddings(trained):
+    pipe = _pipe(*trained)
+    means = CENTERS  # seen user u likes images near CENTERS[u]
+    new = _data([2], 12, 13)
+    start = NEW.start_row(pipe, "nearest", new.img_emb, new.rating.numpy().astype(bool), means=means)
+    assert torch.equal(start, pipe.prior.user_emb.weight[2])  # user 2 has this taste
+    assert NEW.start_row(pipe, "null", new.img_emb, new.rating.numpy()) == "null"  # fit_user's own init
+    with pytest.raises(ValueError, match="a 'nearest' init needs the seen users' liked embeddings"):
+        NEW.start_row(pipe, "nearest", new.img_emb, new.rating.numpy().astype(bool))

@@ -75,17 +75,6 @@ def nearest_user(verifier, trained_users, ver_emb: torch.Tensor, like: np.ndarra
     return int(np.asarray(trained_users)[int(np.argmax(agree))])
 
 
-def _start(pipe, method: str, setting: dict, z, like, encoder, means) -> torch.Tensor | str:
-    """Where `method`'s fit starts: the encoded row for the encoder methods, else the setting's init."""
-    if method.startswith("encoder"):
-        return encoder.encode(z, torch.as_tensor(like).long())
-    if setting["init"] == "nearest":
-        if means is None:
-            raise ValueError("fit_rows: a 'nearest' init needs `ratings` (the seen users' liked embeddings)")
-        return pipe.prior.user_emb.weight.detach()[new_users.nearest_by_likes(means, pipe.trained_users, z, like)]
-    return setting["init"]
-
-
 def fit_rows(pipe, hists, dec_emb: torch.Tensor, like: np.ndarray, cfg: NewUserConfig, settings: dict,
              encoder=None, ratings: pd.DataFrame | None = None, seed: int = 0) -> pd.DataFrame:
     """One row per (history, method in ROW_METHODS): columns user_id, history, draw, method, row, seconds,
@@ -98,8 +87,9 @@ def fit_rows(pipe, hists, dec_emb: torch.Tensor, like: np.ndarray, cfg: NewUserC
     gauss, recs = row_prior(pipe.prior, trained), []
     for h, method in tqdm([(h, m) for h in hists for m in methods], desc="fit new users"):
         rows, t0 = list(h.rows), time.perf_counter()
-        st = new_users.setting_for(settings[method], h.size) if method != "encoder" else {"init": None}
-        start = _start(pipe, method, st, z[rows], like[rows], encoder, means)
+        st = new_users.setting_for(settings[method], h.size) if method != "encoder" else {}
+        init = "encoder" if method.startswith("encoder") else st["init"]
+        start = new_users.start_row(pipe, init, z[rows], like[rows], encoder, means)
         rec = dict(user_id=h.user_id, history=h.size, draw=h.draw, method=method, row=start,
                    seconds=time.perf_counter() - t0, loss_first=np.nan, loss_last=np.nan)
         if method != "encoder":

@@ -74,9 +74,13 @@ def heldout_loss(prior, sched, row: torch.Tensor, z: torch.Tensor, rating: torch
     return float(diffusion_loss(model, sched, x0, torch.zeros_like(r), r, gen))
 
 
-def _inits(pipe, name: str, z, like, encoder, means, others) -> torch.Tensor | str:
-    """An init by name for fit_user: the row itself for "nearest" and "encoder"."""
+def start_row(pipe, name: str, z, like, encoder=None, means=None, others=None) -> torch.Tensor | str:
+    """Where a fit starts, by name: "nearest" (the seen user among `others`, default every trained user, with the
+    closest liked-embedding mean `means`), "encoder" (the encoded history), or "null" / "mean" (fit_user's own)."""
     if name == "nearest":
+        if means is None:
+            raise ValueError("a 'nearest' init needs the seen users' liked embeddings (liked_means of 02's ratings)")
+        others = pipe.trained_users if others is None else others
         return pipe.prior.user_emb.weight.detach()[nearest_by_likes(means, others, z, like)]
     if name == "encoder":
         return encoder.encode(z, torch.as_tensor(like).long())
@@ -104,7 +108,7 @@ def _selection_fits(pipe, ratings, z, users, cfg, encoder, seed, progress) -> tu
     for u, k, init, lr, w in tqdm(jobs, desc="choose inversion settings", disable=not progress):
         h = selection_history(ratings, u, k, seed)
         others = [v for v in trained if v != u]  # the user's own row is what is being recovered
-        start = _inits(pipe, init, z[h], like_all[h], encoder, means[[trained.index(v) for v in others]], others)
+        start = start_row(pipe, init, z[h], like_all[h], encoder, means[[trained.index(v) for v in others]], others)
         res = fit_user(pipe.prior, pipe.scheduler, z[h], torch.as_tensor(like_all[h]).long(), init=start,
                        trained_users=trained, steps=cfg.steps, lr=lr, batch_size=cfg.batch_size, gauss=gauss,
                        gauss_weight=w, checkpoints=checkpoints, seed=seed)

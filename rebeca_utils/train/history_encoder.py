@@ -116,7 +116,7 @@ def sub_histories(per_user: dict[int, np.ndarray], users: Sequence[int], rng: np
 
 def train_encoder(prior: RebecaPrior, sched, img_emb: torch.Tensor, rating: torch.Tensor, user_id: torch.Tensor,
                   *, steps: int = 500, lr: float = 1e-3, batch_users: int = 16, n_target: int = 8, k_max: int = 64,
-                  regress: float = 1.0, diffusion: float = 1.0, width: int = 256, checkpoints: Sequence[int] = (),
+                  regress: float = 1.0, width: int = 256, checkpoints: Sequence[int] = (),
                   seed: int = 0, progress: bool = True) -> EncoderResult:
     """Train a HistoryEncoder on these users' ratings (the seen users; the prior stays frozen, bit for bit).
 
@@ -160,7 +160,7 @@ def train_encoder(prior: RebecaPrior, sched, img_emb: torch.Tensor, rating: torc
             return functional_call(prior, {"user_emb.weight": _w}, (x_t, t, user_id_, rating_))
 
         model.null_user, model.null_rating = prior.null_user, prior.null_rating
-        loss = diffusion * diffusion_loss(model, sched, x0[tgt], slots.repeat_interleave(n_target), r[tgt], gen)
+        loss = diffusion_loss(model, sched, x0[tgt], slots.repeat_interleave(n_target), r[tgt], gen)
         if regress > 0:
             loss = loss + regress * (rows - table[torch.as_tensor(batch, device=dev)]).pow(2).mean()
         opt.zero_grad(set_to_none=True)
