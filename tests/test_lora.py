@@ -417,10 +417,15 @@ def test_five_kills_during_lora_training_lose_and_repeat_nothing(tmp_path, kit_c
         proc = subprocess.Popen(_cli(cut, "--num-workers", "0"), env=_env(kit_cache), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while sum(r["status"] == "started" for r in _train_log_records(cut)) == before and proc.poll() is None \
-                and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.5, 3.0))  # somewhere in a job: mid-step, mid-checkpoint or mid-adapter write
+        if kill == 0:  # the first kill waits for a per-user checkpoint, so one resume is certain whatever the speed
+            while not any(LC.checkpoint_dir(cut, j).glob("step-*.pt") for j in jobs[:2]) and proc.poll() is None \
+                    and time.time() < deadline:
+                time.sleep(0.02)
+        else:
+            while sum(r["status"] == "started" for r in _train_log_records(cut)) == before and proc.poll() is None \
+                    and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.5, 3.0))  # somewhere in a job: mid-step, mid-checkpoint or mid-adapter write
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     r = subprocess.run(_cli(cut, "--num-workers", "0"), env=_env(kit_cache), capture_output=True, text=True,
