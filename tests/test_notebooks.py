@@ -577,8 +577,8 @@ def test_13_static_grid_and_a_saved_new_user(smoke_run):
 @needs_browser
 def test_13_explorer_in_jupyterlab(smoke_run, tmp_path):
     """Run notebook 13 in Lab; change the user and ω, Generate; a like on a generated image, Update; page the
-    gallery, like three images and dislike one, Fit me; save, load, the same seed gives the same images; compare;
-    a screenshot."""
+    gallery, like three images and dislike one, Fit me; save, restart the kernel and run all, load in the fresh
+    panel, the same seed gives the same images; compare; a screenshot."""
     import shutil
 
     from playwright import (
@@ -632,22 +632,34 @@ def test_13_explorer_in_jupyterlab(smoke_run, tmp_path):
         expect(out).to_contain_text("fitted 'new user' on 3 likes and 1 dislikes")
         expect(page.locator(".rebeca-grid small", has_text="v* =")).to_have_count(4)  # from a fitted verifier row
         before = [pixels(grid.nth(i)) for i in range(4)]
-        # save, load again, the same seed: the same images
+        # save; a fresh kernel and a fresh panel; load; the same seed: the same images
         page.locator("button.rebeca-save").click()
         expect(out).to_contain_text("saved ")
+        saved = page.locator(".rebeca-path input").input_value()
+        page.locator(".lm-MenuBar-itemLabel", has_text="Kernel").first.click()
+        page.locator(".lm-Menu-itemLabel", has_text="Restart Kernel and Run All Cells").first.click()
+        page.locator(".jp-Dialog .jp-mod-accept").click()
+        expect(grid).to_have_count(0, timeout=120_000)  # the old panel's output is gone
+        expect(go).to_be_visible(timeout=240_000)
+        page.locator(".widget-tab .lm-TabBar-tab", has_text="New user").click()
+        page.locator(".rebeca-path input").fill(saved)
         page.locator("button.rebeca-load").click()
-        expect(out).to_contain_text("loaded 'new user' as user id")
+        expect(out).to_contain_text("loaded 'new user' as user id", timeout=60_000)
         page.locator(".widget-tab .lm-TabBar-tab", has_text="Explore").click()
         expect(page.locator(".rebeca-strip img")).to_have_count(3)  # the loaded user's strip: the three likes
+        readout.click()
+        page.keyboard.press("Control+a")
+        page.keyboard.type("9")
+        page.keyboard.press("Enter")
         go.click()
-        expect(status).to_contain_text("grid 4: new user, prior ω 9,", timeout=120_000)
+        expect(status).to_contain_text("grid 1: new user, prior ω 9,", timeout=120_000)
         expect(grid).to_have_count(4)
         assert [pixels(grid.nth(i)) for i in range(4)] == before
         page.locator(".rebeca-compare input").check()
         vs = page.locator(".rebeca-other select").evaluate("e => e.options[e.selectedIndex].text")
-        assert vs != "new user"  # fitting a user keeps the comparison user as chosen
+        assert vs != "new user"  # loading a user keeps the comparison user as chosen
         go.click()
-        expect(status).to_contain_text(f"grid 5: new user, {vs}, prior ω 9,", timeout=120_000)
+        expect(status).to_contain_text(f"grid 2: new user, {vs}, prior ω 9,", timeout=120_000)
         expect(grid).to_have_count(8)  # the same seeds for both users, side by side
         page.add_style_tag(content=".Toastify { display: none !important; }")  # Lab's news prompt
         panel = page.locator(".widget-tab").first

@@ -61,3 +61,10 @@ def test_table2_has_every_method_and_the_report_is_built(rehearsal):
         run / "08_evaluate_methods" / "table2_paper.csv")
     with pytest.raises(AssertionError, match="no measured row for \\['Shared LoRA'\\]"):
         R.check(work, rows)
+
+
+def test_px_sets_the_image_size_and_leaves_the_shared_overrides_alone(tmp_path):
+    assert "generation.height" not in R.params(tmp_path, set())["overrides"]  # the paper's 512² by default
+    p = R.params(tmp_path, {"tag_limit"}, px=256)
+    assert p["overrides"]["generation.height"] == p["overrides"]["generation.width"] == 256 and p["tag_limit"] == 4
+    assert "generation.height" not in R.OVERRIDES
