@@ -277,6 +277,7 @@ class NewUserConfig:
     feedback_rounds: int = 3
     feedback_per_round: int = 4
     feedback_steps: int = 50
+    ceiling_factor: int = 10  # 12's ceiling: inversion × this many steps, on training ratings and every rating
 
 
 @dataclass(frozen=True)
@@ -313,7 +314,7 @@ SMOKE_VLM = VlmConfig(constrained=True, max_new_tokens=96, batch_size=16, chunk_
 # stays off, as in paper: the README has its numbers
 SMOKE_NEW_USERS = NewUserConfig(ks=(5, 0), draws=2, steps=40, lr=0.2, n_samples=32, n_images=2, select_frac=0.2,
                                 select_ks=(5, 0), select_lrs=(0.2,), encoder_steps=300, feedback_rounds=2, retrain=True,
-                                feedback_steps=20)
+                                feedback_steps=20, ceiling_factor=5)
 
 
 def _smoke() -> Profile:

@@ -539,6 +539,15 @@ def test_12_new_users_beat_the_population_and_leave_the_prior(smoke_run):
     assert set(m["settings"]) == {"inversion", "encoder_inversion"}
     tests = pd.read_csv(d / "paired_tests.csv")
     assert {"inversion", "encoder"} <= set(tests["method"]) and tests["p_value"].between(0, 1).all()
+    # the ceiling: its training-ratings row at the chosen steps is the table's inversion row (same P@1 per worker)
+    c, long = pd.read_csv(d / "ceiling_per_user.csv"), pd.read_csv(d / "metrics_per_user.csv")
+    steps = m["settings"]["inversion"]["0"]["steps"]
+    assert set(c["method"]) == {f"{r}, {n} steps" for r in ("training ratings", "every rating (oracle)")
+                                for n in (steps, steps * 5)}
+    p1 = "P@1 embedding (paper)"
+    a = c[(c["metric"] == p1) & (c["method"] == f"training ratings, {steps} steps")].set_index("user_id")["value"]
+    b = long[(long["metric"] == p1) & (long["history"] == 0) & (long["method"] == "inversion")]
+    pd.testing.assert_series_equal(a.sort_index(), b.set_index("user_id")["value"].sort_index())
     fb = pd.read_csv(d / "feedback_summary.csv")
     assert set(fb["round"]) == {0, 1, 2} and set(fb["method"]) == {"feedback", "no feedback"}
     r0 = fb[fb["round"] == 0].set_index(["metric", "method"])["mean"]

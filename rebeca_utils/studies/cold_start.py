@@ -93,14 +93,68 @@ def fit_rows(pipe, hists, dec_emb: torch.Tensor, like: np.ndarray, cfg: NewUserC
         rec = dict(user_id=h.user_id, history=h.size, draw=h.draw, method=method, row=start,
                    seconds=time.perf_counter() - t0, loss_first=np.nan, loss_last=np.nan)
         if method != "encoder":
-            fit_seed = int(seed_sequence(seed, "new_user_fit", h.user_id, h.size, h.draw).generate_state(1)[0])
-            res = fit_user(pipe.prior, pipe.scheduler, z[rows], torch.as_tensor(like[rows]).long(), init=start,
-                           trained_users=trained, steps=st["steps"], lr=st["lr"], batch_size=cfg.batch_size,
-                           gauss=gauss, gauss_weight=st["gauss"], seed=fit_seed)
+            res = _fit(pipe, h, z, like, start, st, cfg, gauss, seed)
             rec.update(row=res.row, seconds=rec["seconds"] + res.seconds, loss_first=float(np.mean(res.losses[:5])),
                        loss_last=float(np.mean(res.losses[-5:])))
         recs.append({**rec, "row": rec["row"].detach().cpu()})
     return pd.DataFrame(recs)
+
+
+def _fit(pipe, h: History, z: torch.Tensor, like: np.ndarray, start, setting: dict, cfg: NewUserConfig, gauss,
+         seed: int, steps: int | None = None):
+    """Inversion of history h's ratings with a chosen setting (the fit's seed is the history's); `steps` overrides
+    the setting's, and the row after the setting's own steps is kept in `.at` then."""
+    rows = list(h.rows)
+    fit_seed = int(seed_sequence(seed, "new_user_fit", h.user_id, h.size, h.draw).generate_state(1)[0])
+    return fit_user(pipe.prior, pipe.scheduler, z[rows], torch.as_tensor(like[rows]).long(), init=start,
+                    trained_users=pipe.trained_users, steps=steps or setting["steps"], lr=setting["lr"],
+                    batch_size=cfg.batch_size, gauss=gauss, gauss_weight=setting["gauss"], seed=fit_seed,
+                    checkpoints=(setting["steps"],) if steps else ())
+
+
+def fit_ceiling(pipe, ratings: pd.DataFrame, dec_emb: torch.Tensor, like: np.ndarray, users, settings: dict,
+                cfg: NewUserConfig, pool: dict, encoder=None, seed: int = 0) -> pd.DataFrame:
+    """How far one row of the frozen prior goes: each user's inversion (the setting chosen for all ratings) on
+    their training ratings and, as an oracle, on every rating they gave (the test pool too), after the chosen steps
+    and `cfg.ceiling_factor` times as many; long P@k rows in the decoder space (long_metrics), method
+    '<ratings>, <steps> steps'. The training-ratings row at the chosen steps is fit_rows' inversion row."""
+    z = pipe.normalizer.forward(dec_emb)
+    st = new_users.setting_for(settings["inversion"], 0)
+    means, gen = new_users.liked_means(ratings, z, pipe.trained_users), {}
+    gauss = row_prior(pipe.prior, pipe.trained_users)
+    steps = st["steps"] * cfg.ceiling_factor
+    for data, splits in (("training ratings", ("train",)), ("every rating (oracle)", ("train", "val", "test"))):
+        hists = [History(int(u), 0, 0, tuple(np.flatnonzero(((ratings["user_id"] == u)
+                                                             & ratings["split"].isin(splits)).to_numpy()).tolist()))
+                 for u in users]
+        rows: dict[int, list] = {st["steps"]: [], steps: []}
+        for h in tqdm(hists, desc=f"ceiling: {data}"):
+            r = list(h.rows)
+            start = new_users.start_row(pipe, st["init"], z[r], like[r], encoder, means)
+            res = _fit(pipe, h, z, like, start, st, cfg, gauss, seed, steps)
+            rows[st["steps"]].append(res.at[st["steps"]])
+            rows[steps].append(res.row)
+        for n, rs in rows.items():
+            gen[f"{data}, {n} steps"] = (hists, row_samples(pipe, torch.stack(rs), [h.user_id for h in hists], cfg,
+                                                            seed))
+    return long_metrics(gen, pool, (1,), "embedding")
+
+
+def row_samples(pipe, rows: torch.Tensor, user_ids, cfg: NewUserConfig, seed: int = 0) -> torch.Tensor:
+    """(len(rows), n_samples, d) samples of fitted rows on a copy of the pipeline, with user_ids' paired noise."""
+    model = pipe.with_rows({})  # a copy with the rows appended (the null row stays last)
+    ids = model.add_users(rows, source="fitted")
+    return _samples(model, ids, user_ids, cfg, seed)
+
+
+def _samples(model, ids, user_ids, cfg: NewUserConfig, seed: int) -> torch.Tensor:
+    """n_samples at R = 1 for each id; the prior noise is seeded by the real user ids (paired across methods)."""
+    n = cfg.n_samples
+    u = torch.as_tensor(ids).repeat_interleave(n)
+    seed_ids = torch.as_tensor(list(user_ids)).repeat_interleave(n)
+    x = model.sample(u, torch.ones_like(u), torch.arange(n).repeat(len(ids)), cfg_scale=cfg.cfg_scale, seed=seed,
+                     seed_ids=seed_ids)
+    return x.view(len(ids), n, -1)
 
 
 def method_samples(method: str, pipe, hists, *, cfg: NewUserConfig, fits: pd.DataFrame | None = None,
@@ -118,24 +172,18 @@ def method_samples(method: str, pipe, hists, *, cfg: NewUserConfig, fits: pd.Dat
         means = [dec_emb[np.asarray(h.rows)[like[list(h.rows)]]].mean(0) if like[list(h.rows)].any()
                  else dec_emb.mean(0) for h in hists]
         return torch.stack(means)[:, None].expand(-1, n, -1).contiguous()
-    model = pipe
+    users = [h.user_id for h in hists]  # paired noise across methods
     if method == "null_user":
-        ids = [pipe.null_user] * len(hists)
-    elif method == "nearest":
-        ids = [nearest[h] for h in hists]
-    elif method == "retrain":
-        ids = [h.user_id for h in hists]
-    elif method in ROW_METHODS:
+        return _samples(pipe, [pipe.null_user] * len(hists), users, cfg, seed)
+    if method == "nearest":
+        return _samples(pipe, [nearest[h] for h in hists], users, cfg, seed)
+    if method == "retrain":
+        return _samples(pipe, users, users, cfg, seed)
+    if method in ROW_METHODS:
         key = fits.set_index(["user_id", "history", "draw", "method"])["row"]
-        model = pipe.with_rows({})  # a copy with the fitted rows appended (the null row stays last)
-        ids = model.add_users(torch.stack([key[(h.user_id, h.size, h.draw, method)] for h in hists]), source=method)
-    else:
-        raise ValueError(f"method={method!r}: valid methods are {', '.join(METHODS)}")
-    u = torch.as_tensor(ids).repeat_interleave(n)
-    seed_ids = torch.as_tensor([h.user_id for h in hists]).repeat_interleave(n)  # paired noise across methods
-    x = model.sample(u, torch.ones_like(u), torch.arange(n).repeat(len(hists)), cfg_scale=cfg.cfg_scale, seed=seed,
-                     seed_ids=seed_ids)
-    return x.view(len(hists), n, -1)
+        return row_samples(pipe, torch.stack([key[(h.user_id, h.size, h.draw, method)] for h in hists]), users, cfg,
+                           seed)
+    raise ValueError(f"method={method!r}: valid methods are {', '.join(METHODS)}")
 
 
 def rated_embeddings(splits: pd.DataFrame, *stores) -> tuple[pd.DataFrame, list[torch.Tensor]]:
