@@ -85,7 +85,7 @@ def params(work: Path, declared: set[str], px: int | None = None) -> dict:
     """The `-p` parameters: the data folder, the overrides (images `px` square if given, else the paper's 512²), and
     the per-notebook counts that exist as parameters."""
     out = {"data_dir": str(work / "data"), "overrides": dict(OVERRIDES)}
-    if px:
+    if px is not None:
         out["overrides"].update({"generation.height": px, "generation.width": px})
     out.update({k: v for k, v in PARAMS.items() if k in declared})
     return out
@@ -140,6 +140,13 @@ def check(work: Path, rows: list[dict], models: ModelsConfig | None = None) -> d
     return table
 
 
+def _px(text: str) -> int:
+    """--px: a positive multiple of 8 (SD's VAE downsamples by 8)."""
+    if not text.isdigit() or int(text) <= 0 or int(text) % 8:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive multiple of 8 (e.g. 256)")
+    return int(text)
+
+
 def main(argv=None) -> int:
     """`make rehearse`: prepare, run, check, print the per-notebook table."""
     ap = argparse.ArgumentParser(prog="python -m rebeca_utils.rehearse", description=__doc__.splitlines()[0])
@@ -147,8 +154,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", help="working folder (default: a temporary one, removed at the end)")
     ap.add_argument("--only", nargs="+", metavar="NN")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    ap.add_argument("--px", type=int, help="generate images px square (default: the paper's 512); 256 makes a CPU's "
-                                           "full-size run ~4x quicker and changes no model's shape")
+    ap.add_argument("--px", type=_px, help="images (and LoRA training crops) px square (default: the paper's 512); "
+                                           "256 makes a CPU's full-size run ~4x quicker and changes no model's shape")
     a = ap.parse_args(argv)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix=f"rebeca-rehearse-{a.size}-"))
     try:

@@ -174,6 +174,31 @@ def test_appended_rows_sample_like_rows_in_their_slot(trained):
         CS.method_samples("oracle", pipe, hist, cfg=cfg)
 
 
+def test_fit_ceiling_budgets_and_its_training_row_is_fit_rows_row(trained):
+    from dataclasses import replace
+
+    pipe = _pipe(*trained)
+    data = _data(range(5), 20, 7)  # user 4, never trained, likes centre 0 (4 of 14 training, 2 of 6 test)
+    ratings = pd.DataFrame({"user_id": data.user_id.numpy(), "like": data.rating.numpy().astype(bool),
+                            "split": np.tile(["train"] * 14 + ["test"] * 6, 5)})
+    like, pool = ratings["like"].to_numpy(), CS.test_pool(ratings, data.img_emb)
+    settings = {"inversion": {0: dict(init="null", lr=0.05, gauss=0.0, steps=10)}}
+    cfg = NewUserConfig(n_samples=6, cfg_scale=3.0, ceiling_factor=3)
+    got = CS.fit_ceiling(pipe, ratings, data.img_emb, like, [4], settings, cfg, pool)
+    assert set(got["method"]) == {f"{d}, {n} steps" for d in ("training ratings", "every rating (oracle)")
+                                  for n in (10, 30)}
+    hist = CS.histories(ratings, [4], [0], 1)
+    fits = CS.fit_rows(pipe, hist, data.img_emb, like, cfg, settings)
+    want = CS.long_metrics({"inversion": (hist, CS.method_samples("inversion", pipe, hist, cfg=cfg, fits=fits))},
+                           pool, (1,), "embedding")
+    mine = got.loc[got["method"] == "training ratings, 10 steps", "value"]
+    pd.testing.assert_series_equal(mine.reset_index(drop=True), want["value"].reset_index(drop=True))
+    one = CS.fit_ceiling(pipe, ratings, data.img_emb, like, [4], settings, replace(cfg, ceiling_factor=1), pool)
+    assert set(one["method"]) == {"training ratings, 10 steps", "every rating (oracle), 10 steps"}
+    with pytest.raises(ValueError, match="new_users.ceiling_factor=0: it multiplies the chosen steps; use >= 1"):
+        CS.fit_ceiling(pipe, ratings, data.img_emb, like, [4], settings, replace(cfg, ceiling_factor=0), pool)
+
+
 def test_summarise_averages_draws_before_users():
     long = pd.DataFrame(dict(metric="m", method="inv", history=5, user_id=[1, 1, 2], draw=[0, 1, 0],
                              value=[0.0, 1.0, 1.0]))

@@ -14,7 +14,7 @@ from papermill.translators import PythonTranslator
 from rebeca_utils import run as runner
 from rebeca_utils.baselines import lora_cli as LC
 from rebeca_utils.baselines import lora_recipe as R
-from rebeca_utils.config import SMOKE_LORA, get_profile
+from rebeca_utils.config import SMOKE_LORA, SMOKE_NEW_USERS, get_profile
 from rebeca_utils.data import splits as SP
 from rebeca_utils.evaluate import methods as METHODS
 from rebeca_utils.evaluate import paper as PAPER
@@ -543,7 +543,7 @@ def test_12_new_users_beat_the_population_and_leave_the_prior(smoke_run):
     c, long = pd.read_csv(d / "ceiling_per_user.csv"), pd.read_csv(d / "metrics_per_user.csv")
     steps = m["settings"]["inversion"]["0"]["steps"]
     assert set(c["method"]) == {f"{r}, {n} steps" for r in ("training ratings", "every rating (oracle)")
-                                for n in (steps, steps * 5)}
+                                for n in (steps, steps * SMOKE_NEW_USERS.ceiling_factor)}
     p1 = "P@1 embedding (paper)"
     a = c[(c["metric"] == p1) & (c["method"] == f"training ratings, {steps} steps")].set_index("user_id")["value"]
     b = long[(long["metric"] == p1) & (long["history"] == 0) & (long["method"] == "inversion")]

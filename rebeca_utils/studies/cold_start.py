@@ -106,10 +106,11 @@ def _fit(pipe, h: History, z: torch.Tensor, like: np.ndarray, start, setting: di
     the setting's, and the row after the setting's own steps is kept in `.at` then."""
     rows = list(h.rows)
     fit_seed = int(seed_sequence(seed, "new_user_fit", h.user_id, h.size, h.draw).generate_state(1)[0])
+    more = steps is not None
     return fit_user(pipe.prior, pipe.scheduler, z[rows], torch.as_tensor(like[rows]).long(), init=start,
-                    trained_users=pipe.trained_users, steps=steps or setting["steps"], lr=setting["lr"],
+                    trained_users=pipe.trained_users, steps=steps if more else setting["steps"], lr=setting["lr"],
                     batch_size=cfg.batch_size, gauss=gauss, gauss_weight=setting["gauss"], seed=fit_seed,
-                    checkpoints=(setting["steps"],) if steps else ())
+                    checkpoints=(setting["steps"],) if more else ())
 
 
 def fit_ceiling(pipe, ratings: pd.DataFrame, dec_emb: torch.Tensor, like: np.ndarray, users, settings: dict,
@@ -118,6 +119,8 @@ def fit_ceiling(pipe, ratings: pd.DataFrame, dec_emb: torch.Tensor, like: np.nda
     their training ratings and, as an oracle, on every rating they gave (the test pool too), after the chosen steps
     and `cfg.ceiling_factor` times as many; long P@k rows in the decoder space (long_metrics), method
     '<ratings>, <steps> steps'. The training-ratings row at the chosen steps is fit_rows' inversion row."""
+    if cfg.ceiling_factor < 1:
+        raise ValueError(f"new_users.ceiling_factor={cfg.ceiling_factor}: it multiplies the chosen steps; use >= 1")
     z = pipe.normalizer.forward(dec_emb)
     st = new_users.setting_for(settings["inversion"], 0)
     means, gen = new_users.liked_means(ratings, z, pipe.trained_users), {}
@@ -127,13 +130,13 @@ def fit_ceiling(pipe, ratings: pd.DataFrame, dec_emb: torch.Tensor, like: np.nda
         hists = [History(int(u), 0, 0, tuple(np.flatnonzero(((ratings["user_id"] == u)
                                                              & ratings["split"].isin(splits)).to_numpy()).tolist()))
                  for u in users]
-        rows: dict[int, list] = {st["steps"]: [], steps: []}
+        rows: dict[int, list] = {n: [] for n in dict.fromkeys((st["steps"], steps))}  # one budget when factor 1
         for h in tqdm(hists, desc=f"ceiling: {data}"):
             r = list(h.rows)
             start = new_users.start_row(pipe, st["init"], z[r], like[r], encoder, means)
             res = _fit(pipe, h, z, like, start, st, cfg, gauss, seed, steps)
-            rows[st["steps"]].append(res.at[st["steps"]])
-            rows[steps].append(res.row)
+            for n in rows:
+                rows[n].append(res.row if n == steps else res.at[n])
         for n, rs in rows.items():
             gen[f"{data}, {n} steps"] = (hists, row_samples(pipe, torch.stack(rs), [h.user_id for h in hists], cfg,
                                                             seed))
