@@ -239,6 +239,32 @@ def test_hub_clip_is_made_in_the_target_dtype_and_filled_in_place(tmp_path):
     assert all(torch.equal(v, ref.state_dict()[k].to(v.dtype)) for k, v in model.state_dict().items())
 
 
+def test_vision_only_clip_never_holds_the_text_half_and_embeds_the_same(tmp_path):
+    """The verifier space's encoder: made on the meta device, its text half dropped before any memory is given, the
+    image half filled from the full checkpoint (safetensors or torch file); encode_image equals the whole model's."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    arch = ENC.tiny_clip_name(TINY, "verifier")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ref = open_clip.create_model(arch, pretrained=None).eval()
+    (tmp_path / W.OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": open_clip.get_model_config(arch)}))
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    torch.save(ref.state_dict(), tmp_path / "w.bin")
+    x = torch.randn(2, 3, *ref.visual.image_size, generator=torch.Generator().manual_seed(0))
+    for f in ("w.safetensors", "w.bin"):
+        model, _ = ENC.open_clip_from_repo(tmp_path / W.OPEN_CLIP_CONFIG, "cpu", vision_only=True)
+        assert {k.split(".")[0] for k in model.state_dict()} == {"visual", "logit_scale"}
+        with pytest.raises(ValueError, match=f"{f}: checkpoint does not fit the architecture"):
+            ENC.stream_state_dict(model, tmp_path / f)  # the text half's keys are unexpected unless skipped
+        ENC.stream_state_dict(model, tmp_path / f, skip=ENC.TEXT_PARTS)
+        with torch.no_grad():
+            assert torch.equal(model.eval().encode_image(x), ref.encode_image(x)), f
+    enc = ENC.build_encoder("verifier", TINY)  # the same drop on the tiny builder's path
+    assert not hasattr(enc.model, "transformer") and hasattr(enc.model, "visual")
+
+
 # ----------------------------------------------------------------------------------------------- paper profile
 
 

@@ -53,8 +53,22 @@ def quiet_random_init():
 VERIFIER_WEIGHTS = "open_clip_model.safetensors"  # the smoke world's file, named as open_clip's Hub checkpoints
 
 
-def build_clip(models: ModelsConfig, role: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, preprocess, tokenizer) from open_clip for role verifier | aesthetic | decoder."""
+# an open_clip CLIP's text half: an image encoder needs none of it (bigG's is 0.7 B parameters, 2.8 GB in fp32)
+TEXT_PARTS = ("transformer", "token_embedding", "ln_final", "positional_embedding", "text_projection", "attn_mask")
+
+
+def drop_text_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without TEXT_PARTS (encode_text then fails; encode_image is unchanged)."""
+    for name in TEXT_PARTS:
+        if hasattr(model, name):
+            delattr(model, name)
+    return model
+
+
+def build_clip(models: ModelsConfig, role: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               vision_only: bool = False):
+    """(model, preprocess, tokenizer) from open_clip for role verifier | aesthetic | decoder; `vision_only` builds
+    and loads the image half alone (the paper's weights never hold the text half in memory)."""
 
     if role not in CLIP_ROLES:
         raise ValueError(f"role={role!r}: valid roles are {', '.join(CLIP_ROLES)}")
@@ -67,6 +81,7 @@ def build_clip(models: ModelsConfig, role: str, device: str = "cpu", dtype: torc
         else:
             with seeded(models.seed), quiet_random_init():
                 model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+        model = drop_text_tower(model) if vision_only else model
     else:
         name, tag = getattr(models, f"{role}_clip")
         entry = clip_entry(models, role)
@@ -76,20 +91,23 @@ def build_clip(models: ModelsConfig, role: str, device: str = "cpu", dtype: torc
         model, preprocess = open_clip_from_repo(
             config, device, dtype, force_quick_gelu=pcfg.get("quick_gelu", False), image_mean=pcfg.get("mean"),
             image_std=pcfg.get("std"), image_interpolation=pcfg.get("interpolation"),
-            image_resize_mode=pcfg.get("resize_mode"))
-        stream_state_dict(model, weights)
+            image_resize_mode=pcfg.get("resize_mode"), vision_only=vision_only)
+        stream_state_dict(model, weights, skip=TEXT_PARTS if vision_only else ())
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return model, preprocess, open_clip.get_tokenizer(name)
 
 
 def open_clip_from_repo(config: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                        **kwargs):
+                        vision_only: bool = False, **kwargs):
     """(model, preprocess) of the architecture in a Hub repo's open_clip_config.json, made on `device` in `dtype`
-    without weights: no second copy of the model (bigG in fp32 is 10 GB) exists before stream_state_dict fills it."""
-    folder = Path(config).parent
-    with torch.device(device), default_dtype(dtype), quiet_random_init():
+    without weights: no second copy of the model (bigG in fp32 is 10 GB) exists before stream_state_dict fills it.
+    `vision_only`: made on the meta device, its text half dropped, then given memory: that half is never allocated."""
+    folder, where = Path(config).parent, "meta" if vision_only else device
+    with torch.device(where), default_dtype(dtype), quiet_random_init():
         model, _, preprocess = open_clip.create_model_and_transforms(
-            f"local-dir:{folder}", load_weights=False, device=device, **kwargs)
+            f"local-dir:{folder}", load_weights=False, device=where, **kwargs)
+    if vision_only:  # the image half has no buffers that the checkpoint does not fill (a test checks every key)
+        return drop_text_tower(model).to_empty(device=device), preprocess
     return model.to(device=device, dtype=dtype), preprocess
 
 
@@ -104,12 +122,17 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def stream_state_dict(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
+def stream_state_dict(model: torch.nn.Module, path: str | os.PathLike, skip: tuple[str, ...] = ()
+                      ) -> torch.nn.Module:
     """Copy a checkpoint into `model` one tensor at a time (safetensors, or a memory-mapped torch file), so host RAM
-    holds one tensor of it at a time, not a second copy of the model; the same keys, or one line naming the file."""
+    holds one tensor of it at a time, not a second copy of the model; the same keys (less those under a `skip`
+    prefix, which are not read), or one line naming the file."""
     own = model.state_dict()
+
+    def wanted(key: str) -> bool:
+        return key.split(".")[0] not in skip
     if str(path).endswith(".safetensors"):
-        header = _safetensors_header(path)
+        header = {k: v for k, v in _safetensors_header(path).items() if wanted(k)}
         _check_keys(path, own, set(header) - {"__metadata__"})
         with open(path, "rb") as f:
             for k, tensor in _safetensors_tensors(f, header):
@@ -118,6 +141,7 @@ def stream_state_dict(model: torch.nn.Module, path: str | os.PathLike) -> torch.
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     state = state.get("state_dict", state)
     state = {k.removeprefix("module."): v for k, v in state.items() if k not in ("attn_mask", "module.attn_mask")}
+    state = {k: v for k, v in state.items() if wanted(k)}
     _check_keys(path, own, set(state))
     for k, v in state.items():
         own[k].copy_(v)
@@ -296,7 +320,7 @@ class VerifierEncoder(Encoder):
 
     def __init__(self, models: ModelsConfig, device: str = "cpu", dtype: torch.dtype = torch.float32):
 
-        self.model, self.transform, _ = build_clip(models, "verifier", device=device, dtype=dtype)
+        self.model, self.transform, _ = build_clip(models, "verifier", device=device, dtype=dtype, vision_only=True)
         self.dim, self.fingerprint = models.verifier_emb_dim, fingerprint("verifier", models)
         self.device, self.dtype = device, dtype
 
