@@ -82,7 +82,7 @@ lab-command:
 SIZE ?= ci
 WORK ?=
 rehearse: install
-	@s=$$SECONDS; HF_HUB_OFFLINE=1 $(PY) -m rebeca_utils.rehearse --size $(SIZE) $(if $(WORK),--work $(WORK)) && \
+	@s=$$SECONDS; HF_HUB_OFFLINE=1 $(PY) -m rebeca_utils.rehearse --size $(SIZE) $(if $(WORK),--work $(WORK)) $(if $(PX),--px $(PX)) && \
 	echo "== rehearsal ($(SIZE)) done in $$((SECONDS - s)) s"
 
 # then every stage of `make paper` through the paper-profile builders, priced on 1 and GPUS GPUs (a CPU: the ci shape)
